@@ -1,0 +1,61 @@
+# Every target here is a step CI runs or a user types; `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CACHE := $(CURDIR)/.cache
+VENV := $(CACHE)/venv
+PY := $(VENV)/bin/python
+export PATH := $(CACHE)/bin:$(VENV)/bin:$(PATH)
+
+# Debian packages the tests and the demo run for real.
+APT_PACKAGES := prosody prometheus etcd-server iproute2
+
+.PHONY: help install system-packages venv lint test demo bench-exporter cluster-bins cluster cluster-down clean
+
+help: ## List the targets.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+install: system-packages venv ## Install everything the tests and the demo need (apt + pinned Python venv).
+
+system-packages: ## Install Prosody, Prometheus, etcd and iproute2 from Debian if missing.
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed ## Create the pinned Python virtualenv in .cache/venv.
+
+$(VENV)/.installed: requirements/*.txt exporter/pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
+	$(PY) -m pip install -q --no-deps -e exporter
+	touch $@
+
+lint: venv ## ruff + mypy.
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install cluster-bins ## Run the whole test suite (installs what it needs first).
+	$(PY) -m pytest
+
+demo: install ## Run the main job: Prosody -> sidecar -> Prometheus, printing live metrics.
+	$(PY) -m demo $(ARGS)
+
+bench-exporter: install ## Benchmark the sidecar against Prosody scraped directly.
+	$(PY) -m bench.exporter $(ARGS)
+
+cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator into .cache/bin.
+	$(PY) -m testinfra.controlplane build
+
+cluster: install cluster-bins ## Start a local control plane (etcd + kube-apiserver + controller-manager).
+	$(PY) -m testinfra.controlplane up
+
+cluster-down: ## Stop the local control plane and remove its state.
+	$(PY) -m testinfra.controlplane down
+
+clean: ## Remove everything the project built or downloaded.
+	rm -rf $(CACHE)
