@@ -1,0 +1,72 @@
+"""`prosody-exporter`: load settings, set up logging, serve."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from .app import create_app
+from .settings import Settings, load_settings, settings_errors
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except (ValidationError, SettingsError) as error:
+        for line in settings_errors(error):
+            print(f"prosody-exporter: {line}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings)
+    logging.getLogger("prosody_exporter").info(
+        "listening on [%s]:%d, collecting %s every %gs",
+        settings.listen_host,
+        settings.listen_port,
+        settings.upstream_url,
+        settings.interval,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        # Uvicorn would otherwise rewrite the client address from X-Forwarded-For sent by any
+        # loopback peer; the allowlist decides on the real TCP peer (see access.py).
+        proxy_headers=False,
+        access_log=False,  # one log line per state change, not one per scrape
+        server_header=False,
+        log_config=None,  # keep our handlers
+        timeout_graceful_shutdown=5,
+    )
+
+
+if __name__ == "__main__":
+    main()

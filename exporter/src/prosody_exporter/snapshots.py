@@ -1,0 +1,133 @@
+"""Collecting from Prosody on our own cadence and keeping the last good snapshot.
+
+One task collects; every scraper reads the snapshot it left. So k scrapers cost Prosody one
+collection per interval, and there is never more than one request to Prosody in flight — which is
+what makes Prosody's `statistics_interval = "manual"` safe with several Prometheus servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .exposition import ExpositionError, Format, RenderedBody, parse_exposition, render_snapshot
+from .selfmetrics import SelfMetrics
+from .upstream import ErrorReason, UpstreamError
+
+log = logging.getLogger("prosody_exporter")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    collected_at: float  # time.monotonic()
+    bodies: dict[Format, RenderedBody]
+    families: int
+
+
+def build_snapshot(body: str, collected_at: float) -> Snapshot:
+    families = parse_exposition(body)
+    return Snapshot(collected_at, render_snapshot(families), len(families))
+
+
+class SnapshotKeeper:
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[str]],
+        metrics: SelfMetrics,
+        *,
+        interval: float,
+        stale_after: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fetch = fetch
+        self._metrics = metrics
+        self._interval = interval
+        self._stale_after = stale_after
+        self._clock = clock
+        self.snapshot: Snapshot | None = None
+        self._up: bool | None = None  # None until the first collection, so it logs either way
+        self._was_stale = False
+        metrics.watch_snapshot(lambda: (self.age(), self.is_stale()))
+
+    def age(self) -> float:
+        return math.nan if self.snapshot is None else self._clock() - self.snapshot.collected_at
+
+    def is_stale(self) -> bool:
+        return self.snapshot is not None and self.age() > self._stale_after
+
+    def current(self) -> Snapshot | None:
+        """The snapshot to serve: the last good one, unless it is stale."""
+        return None if self.is_stale() else self.snapshot
+
+    @property
+    def ready(self) -> bool:
+        return self.snapshot is not None and not self.is_stale()
+
+    async def run(self) -> None:
+        """Collect every interval, for ever. Ticks keep a fixed cadence; a slow collection delays
+        the next one instead of overlapping it."""
+        next_tick = self._clock()
+        while True:
+            await self.collect_once()
+            next_tick += self._interval
+            now = self._clock()
+            if next_tick < now:  # fell behind (slow Prosody): skip the missed ticks
+                next_tick = now
+            await asyncio.sleep(next_tick - now)
+
+    async def collect_once(self) -> None:
+        started = self._clock()
+        try:
+            body = await self._fetch()
+            try:
+                # Parsing and rendering 100 KB takes milliseconds: keep it off the event loop.
+                snapshot = await asyncio.to_thread(build_snapshot, body, started)
+            except ExpositionError as error:
+                raise UpstreamError(ErrorReason.PARSE, str(error)) from error
+        except UpstreamError as error:
+            self._metrics.upstream_errors.labels(error.reason.value).inc()
+            self._set_up(False, error)
+        else:
+            self.snapshot = snapshot
+            self._metrics.last_success.set(time.time())
+            self._set_up(True, None)
+        finally:
+            self._metrics.collect_duration.observe(self._clock() - started)
+        self._note_staleness()
+
+    def _set_up(self, up: bool, error: UpstreamError | None) -> None:
+        self._metrics.up.set(1 if up else 0)
+        if up == self._up:
+            return
+        self._up = up
+        if up:
+            families = self.snapshot.families if self.snapshot else 0
+            log.info("upstream up: collected %d metric families from Prosody", families)
+        else:
+            log.warning("upstream down: %s%s", error, _hint(error))
+
+    def _note_staleness(self) -> None:
+        stale = self.is_stale()
+        if stale != self._was_stale:
+            self._was_stale = stale
+            if stale:
+                log.warning(
+                    "snapshot stale: last good collection %.0fs ago (limit %.0fs); "
+                    "serving only the exporter's own metrics",
+                    self.age(),
+                    self._stale_after,
+                )
+            else:
+                log.info("snapshot fresh again")
+
+
+def _hint(error: UpstreamError | None) -> str:
+    if error and error.reason is ErrorReason.STATUS and "No statistics provider" in error.detail:
+        return ' (set statistics = "internal" in the global section of the Prosody config)'
+    if error and error.reason is ErrorReason.STATUS and "HTTP 403" in error.detail:
+        return " (Prosody refused us: check openmetrics_allow_ips / openmetrics_allow_cidr)"
+    return ""
