@@ -1,0 +1,70 @@
+"""The real `prosody-exporter` console script, run as a process."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .procs import MissingPrerequisite, Process, free_port, http_ok
+
+
+def exporter_command() -> str:
+    # The venv running the tests installed it next to its interpreter, even when not on PATH.
+    beside = Path(sys.executable).parent / "prosody-exporter"
+    path = str(beside) if beside.exists() else shutil.which("prosody-exporter")
+    if path is None:
+        raise MissingPrerequisite("prosody-exporter is not installed: run `make venv`")
+    return path
+
+
+@dataclass
+class ExporterProcess:
+    workdir: Path
+    upstream_url: str
+    interval: float = 1.0
+    settings: dict[str, str] = field(default_factory=dict)  # extra PROSODY_EXPORTER_* values
+    listen_host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    netns: str | None = None
+    process: Process | None = None
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        if self.listen_host in ("::", "0.0.0.0"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PROSODY_EXPORTER_UPSTREAM_URL": self.upstream_url,
+            "PROSODY_EXPORTER_INTERVAL": str(self.interval),
+            "PROSODY_EXPORTER_LISTEN_HOST": self.listen_host,
+            "PROSODY_EXPORTER_LISTEN_PORT": str(self.port),
+            **{f"PROSODY_EXPORTER_{k.upper()}": v for k, v in self.settings.items()},
+        }
+
+    def start(self, wait_for_ready: bool = True, timeout: float = 30.0) -> ExporterProcess:
+        self.process = Process(
+            "prosody-exporter",
+            [exporter_command()],
+            self.workdir / f"exporter-{self.port}.log",
+            env=self.env(),
+            netns=self.netns,
+        )
+        path = "/readyz" if wait_for_ready else "/healthz"
+        if self.netns is None:
+            self.process.wait_ready(lambda: http_ok(self.base_url + path), timeout)
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def __enter__(self) -> ExporterProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
