@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
-import httpx
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from testinfra.prometheus import PrometheusServer, build_prometheus_config
