@@ -56,14 +56,17 @@ class ProsodyServer:
     process: Process | None = None
 
     @property
+    def config_path(self) -> Path:
+        return self.workdir / "prosody.cfg.lua"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/metrics"
 
     def start(self, timeout: float = 30.0) -> ProsodyServer:
         binary = require_program("prosody")
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "prosody.cfg.lua"
-        config.write_text(
+        self.config_path.write_text(
             build_prosody_config(
                 self.workdir,
                 http_port=self.http_port,
@@ -73,7 +76,7 @@ class ProsodyServer:
             )
         )
         self.process = Process(
-            "prosody", [binary, "--config", str(config)], self.workdir / "prosody.log"
+            "prosody", [binary, "--config", str(self.config_path)], self.workdir / "prosody.log"
         )
         self.process.wait_ready(lambda: http_ok(self.metrics_url), timeout)
         return self
