@@ -1,0 +1,1 @@
+"""`make demo`: the project's main job, run for real on this machine."""
