@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         description="Peers whose X-Forwarded-For is believed (comma-separated; none by default).",
     )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
     _durations = field_validator("interval", "upstream_timeout", mode="before")(parse_duration)
     _lists = field_validator("allow_cidrs", "trusted_proxy_cidrs", mode="before")(_split_list)
