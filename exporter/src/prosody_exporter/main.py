@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -39,6 +40,21 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
 
 
+def ipv6_listening_socket(host: str, port: int) -> socket.socket:
+    """An IPv6 socket with IPV6_V6ONLY off, so "::" also accepts IPv4 clients (as IPv4-mapped
+    addresses, which access.py understands). asyncio, and so uvicorn given a host, turns
+    IPV6_V6ONLY on, which would make the dual-stack default refuse every IPv4 client."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
@@ -54,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         settings.upstream_url,
         settings.interval,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.listen_host,
         port=settings.listen_port,
@@ -66,6 +82,17 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,  # keep our handlers
         timeout_graceful_shutdown=5,
     )
+    sockets = None
+    if ":" in settings.listen_host:
+        try:
+            sockets = [ipv6_listening_socket(settings.listen_host, settings.listen_port)]
+        except OSError as error:
+            logging.getLogger("prosody_exporter").error("cannot listen: %s", error)
+            sys.exit(3)  # uvicorn's STARTUP_FAILURE
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(3)
 
 
 if __name__ == "__main__":
