@@ -27,11 +27,11 @@ system-packages: ## Install Prosody, Prometheus, etcd and iproute2 from Debian i
 
 venv: $(VENV)/.installed ## Create the pinned Python virtualenv in .cache/venv.
 
-$(VENV)/.installed: requirements/*.txt exporter/pyproject.toml
+$(VENV)/.installed: requirements/*.txt exporter/pyproject.toml operator/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/constraints.txt
-	$(PY) -m pip install -q --no-deps -e exporter
+	$(PY) -m pip install -q --no-deps -e exporter -e operator
 	touch $@
 
 lint: venv ## ruff + mypy.

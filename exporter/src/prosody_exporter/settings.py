@@ -81,7 +81,9 @@ class Settings(BaseSettings):
         description="Peers whose X-Forwarded-For is believed (comma-separated; none by default).",
     )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
 
     _durations = field_validator("interval", "upstream_timeout", mode="before")(parse_duration)
     _lists = field_validator("allow_cidrs", "trusted_proxy_cidrs", mode="before")(_split_list)
@@ -112,4 +114,4 @@ def settings_errors(error: ValidationError | SettingsError) -> list[str]:
 def load_settings(argv: list[str] | None = None, **overrides: Any) -> Settings:
     """Environment first, then flags from argv (None: no flags); raises ValidationError or
     SettingsError."""
-    return Settings(_cli_parse_args=argv if argv is not None else False, **overrides)  # type: ignore[call-arg]
+    return Settings(_cli_parse_args=argv if argv is not None else False, **overrides)
