@@ -1,0 +1,121 @@
+"""The annotation API users put on a Prosody pod template, and its validation (pure)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .intervals import IntervalError, parse_interval
+
+PREFIX = "prosody-operator.io/"
+
+# The label lets the API server send only opted-in pods to the webhook (objectSelector); the
+# annotation of the same name is the switch itself ("false" opts out while keeping the label).
+INJECT = PREFIX + "inject"
+PORT = PREFIX + "port"
+ALLOW_CIDRS = PREFIX + "allow-cidrs"
+INTERVAL = PREFIX + "interval"
+IMAGE = PREFIX + "image"
+RESOURCES = PREFIX + "resources"
+CONTAINER = PREFIX + "container"
+# Written by the webhook: what it injected (version and a hash of the sidecar), as Istio does.
+STATUS = PREFIX + "status"
+# Written on generated objects: a hash of what they were built from, to skip no-op updates.
+INPUTS_HASH = PREFIX + "inputs-hash"
+
+_IMAGE = re.compile(r"^[a-z0-9]+([._/:@-][A-Za-z0-9_.-]+)*$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Per-pod choices; None means "use the operator's setting"."""
+
+    port: int | None = None
+    allow_cidrs: tuple[str, ...] | None = None
+    interval: float | str | None = None  # seconds or "manual"
+    image: str | None = None
+    resources: Mapping[str, Any] | None = None
+    container: str | None = None
+
+
+@dataclass(frozen=True)
+class Parsed:
+    enabled: bool
+    overrides: Overrides
+    problems: tuple[str, ...] = field(default=())
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 1 <= port <= 65535:
+        raise ValueError("must be 1-65535")
+    return port
+
+
+def _cidrs(value: str) -> tuple[str, ...]:
+    items = [item for item in re.split(r"[,\s]+", value) if item]
+    if not items:
+        raise ValueError("no CIDR given")
+    return tuple(str(ipaddress.ip_network(item)) for item in items)
+
+
+def _image(value: str) -> str:
+    if not _IMAGE.match(value):
+        raise ValueError("not an image reference")
+    return value
+
+
+def _resources(value: str) -> Mapping[str, Any]:
+    resources = json.loads(value)
+    if not isinstance(resources, dict) or set(resources) - {"requests", "limits"}:
+        raise ValueError('expected JSON like {"requests": {"cpu": "10m"}, "limits": {...}}')
+    for kind in resources.values():
+        if not isinstance(kind, dict) or set(kind) - {"cpu", "memory"}:
+            raise ValueError("only cpu and memory may be set")
+        for quantity in kind.values():
+            if not isinstance(quantity, str) or not _QUANTITY.match(quantity):
+                raise ValueError(f"{quantity!r} is not a quantity")
+    return resources
+
+
+def _interval(value: str) -> float | str:
+    try:
+        return parse_interval(value)
+    except IntervalError as error:
+        raise ValueError(str(error)) from None
+
+
+_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    PORT: ("port", _port),
+    ALLOW_CIDRS: ("allow_cidrs", _cidrs),
+    INTERVAL: ("interval", _interval),
+    IMAGE: ("image", _image),
+    RESOURCES: ("resources", _resources),
+    CONTAINER: ("container", str),
+}
+
+
+def parse_annotations(annotations: Mapping[str, str] | None) -> Parsed:
+    """Read the annotations; an invalid value is reported and its default used instead.
+
+    Never raises: a pod must never be blocked by a typo in an annotation.
+    """
+    annotations = annotations or {}
+    values: dict[str, Any] = {}
+    problems = []
+    for key, (name, parse) in _PARSERS.items():
+        if key not in annotations:
+            continue
+        try:
+            values[name] = parse(annotations[key].strip())
+        except (ValueError, TypeError) as error:
+            problems.append(f"{key}={annotations[key]!r} ignored: {error}")
+    inject = annotations.get(INJECT, "").strip().lower()
+    if inject not in ("true", "false", ""):
+        problems.append(f'{INJECT}={annotations[INJECT]!r} ignored: use "true" or "false"')
+    return Parsed(inject == "true", Overrides(**values), tuple(problems))

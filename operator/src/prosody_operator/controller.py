@@ -1,0 +1,228 @@
+"""What the operator does on an admission request and on a Deployment change.
+
+Decisions come from the pure modules (annotations, prosody, builders); this module fetches their
+inputs through `Kube`, applies the results, and reports each decision and problem as an Event on
+the Deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import annotations as ann
+from . import builders
+from .kube import Kube
+from .prosody import (
+    ConfigSource,
+    IntervalDecision,
+    config_sources,
+    decide_interval,
+    find_prosody_container,
+)
+from .settings import OperatorSettings
+
+log = logging.getLogger("prosody_operator")
+
+# A ReplicaSet's pods are named <replicaset>-<random>, and a Deployment's ReplicaSets
+# <deployment>-<pod-template-hash>.
+_RS_SUFFIX = re.compile(r"-[a-z0-9]{1,10}$")
+RESTART_COOLDOWN_SECONDS = 600.0
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Injection:
+    patch: Obj | None  # None: leave the pod as it is
+    reason: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class EventLog:
+    """Posts each distinct (object, reason, message) once, so level-triggered reconciles do not
+    flood the object with the same Event."""
+
+    kube: Kube
+    _seen: dict[tuple[str, str], str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def post(self, obj: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
+        key = (obj["metadata"].get("uid", obj["metadata"]["name"]), reason)
+        with self._lock:
+            if self._seen.get(key) == message:
+                return
+            self._seen[key] = message
+        self.kube.post_event(obj, event_type, reason, message)
+
+    def forget(self, obj: Mapping[str, Any], reason: str) -> None:
+        with self._lock:
+            self._seen.pop((obj["metadata"].get("uid", obj["metadata"]["name"]), reason), None)
+
+
+class Controller:
+    def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.events = EventLog(kube)
+        self._restarted: dict[str, float] = {}
+
+    # --- shared --------------------------------------------------------------------------
+
+    def _interval(
+        self, namespace: str, pod_spec: Mapping[str, Any], overrides: ann.Overrides
+    ) -> tuple[IntervalDecision, Obj | None]:
+        container = find_prosody_container(pod_spec, overrides.container)
+        sources: list[ConfigSource] = config_sources(pod_spec, container) if container else []
+        configmaps = self.kube.configmap_data(namespace, {s.configmap for s in sources})
+        return decide_interval(self.settings, container, sources, configmaps, overrides), container
+
+    # --- admission -----------------------------------------------------------------------
+
+    def plan_injection(self, pod: Mapping[str, Any], node_cidrs: Iterable[str]) -> Injection:
+        spec = pod.get("spec") or {}
+        metadata = pod.get("metadata") or {}
+        if builders.has_sidecar(spec):
+            return Injection(None, "already injected")
+        parsed = ann.parse_annotations(metadata.get("annotations"))
+        if not parsed.enabled:
+            return Injection(None, f'{ann.INJECT} is not "true"', parsed.problems)
+        warnings = list(parsed.problems)
+        overrides = parsed.overrides
+        if overrides.container and find_prosody_container(spec, overrides.container) is None:
+            warnings.append(f"{ann.CONTAINER}={overrides.container!r} ignored: no such container")
+            overrides = ann.Overrides(**{**overrides.__dict__, "container": None})
+        namespace = metadata.get("namespace") or ""
+        decision, _ = self._interval(namespace, spec, overrides)
+        cidrs = builders.allowlist(node_cidrs, self.settings)
+        if not cidrs and overrides.allow_cidrs is None:
+            warnings.append(
+                "no pod-network CIDRs known (Nodes have no spec.podCIDRs and "
+                "PROSODY_OPERATOR_POD_CIDRS is empty): the sidecar only allows loopback"
+            )
+            cidrs = ["127.0.0.0/8", "::1/128"]
+        sidecar = builders.build_sidecar_container(
+            self.settings, overrides, cidrs, decision.interval
+        )
+        return Injection(
+            builders.build_injection_patch(pod, sidecar),
+            f"injected, interval {decision.interval.scrape_interval} ({decision.interval.source})",
+            tuple(warnings),
+        )
+
+    def deployment_of(self, pod: Mapping[str, Any]) -> Obj | None:
+        """The Deployment a new pod belongs to (from its ReplicaSet owner), for Events."""
+        metadata = pod.get("metadata") or {}
+        namespace = metadata.get("namespace") or ""
+        for owner in metadata.get("ownerReferences") or []:
+            if owner.get("kind") == "ReplicaSet":
+                name = self.kube.replicaset_owner(namespace, owner["name"])
+                if name is None:
+                    name = _RS_SUFFIX.sub("", owner["name"])
+                return {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": name, "namespace": namespace},
+                }
+        return None
+
+    def report_injection_problems(
+        self, pod: Mapping[str, Any], warnings: Iterable[str], reason: str = "InvalidAnnotation"
+    ) -> None:
+        target = self.deployment_of(pod)
+        if target is None:
+            return
+        for warning in warnings:
+            self.kube.post_event(target, "Warning", reason, warning)
+
+    # --- reconciling Deployments ---------------------------------------------------------
+
+    def reconcile(self, deployment: Obj, *, has_metrics_objects: bool) -> None:
+        meta = deployment["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        template = deployment["spec"]["template"]
+        parsed = ann.parse_annotations(template.get("metadata", {}).get("annotations"))
+        object_name = builders.metrics_object_name(name)
+        if not parsed.enabled:
+            if has_metrics_objects and self.kube.delete_metrics_objects(namespace, object_name):
+                self.events.post(
+                    deployment,
+                    "Normal",
+                    "MetricsRemoved",
+                    f'{ann.INJECT} is no longer "true": deleted Service and ServiceMonitor '
+                    f"{object_name}",
+                )
+            return
+        for problem in parsed.problems:
+            self.events.post(deployment, "Warning", "InvalidAnnotation", problem)
+        decision, _ = self._interval(namespace, template.get("spec") or {}, parsed.overrides)
+        for finding in decision.findings:
+            where = finding.file + (f":{finding.line}" if finding.line else "")
+            self.events.post(deployment, "Warning", "ProsodyConfig", f"{where}: {finding.message}")
+        interval = decision.interval
+        port = parsed.overrides.port or self.settings.exporter_port
+        service = builders.build_service(deployment, port)
+        monitor = builders.build_service_monitor(
+            deployment, interval, self.settings.service_monitor_labels
+        )
+        changed_service = self.kube.ensure(service)
+        changed_monitor = self.kube.ensure(monitor)
+        if changed_service or changed_monitor:
+            message = (
+                f"ServiceMonitor {object_name}: interval {interval.scrape_interval} "
+                f"(from {interval.source}), Service port {port}"
+            )
+            if changed_monitor == "updated":
+                message += (
+                    ". Prosody reads statistics_interval only when it starts and the sidecar's "
+                    "interval is set when a pod is created: restart the pods to follow "
+                    f"(kubectl -n {namespace} rollout restart deployment/{name})"
+                )
+            self.events.post(deployment, "Normal", "MetricsConfigured", message)
+        self._check_drift(deployment, interval.scrape_interval)
+
+    def _check_drift(self, deployment: Obj, interval: str) -> None:
+        """Running pods without the sidecar (the webhook was down when they were created)."""
+        selector = deployment["spec"]["selector"].get("matchLabels") or {}
+        if not selector:
+            return
+        pods = self.kube.pods(deployment["metadata"]["namespace"], selector)
+        active = [p for p in pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
+        missing = sorted(
+            p["metadata"]["name"] for p in active if not builders.has_sidecar(p.get("spec", {}))
+        )
+        if not missing:
+            self.events.forget(deployment, "SidecarMissing")
+            return
+        name = deployment["metadata"]["name"]
+        restart = self.settings.restart_on_drift
+        self.events.post(
+            deployment,
+            "Warning",
+            "SidecarMissing",
+            f"{len(missing)} pod(s) lack the prosody-exporter sidecar (the webhook was not "
+            f"reachable when they were created): {', '.join(missing[:5])}. "
+            + (
+                "Restarting the rollout."
+                if restart
+                else f"Fix: kubectl -n {deployment['metadata']['namespace']} rollout restart "
+                f"deployment/{name}"
+            ),
+        )
+        if restart and self._may_restart(deployment["metadata"]["uid"]):
+            self.kube.restart_rollout(deployment["metadata"]["namespace"], name)
+
+    def _may_restart(self, uid: str) -> bool:
+        """One restart per Deployment per cool-down: during the rollout the old pods still lack
+        the sidecar, and restarting again would never let it finish."""
+        now = time.monotonic()
+        if now - self._restarted.get(uid, -RESTART_COOLDOWN_SECONDS) < RESTART_COOLDOWN_SECONDS:
+            return False
+        self._restarted[uid] = now
+        return True

@@ -1,0 +1,187 @@
+"""kopf handlers: thin wiring from events to the Controller.
+
+Only event handlers, indexes and a webhook are used, so kopf keeps no state on users' objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import kopf
+
+from . import annotations as ann
+from . import builders
+from .controller import Controller
+from .kube import Kube, load_config
+from .prosody import config_sources, find_prosody_container
+from .settings import OperatorSettings
+from .tls import ServingCertificate, load_serving_certificate, make_serving_certificate
+
+log = logging.getLogger("prosody_operator")
+
+
+def _controller(memo: Any) -> Controller:
+    controller: Controller = memo.controller
+    return controller
+
+
+def _client_config(settings: OperatorSettings, ca_pem: bytes) -> dict[str, Any] | None:
+    ca_bundle = base64.b64encode(ca_pem).decode()
+    path = f"/{builders.WEBHOOK_HANDLER_ID}"
+    if settings.webhook_url:
+        return {"url": settings.webhook_url.rstrip("/") + path, "caBundle": ca_bundle}
+    if settings.webhook_service:
+        namespace, _, name = settings.webhook_service.partition("/")
+        service = {"namespace": namespace, "name": name, "path": path, "port": 443}
+        return {"service": service, "caBundle": ca_bundle}
+    return None
+
+
+def _certificate(settings: OperatorSettings) -> ServingCertificate:
+    if settings.webhook_cert_dir:
+        return load_serving_certificate(Path(settings.webhook_cert_dir))
+    hosts = []
+    if settings.webhook_url:
+        hosts.append(urlparse(settings.webhook_url).hostname or "localhost")
+    if settings.webhook_service:
+        namespace, _, name = settings.webhook_service.partition("/")
+        hosts += [f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"]
+    return make_serving_certificate(
+        Path(tempfile.mkdtemp(prefix="webhook-")), hosts or ["localhost"]
+    )
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    operator_settings = OperatorSettings()
+    load_config()
+    kube = Kube()
+    memo.controller = Controller(operator_settings, kube)
+    certificate = _certificate(operator_settings)
+    settings.admission.server = kopf.WebhookServer(
+        addr=operator_settings.webhook_host,
+        port=operator_settings.webhook_port,
+        certfile=str(certificate.certfile),
+        pkeyfile=str(certificate.keyfile),
+    )
+    client_config = _client_config(operator_settings, certificate.ca_pem)
+    if client_config is None:
+        log.warning("no webhook URL or Service set: the webhook configuration is not managed")
+    else:
+        kube.apply_webhook_configuration(
+            builders.build_webhook_configuration(
+                operator_settings.webhook_configuration, client_config
+            )
+        )
+    # kopf posts its own handler errors as Events too; keep those to real problems.
+    settings.posting.level = logging.WARNING
+
+
+@kopf.index("", "v1", "nodes", id="node-pod-cidrs")
+def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
+    return list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
+
+
+@kopf.index(
+    "", "v1", "services", id="metrics-services", labels={builders.DEPLOYMENT_LABEL: kopf.PRESENT}
+)
+def metrics_services(labels: kopf.Labels, namespace: str, **_: Any) -> dict[tuple[str, str], bool]:
+    """Which Deployments have metrics objects of ours (so only those are cleaned up)."""
+    return {(namespace, labels[builders.DEPLOYMENT_LABEL]): True}
+
+
+@kopf.index("apps", "v1", "deployments", id="deployments-by-configmap")
+def deployments_by_configmap(
+    spec: kopf.Spec, name: str, namespace: str, **_: Any
+) -> dict[tuple[str, str], str]:
+    """ConfigMaps holding the Prosody config of an annotated Deployment -> the Deployment."""
+    template = spec.get("template") or {}
+    parsed = ann.parse_annotations((template.get("metadata") or {}).get("annotations"))
+    pod_spec = template.get("spec") or {}
+    container = find_prosody_container(pod_spec, parsed.overrides.container)
+    if not parsed.enabled or container is None:
+        return {}
+    return {(namespace, source.configmap): name for source in config_sources(pod_spec, container)}
+
+
+@kopf.on.event("apps", "v1", "deployments", id="reconcile-deployment")
+def deployment_changed(
+    type: str, body: kopf.Body, memo: kopf.Memo, metrics_services: kopf.Index[Any, Any], **_: Any
+) -> None:
+    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        return  # the garbage collector removes what the Deployment owned
+    key = (body.metadata.namespace, body.metadata.name)
+    _controller(memo).reconcile(_plain(body), has_metrics_objects=key in metrics_services)
+
+
+@kopf.on.event("", "v1", "configmaps", id="configmap-changed")
+def configmap_changed(
+    name: str,
+    namespace: str,
+    memo: kopf.Memo,
+    deployments_by_configmap: kopf.Index[Any, Any],
+    metrics_services: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    controller = _controller(memo)
+    for deployment_name in set(deployments_by_configmap.get((namespace, name), [])):
+        deployment = controller.kube.deployment(namespace, deployment_name)
+        if deployment is not None:
+            key = (namespace, deployment_name)
+            controller.reconcile(deployment, has_metrics_objects=key in metrics_services)
+
+
+@kopf.on.mutate(
+    "",
+    "v1",
+    "pods",
+    id=builders.WEBHOOK_HANDLER_ID,
+    operation="CREATE",
+    ignore_failures=True,
+    side_effects=True,
+    labels={ann.INJECT: "true"},
+)
+def inject_exporter(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    dryrun: bool,
+    warnings: list[str],
+    memo: kopf.Memo,
+    node_pod_cidrs: kopf.Index[Any, Any],
+    logger: logging.Logger,
+    **_: Any,
+) -> None:
+    controller = _controller(memo)
+    pod = _plain(body)
+    try:
+        cidrs = [cidr for cidrs in node_pod_cidrs.get(None, []) for cidr in cidrs]
+        injection = controller.plan_injection(pod, cidrs)
+    except Exception as error:  # a pod must never be blocked: admit it without the sidecar
+        logger.exception("injection failed; admitting the pod without the sidecar")
+        warnings.append(f"prosody-exporter sidecar not injected: {error}")
+        if not dryrun:
+            controller.report_injection_problems(pod, warnings, reason="InjectionFailed")
+        return
+    warnings.extend(injection.warnings)
+    if injection.warnings and not dryrun:
+        controller.report_injection_problems(pod, injection.warnings)
+    if injection.patch is not None:
+        patch.metadata.annotations.update(injection.patch["metadata"]["annotations"])
+        patch.spec["containers"] = injection.patch["spec"]["containers"]
+    logger.info("pod %s: %s", pod["metadata"].get("generateName", ""), injection.reason)
+
+
+@kopf.on.probe(id="webhook-configured")
+def probe(memo: kopf.Memo, **_: Any) -> bool:
+    return hasattr(memo, "controller")
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """kopf's bodies are live views; the pure functions take plain dicts."""
+    return copy.deepcopy(dict(body))

@@ -1,0 +1,36 @@
+"""`prosody-operator`: check the settings, then run the kopf operator cluster-wide."""
+
+from __future__ import annotations
+
+import sys
+
+import kopf
+from pydantic import ValidationError
+
+from .settings import ENV_PREFIX, OperatorSettings
+
+
+def main() -> None:
+    try:
+        settings = OperatorSettings()
+    except ValidationError as error:
+        for item in error.errors():
+            field = str(item["loc"][0]) if item["loc"] else "?"
+            message = item["msg"].removeprefix("Value error, ")
+            print(
+                f"prosody-operator: invalid setting {ENV_PREFIX}{field.upper()}: {message}",
+                file=sys.stderr,
+            )
+        sys.exit(2)
+    from . import handlers  # noqa: F401 - registers the handlers with kopf
+
+    kopf.configure(verbose=False)
+    kopf.run(
+        clusterwide=True,
+        standalone=True,  # one active replica (the chart runs one); no peering objects
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The annotation API and the interval decision, table-driven (pure; no cluster)."""
+
+from __future__ import annotations
+
+import pytest
+
+from prosody_operator import annotations as ann
+from prosody_operator.intervals import (
+    IntervalError,
+    effective_interval,
+    format_duration,
+    parse_interval,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("30", 30.0),
+        ("30s", 30.0),
+        ("1m30s", 90.0),
+        ("500ms", 0.5),
+        ("manual", "manual"),
+        ('"manual"', "manual"),
+        (15, 15.0),
+        ("MANUAL", "manual"),
+    ],
+)
+def test_parse_interval(value, expected):
+    assert parse_interval(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "0", "-5", "soon", "30x", "nan", "inf", True, "1m-3s"])
+def test_parse_interval_rejects(value):
+    with pytest.raises(IntervalError):
+        parse_interval(value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(30, "30s"), (90, "90s"), (0.5, "500ms"), (1.25, "1250ms")]
+)
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("annotation", "config", "env", "expected", "source"),
+    [
+        (15.0, 60.0, {"PROSODY_STATISTICS_INTERVAL": "20"}, 15.0, "annotation"),
+        (None, 45.0, {"PROSODY_STATISTICS_INTERVAL": "20"}, 45.0, "prosody.cfg.lua:3"),
+        (
+            None,
+            None,
+            {"PROSODY_STATISTICS_INTERVAL": "20"},
+            20.0,
+            "env PROSODY_STATISTICS_INTERVAL",
+        ),
+        (None, None, {"PROSODY_STATISTICS_INTERVAL": "bogus"}, 60.0, "Prosody's default"),
+        (None, None, {}, 60.0, "Prosody's default"),
+        (None, "manual", {}, 30.0, "prosody.cfg.lua:3"),  # manual: the operator's setting
+        ("manual", 60.0, {}, 30.0, "annotation"),
+    ],
+)
+def test_effective_interval_order(annotation, config, env, expected, source):
+    decided = effective_interval(
+        annotation=annotation,
+        config_interval=config,
+        config_source="prosody.cfg.lua:3",
+        env=env,
+        manual_interval=30.0,
+    )
+    assert decided.scrape_seconds == expected
+    assert decided.source == source
+    assert decided.scrape_timeout == format_duration(min(10.0, expected * 0.8))
+
+
+@pytest.mark.parametrize(
+    ("annotations", "enabled", "overrides", "problem_keys"),
+    [
+        ({}, False, ann.Overrides(), []),
+        ({ann.INJECT: "true"}, True, ann.Overrides(), []),
+        ({ann.INJECT: "false", ann.PORT: "9000"}, False, ann.Overrides(port=9000), []),
+        ({ann.INJECT: "yes"}, False, ann.Overrides(), [ann.INJECT]),
+        (
+            {
+                ann.INJECT: "true",
+                ann.PORT: "9000",
+                ann.INTERVAL: "15s",
+                ann.ALLOW_CIDRS: "198.18.0.0/15, 2001:db8::/32",
+                ann.IMAGE: "registry.test/exp:1",
+                ann.RESOURCES: '{"requests": {"cpu": "5m"}}',
+                ann.CONTAINER: "xmpp",
+            },
+            True,
+            ann.Overrides(
+                port=9000,
+                interval=15.0,
+                allow_cidrs=("198.18.0.0/15", "2001:db8::/32"),
+                image="registry.test/exp:1",
+                resources={"requests": {"cpu": "5m"}},
+                container="xmpp",
+            ),
+            [],
+        ),
+        (
+            {
+                ann.INJECT: "true",
+                ann.PORT: "99999",
+                ann.INTERVAL: "often",
+                ann.ALLOW_CIDRS: "198.18.0.1/15",
+                ann.IMAGE: "Not An Image",
+                ann.RESOURCES: '{"requests": {"gpu": "1"}}',
+            },
+            True,
+            ann.Overrides(),  # every invalid value falls back to the default
+            [ann.PORT, ann.INTERVAL, ann.ALLOW_CIDRS, ann.IMAGE, ann.RESOURCES],
+        ),
+        ({ann.INJECT: "true", ann.RESOURCES: "{not json"}, True, ann.Overrides(), [ann.RESOURCES]),
+    ],
+)
+def test_parse_annotations(annotations, enabled, overrides, problem_keys):
+    parsed = ann.parse_annotations(annotations)
+    assert parsed.enabled is enabled
+    assert parsed.overrides == overrides
+    assert sorted(p.split("=", 1)[0] for p in parsed.problems) == sorted(problem_keys)
