@@ -131,3 +131,16 @@ def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter):
         assert log.count("snapshot fresh again") == 1, log
     finally:
         prosody.stop()
+
+
+def test_own_metrics_in_responses_are_at_most_a_second_old(start_exporter):
+    with StandInProsody(Answer(body=(DATA / "prosody-0.12.txt").read_bytes())) as standin:
+        exporter = start_exporter(standin.url, interval=60)
+        first = value(exporter, "prosody_exporter_scrapes_total", format="prometheus_text")
+        wait_until(
+            lambda: (
+                value(exporter, "prosody_exporter_scrapes_total", format="prometheus_text") > first
+            ),
+            3,
+            "the scrape counter to move",
+        )

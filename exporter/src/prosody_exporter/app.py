@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import exposition as text_exposition
@@ -16,7 +18,7 @@ from .access import AccessPolicy
 from .exposition import EMPTY_BODY, Format, accepts_gzip, negotiate_format
 from .selfmetrics import SelfMetrics
 from .settings import Settings
-from .snapshots import SnapshotKeeper
+from .snapshots import Snapshot, SnapshotKeeper
 from .upstream import Upstream
 
 # The kubelet probes from the node's address, which is outside the pod network; the probes
@@ -65,6 +67,46 @@ def _self_metrics_tail(metrics: SelfMetrics, fmt: Format) -> bytes:
     return tail
 
 
+@dataclass(frozen=True)
+class _Cached:
+    snapshot: Snapshot | None
+    made_at: float
+    content: bytes
+
+
+class MetricsResponses:
+    """Finished /metrics bodies, per format and encoding, reused for up to `max_age` seconds.
+
+    Rendering our own metrics was most of a response's cost; with many scrapers, rendering them
+    once per `max_age` instead of once per request multiplies throughput. The exporter's own
+    metrics in a response are therefore at most `max_age` old; Prosody's are as fresh as the
+    snapshot, since a new snapshot always makes a new body.
+    """
+
+    def __init__(
+        self,
+        keeper: SnapshotKeeper,
+        metrics: SelfMetrics,
+        max_age: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keeper = keeper
+        self._metrics = metrics
+        self._max_age = max_age
+        self._clock = clock
+        self._cache: dict[tuple[Format, bool], _Cached] = {}
+
+    def content(self, fmt: Format, gzip: bool) -> bytes:
+        now, snapshot = self._clock(), self._keeper.current()
+        cached = self._cache.get((fmt, gzip))
+        if cached and cached.snapshot is snapshot and now - cached.made_at < self._max_age:
+            return cached.content
+        body = snapshot.bodies[fmt] if snapshot else EMPTY_BODY
+        content = body.with_tail(_self_metrics_tail(self._metrics, fmt), gzip)
+        self._cache[(fmt, gzip)] = _Cached(snapshot, now, content)
+        return content
+
+
 def create_app(settings: Settings, upstream: Upstream | None = None) -> FastAPI:
     upstream = upstream or Upstream(
         str(settings.upstream_url),
@@ -103,18 +145,19 @@ def create_app(settings: Settings, upstream: Upstream | None = None) -> FastAPI:
     app.state.keeper = keeper
     app.state.metrics = metrics
 
-    @app.get("/metrics")
+    responses = MetricsResponses(keeper, metrics)
+
     async def serve_metrics(request: Request) -> Response:
         fmt = negotiate_format(request.headers.get("accept"))
         gzip = accepts_gzip(request.headers.get("accept-encoding"))
         metrics.scrapes.labels(fmt.name.lower()).inc()
-        snapshot = keeper.current()
-        body = snapshot.bodies[fmt] if snapshot else EMPTY_BODY
-        content = body.with_tail(_self_metrics_tail(metrics, fmt), gzip)
         headers = {"Vary": "Accept, Accept-Encoding", "Cache-Control": "no-store"}
         if gzip:
             headers["Content-Encoding"] = "gzip"
-        return Response(content, media_type=fmt.content_type, headers=headers)
+        return Response(responses.content(fmt, gzip), media_type=fmt.content_type, headers=headers)
+
+    # A plain Starlette route: the hot path needs none of FastAPI's request validation.
+    app.router.add_route("/metrics", serve_metrics, methods=["GET"])
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -39,6 +45,9 @@ class SnapshotState(Collector):
 
 class SelfMetrics:
     def __init__(self) -> None:
+        # `_created` samples of our own counters double their size and say only when the
+        # process started, which process_start_time-style metrics tell better.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.up = Gauge(
