@@ -46,6 +46,7 @@ demo: install ## Run the main job: Prosody -> sidecar -> Prometheus, printing li
 	$(PY) -m demo $(ARGS)
 
 bench-exporter: install ## Benchmark the sidecar against Prosody scraped directly.
+	@$(MAKE) --no-print-directory system-packages APT_PACKAGES=wrk
 	$(PY) -m bench.exporter $(ARGS)
 
 cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator into .cache/bin.
