@@ -22,7 +22,11 @@ def pins(requirements: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("dockerfile", "requirements"), [("exporter/Dockerfile", "requirements/exporter.txt")]
+    ("dockerfile", "requirements"),
+    [
+        ("exporter/Dockerfile", "requirements/exporter.txt"),
+        ("operator/Dockerfile", "requirements/operator.txt"),
+    ],
 )
 def test_image_installs_the_pins_the_tests_ran_with(dockerfile, requirements):
     text = (REPO / dockerfile).read_text()

@@ -5,35 +5,7 @@ from __future__ import annotations
 import pytest
 
 from prosody_operator import annotations as ann
-from prosody_operator.intervals import (
-    IntervalError,
-    effective_interval,
-    format_duration,
-    parse_interval,
-)
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("30", 30.0),
-        ("30s", 30.0),
-        ("1m30s", 90.0),
-        ("500ms", 0.5),
-        ("manual", "manual"),
-        ('"manual"', "manual"),
-        (15, 15.0),
-        ("MANUAL", "manual"),
-    ],
-)
-def test_parse_interval(value, expected):
-    assert parse_interval(value) == expected
-
-
-@pytest.mark.parametrize("value", ["", "0", "-5", "soon", "30x", "nan", "inf", True, "1m-3s"])
-def test_parse_interval_rejects(value):
-    with pytest.raises(IntervalError):
-        parse_interval(value)
+from prosody_operator.intervals import effective_interval, format_duration
 
 
 @pytest.mark.parametrize(

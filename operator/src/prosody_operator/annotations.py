@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .intervals import IntervalError, parse_interval
+from .prosody_config import parse_interval_value
 
 PREFIX = "prosody-operator.io/"
 
@@ -83,17 +83,10 @@ def _resources(value: str) -> Mapping[str, Any]:
     return resources
 
 
-def _interval(value: str) -> float | str:
-    try:
-        return parse_interval(value)
-    except IntervalError as error:
-        raise ValueError(str(error)) from None
-
-
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     PORT: ("port", _port),
     ALLOW_CIDRS: ("allow_cidrs", _cidrs),
-    INTERVAL: ("interval", _interval),
+    INTERVAL: ("interval", parse_interval_value),
     IMAGE: ("image", _image),
     RESOURCES: ("resources", _resources),
     CONTAINER: ("container", str),

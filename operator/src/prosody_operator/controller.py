@@ -116,8 +116,9 @@ class Controller:
             tuple(warnings),
         )
 
-    def deployment_of(self, pod: Mapping[str, Any]) -> Obj | None:
-        """The Deployment a new pod belongs to (from its ReplicaSet owner), for Events."""
+    def event_target(self, pod: Mapping[str, Any]) -> Obj:
+        """Where to report on a new pod: its Deployment (from its ReplicaSet owner), or else the
+        pod itself."""
         metadata = pod.get("metadata") or {}
         namespace = metadata.get("namespace") or ""
         for owner in metadata.get("ownerReferences") or []:
@@ -130,14 +131,19 @@ class Controller:
                     "kind": "Deployment",
                     "metadata": {"name": name, "namespace": namespace},
                 }
-        return None
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": metadata.get("name") or metadata.get("generateName", "pod"),
+                "namespace": namespace,
+            },
+        }
 
     def report_injection_problems(
         self, pod: Mapping[str, Any], warnings: Iterable[str], reason: str = "InvalidAnnotation"
     ) -> None:
-        target = self.deployment_of(pod)
-        if target is None:
-            return
+        target = self.event_target(pod)
         for warning in warnings:
             self.kube.post_event(target, "Warning", reason, warning)
 

@@ -7,47 +7,12 @@ collects on every request, so the sidecar becomes its single scraper at `manual_
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+
+from .prosody_config import MANUAL, Interval, parse_interval_value
 
 PROSODY_DEFAULT_INTERVAL = 60.0
-MANUAL: Literal["manual"] = "manual"
-
-Interval = float | Literal["manual"]
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class IntervalError(ValueError):
-    pass
-
-
-def parse_interval(value: object) -> Interval:
-    """Seconds from a number, "30", "30s", "1m30s"; or "manual"."""
-    if isinstance(value, bool):
-        raise IntervalError(f"{value!r} is not an interval")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = str(value).strip().strip('"').lower()
-        if text == MANUAL:
-            return MANUAL
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = _DURATION_PART.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text:
-                raise IntervalError(
-                    f"{value!r} is not an interval (examples: 30, 30s, 1m30s, manual)"
-                ) from None
-            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise IntervalError(f"{value!r} is not a positive interval")
-    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -97,6 +62,6 @@ def effective_interval(
 
 def _env_interval(env: Mapping[str, str]) -> Interval | None:
     try:
-        return parse_interval(env["PROSODY_STATISTICS_INTERVAL"])
-    except (KeyError, IntervalError):
+        return parse_interval_value(env["PROSODY_STATISTICS_INTERVAL"])
+    except (KeyError, ValueError):
         return None

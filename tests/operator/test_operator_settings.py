@@ -1,0 +1,45 @@
+"""Operator settings through the real console script: a bad value exits 2 with one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prosody_operator.settings import OperatorSettings
+
+COMMAND = str(Path(sys.executable).parent / "prosody-operator")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"PROSODY_OPERATOR_MANUAL_INTERVAL": "0"}, "PROSODY_OPERATOR_MANUAL_INTERVAL"),
+        ({"PROSODY_OPERATOR_EXTRA_CIDRS": "198.18.0.0/15,nope"}, "PROSODY_OPERATOR_EXTRA_CIDRS"),
+        ({"PROSODY_OPERATOR_SERVICE_MONITOR_LABELS": "release"}, "SERVICE_MONITOR_LABELS"),
+        ({"PROSODY_OPERATOR_WEBHOOK_PORT": "http"}, "PROSODY_OPERATOR_WEBHOOK_PORT"),
+    ],
+)
+def test_invalid_setting_exits_2_with_one_line(env, named):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PROSODY_OPERATOR_")}
+    result = subprocess.run(
+        [COMMAND], env={**clean, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_labels_and_cidrs_parse():
+    settings = OperatorSettings(
+        service_monitor_labels="release=kube-prometheus-stack, team=chat",
+        extra_cidrs="198.18.0.0/15 2001:db8::/32",
+    )
+    assert settings.service_monitor_labels == {"release": "kube-prometheus-stack", "team": "chat"}
+    assert [str(n) for n in settings.extra_cidrs] == ["198.18.0.0/15", "2001:db8::/32"]
+    assert OperatorSettings(service_monitor_labels='{"a": "b"}').service_monitor_labels == {
+        "a": "b"
+    }
