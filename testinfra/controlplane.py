@@ -208,9 +208,12 @@ def recorded_process(name: str) -> tuple[int, str] | None:
 
 def is_running(pid: int, binary: str) -> bool:
     """Whether `pid` is alive and still runs `binary` (a recycled pid is someone else's)."""
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # reap it if it is our exited child
-            return False
+    try:
+        # Our own child (started by this process): waitpid knows, and reaps it once it exits.
+        # Its /proc cmdline is no proof: it reads empty for a moment while exec sets it up.
+        return os.waitpid(pid, os.WNOHANG)[0] == 0
+    except ChildProcessError:
+        pass  # started by an earlier `up` command
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
