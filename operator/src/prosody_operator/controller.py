@@ -7,6 +7,7 @@ the Deployment.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -41,7 +42,11 @@ Obj = dict[str, Any]
 class Injection:
     patch: Obj | None  # None: leave the pod as it is
     reason: str
-    warnings: tuple[str, ...] = ()
+    problems: tuple[tuple[str, str], ...] = ()  # (Event reason, message)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [message for _, message in self.problems]
 
 
 @dataclass
@@ -91,20 +96,24 @@ class Controller:
         if builders.has_sidecar(spec):
             return Injection(None, "already injected")
         parsed = ann.parse_annotations(metadata.get("annotations"))
+        problems = [("InvalidAnnotation", problem) for problem in parsed.problems]
         if not parsed.enabled:
-            return Injection(None, f'{ann.INJECT} is not "true"', parsed.problems)
-        warnings = list(parsed.problems)
+            return Injection(None, f'{ann.INJECT} is not "true"', tuple(problems))
         overrides = parsed.overrides
         if overrides.container and find_prosody_container(spec, overrides.container) is None:
-            warnings.append(f"{ann.CONTAINER}={overrides.container!r} ignored: no such container")
-            overrides = ann.Overrides(**{**overrides.__dict__, "container": None})
+            problem = f"{ann.CONTAINER}={overrides.container!r} ignored: no such container"
+            problems.append(("InvalidAnnotation", problem))
+            overrides = dataclasses.replace(overrides, container=None)
         namespace = metadata.get("namespace") or ""
         decision, _ = self._interval(namespace, spec, overrides)
         cidrs = builders.allowlist(node_cidrs, self.settings)
         if not cidrs and overrides.allow_cidrs is None:
-            warnings.append(
-                "no pod-network CIDRs known (Nodes have no spec.podCIDRs and "
-                "PROSODY_OPERATOR_POD_CIDRS is empty): the sidecar only allows loopback"
+            problems.append(
+                (
+                    "NoPodNetwork",
+                    "no pod-network CIDRs known (Nodes have no spec.podCIDRs and "
+                    "PROSODY_OPERATOR_POD_CIDRS is empty): the sidecar only allows loopback",
+                )
             )
             cidrs = ["127.0.0.0/8", "::1/128"]
         sidecar = builders.build_sidecar_container(
@@ -113,7 +122,7 @@ class Controller:
         return Injection(
             builders.build_injection_patch(pod, sidecar),
             f"injected, interval {decision.interval.scrape_interval} ({decision.interval.source})",
-            tuple(warnings),
+            tuple(problems),
         )
 
     def event_target(self, pod: Mapping[str, Any]) -> Obj:
@@ -141,11 +150,11 @@ class Controller:
         }
 
     def report_injection_problems(
-        self, pod: Mapping[str, Any], warnings: Iterable[str], reason: str = "InvalidAnnotation"
+        self, pod: Mapping[str, Any], problems: Iterable[tuple[str, str]]
     ) -> None:
         target = self.event_target(pod)
-        for warning in warnings:
-            self.kube.post_event(target, "Warning", reason, warning)
+        for reason, message in problems:
+            self.kube.post_event(target, "Warning", reason, message)
 
     # --- reconciling Deployments ---------------------------------------------------------
 

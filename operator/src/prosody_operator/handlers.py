@@ -83,20 +83,21 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
 
 
-@kopf.index("", "v1", "nodes", id="node-pod-cidrs")
+# kopf passes each index to handlers as a keyword named by the index id.
+@kopf.index("", "v1", "nodes", id="node_pod_cidrs")
 def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
     return list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
 
 
 @kopf.index(
-    "", "v1", "services", id="metrics-services", labels={builders.DEPLOYMENT_LABEL: kopf.PRESENT}
+    "", "v1", "services", id="metrics_services", labels={builders.DEPLOYMENT_LABEL: kopf.PRESENT}
 )
 def metrics_services(labels: kopf.Labels, namespace: str, **_: Any) -> dict[tuple[str, str], bool]:
     """Which Deployments have metrics objects of ours (so only those are cleaned up)."""
     return {(namespace, labels[builders.DEPLOYMENT_LABEL]): True}
 
 
-@kopf.index("apps", "v1", "deployments", id="deployments-by-configmap")
+@kopf.index("apps", "v1", "deployments", id="deployments_by_configmap")
 def deployments_by_configmap(
     spec: kopf.Spec, name: str, namespace: str, **_: Any
 ) -> dict[tuple[str, str], str]:
@@ -153,28 +154,31 @@ def inject_exporter(
     dryrun: bool,
     warnings: list[str],
     memo: kopf.Memo,
-    node_pod_cidrs: kopf.Index[Any, Any],
-    logger: logging.Logger,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
+    # kopf denies the pod if this handler raises, even before its first line runs (a missing
+    # keyword, say): so it names no optional keyword and catches everything.
     controller = _controller(memo)
     pod = _plain(body)
     try:
+        node_pod_cidrs = kwargs.get("node_pod_cidrs") or {}
         cidrs = [cidr for cidrs in node_pod_cidrs.get(None, []) for cidr in cidrs]
         injection = controller.plan_injection(pod, cidrs)
     except Exception as error:  # a pod must never be blocked: admit it without the sidecar
-        logger.exception("injection failed; admitting the pod without the sidecar")
-        warnings.append(f"prosody-exporter sidecar not injected: {error}")
+        log.exception("injection failed; admitting the pod without the sidecar")
+        message = f"prosody-exporter sidecar not injected: {error}"
+        warnings.append(message)
         if not dryrun:
-            controller.report_injection_problems(pod, warnings, reason="InjectionFailed")
+            controller.report_injection_problems(pod, [("InjectionFailed", message)])
         return
     warnings.extend(injection.warnings)
-    if injection.warnings and not dryrun:
-        controller.report_injection_problems(pod, injection.warnings)
+    if injection.problems and not dryrun:
+        controller.report_injection_problems(pod, injection.problems)
     if injection.patch is not None:
         patch.metadata.annotations.update(injection.patch["metadata"]["annotations"])
         patch.spec["containers"] = injection.patch["spec"]["containers"]
-    logger.info("pod %s: %s", pod["metadata"].get("generateName", ""), injection.reason)
+    name = pod["metadata"].get("name") or pod["metadata"].get("generateName", "")
+    log.info("pod %s/%s: %s", pod["metadata"].get("namespace"), name, injection.reason)
 
 
 @kopf.on.probe(id="webhook-configured")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import kopf
@@ -25,6 +26,9 @@ def main() -> None:
     from . import handlers  # noqa: F401 - registers the handlers with kopf
 
     kopf.configure(verbose=False)
+    # kopf logs every handled event and aiohttp every webhook call at INFO: keep decisions only.
+    for noisy in ("kopf.objects", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     kopf.run(
         clusterwide=True,
         standalone=True,  # one active replica (the chart runs one); no peering objects

@@ -1,0 +1,381 @@
+"""The operator against the real control plane: the real kube-apiserver calls its webhook over
+HTTPS, the real controller-manager turns Deployments into Pods, and the operator runs with the
+chart's ServiceAccount and RBAC, not as admin.
+
+No kubelet runs here, so pods stay Pending: what is checked is what the API server stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from prosody_operator import annotations as ann
+from testinfra.operator import OperatorProcess
+from testinfra.procs import wait_until
+
+pytestmark = pytest.mark.cluster
+
+NODE_CIDRS = ["198.18.64.0/24", "2001:db8:64::/64"]
+MANUAL_INTERVAL = "20"
+
+
+@pytest.fixture(scope="module")
+def node(k8s_client: client.ApiClient) -> Iterator[str]:
+    """A Node whose spec.podCIDRs is the pod network the sidecar allows by default."""
+    core = client.CoreV1Api(k8s_client)
+    name = f"node-{uuid.uuid4().hex[:6]}"
+    core.create_node(
+        client.V1Node(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1NodeSpec(pod_cidr=NODE_CIDRS[0], pod_cidrs=NODE_CIDRS),
+        )
+    )
+    yield name
+    core.delete_node(name)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    k8s_client: client.ApiClient, node: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(
+        k8s_client,
+        tmp_path_factory.mktemp("operator"),
+        settings={
+            "exporter_image": "registry.test/prosody-exporter:test",
+            "manual_interval": MANUAL_INTERVAL,
+            "service_monitor_labels": "release=kube-prometheus-stack",
+        },
+    )
+    process.install_identity()
+    try:
+        process.start()
+        yield process
+    finally:
+        process.uninstall()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def prosody_config(interval: str, extra: str = "") -> str:
+    return f"""
+modules_enabled = {{ "http_openmetrics", "roster" }}
+statistics = "internal"
+statistics_interval = {interval}
+{extra}
+VirtualHost "example.test"
+"""
+
+
+def deployment(
+    name: str,
+    configmap: str | None,
+    annotations: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Prosody Deployment as a user writes it, compliant with Pod Security "restricted"."""
+    container: dict[str, Any] = {
+        "name": "prosody",
+        "image": "prosody/prosody:0.12",
+        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 101,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    volumes = []
+    if configmap:
+        container["volumeMounts"] = [{"name": "config", "mountPath": "/etc/prosody"}]
+        volumes = [{"name": "config", "configMap": {"name": configmap}}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {
+                    "labels": {"app": name, ann.INJECT: "true"},
+                    "annotations": {ann.INJECT: "true", **(annotations or {})},
+                },
+                "spec": {"containers": [container], "volumes": volumes},
+            },
+        },
+    }
+
+
+class Cluster:
+    """Small readers over the API, for assertions."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def create_configmap(self, name: str, files: dict[str, str]) -> None:
+        self.core.create_namespaced_config_map(
+            self.namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name), data=files)
+        )
+
+    def replace_configmap(self, name: str, files: dict[str, str]) -> None:
+        self.core.patch_namespaced_config_map(name, self.namespace, {"data": files})
+
+    def create_deployment(self, body: dict[str, Any]) -> None:
+        self.apps.create_namespaced_deployment(self.namespace, body)
+
+    def pods(self, app: str) -> list[dict[str, Any]]:
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"app={app}")
+        return [self.api.sanitize_for_serialization(p) for p in pods.items]
+
+    def service_monitor(self, deployment_name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+                "monitoring.coreos.com",
+                "v1",
+                self.namespace,
+                "servicemonitors",
+                f"{deployment_name}-prosody-metrics",
+            )
+            return found
+        except client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def service(self, deployment_name: str) -> client.V1Service | None:
+        try:
+            return self.core.read_namespaced_service(
+                f"{deployment_name}-prosody-metrics", self.namespace
+            )
+        except client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def events(self, name: str) -> list[client.CoreV1Event]:
+        events = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return list(events.items)
+
+    def wait_for_event(
+        self, name: str, reason: str, contains: str = "", timeout: float = 30
+    ) -> str:
+        found: list[str] = []
+
+        def has_event() -> bool:
+            found[:] = [
+                e.message or ""
+                for e in self.events(name)
+                if e.reason == reason and contains in (e.message or "")
+            ]
+            return bool(found)
+
+        wait_until(has_event, timeout, f"a {reason} event on {name} containing {contains!r}")
+        return found[0]
+
+    def wait_for_interval(self, name: str, interval: str, timeout: float = 30) -> dict[str, Any]:
+        def has_interval() -> bool:
+            monitor = self.service_monitor(name)
+            return bool(monitor) and monitor["spec"]["endpoints"][0]["interval"] == interval  # type: ignore[index]
+
+        wait_until(has_interval, timeout, f"ServiceMonitor {name} with interval {interval}")
+        monitor = self.service_monitor(name)
+        assert monitor is not None
+        return monitor
+
+    def wait_for_pod(self, app: str, timeout: float = 30) -> dict[str, Any]:
+        wait_until(lambda: bool(self.pods(app)), timeout, f"a pod of {app}")
+        return self.pods(app)[0]
+
+
+def sidecar(pod: dict[str, Any]) -> dict[str, Any] | None:
+    return next((c for c in pod["spec"]["containers"] if c["name"] == "prosody-exporter"), None)
+
+
+def sidecar_env(pod: dict[str, Any]) -> dict[str, str]:
+    found = sidecar(pod)
+    assert found is not None, f"no sidecar in {[c['name'] for c in pod['spec']['containers']]}"
+    return {e["name"]: e["value"] for e in found["env"]}
+
+
+@pytest.fixture
+def cluster(k8s_client: client.ApiClient, namespace: str, operator: OperatorProcess) -> Cluster:
+    # Pods here must pass Pod Security "restricted", sidecar included.
+    client.CoreV1Api(k8s_client).patch_namespace(
+        namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
+    return Cluster(k8s_client, namespace)
+
+
+# --- tests --------------------------------------------------------------------------------
+
+
+def test_annotated_deployment_gets_sidecar_service_and_service_monitor(cluster: Cluster):
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+
+    pod = cluster.wait_for_pod("xmpp")
+    env = sidecar_env(pod)
+    assert env["PROSODY_EXPORTER_INTERVAL"] == "45s"
+    assert env["PROSODY_EXPORTER_ALLOW_CIDRS"] == ",".join(NODE_CIDRS)
+    assert sidecar(pod)["image"] == "registry.test/prosody-exporter:test"  # type: ignore[index]
+    status = json.loads(pod["metadata"]["annotations"][ann.STATUS])
+    assert status["version"] == "0.1.0" and status["hash"]
+
+    monitor = cluster.wait_for_interval("xmpp", "45s")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
+    service = cluster.service("xmpp")
+    assert service is not None and service.spec.selector == {"app": "xmpp"}
+    assert service.spec.ports[0].target_port == "metrics"
+    message = cluster.wait_for_event("xmpp", "MetricsConfigured", "interval 45s")
+    assert "prosody.cfg.lua" in message
+
+
+@pytest.mark.parametrize(
+    ("files", "env", "expected"),
+    [
+        ({"prosody.cfg.lua": prosody_config('"manual"')}, {}, MANUAL_INTERVAL + "s"),
+        (
+            {
+                "prosody.cfg.lua": prosody_config("60", 'Include "stats.cfg.lua"'),
+                "stats.cfg.lua": "statistics_interval = 15\n",
+            },
+            {},
+            "15s",
+        ),
+        (
+            {"prosody.cfg.lua": prosody_config("ENV_PROSODY_STATISTICS_INTERVAL")},
+            {"PROSODY_STATISTICS_INTERVAL": "25"},
+            "25s",
+        ),
+    ],
+    ids=["manual", "include", "env"],
+)
+def test_interval_from_prosody_config(cluster: Cluster, files, env, expected):
+    cluster.create_configmap("prosody", files)
+    cluster.create_deployment(deployment("xmpp", "prosody", env=env))
+    cluster.wait_for_interval("xmpp", expected)
+    assert sidecar_env(cluster.wait_for_pod("xmpp"))["PROSODY_EXPORTER_INTERVAL"] == expected
+
+
+def test_editing_the_configmap_updates_the_interval(cluster: Cluster):
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "45s")
+    cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("90")})
+    cluster.wait_for_interval("xmpp", "90s")
+    assert "rollout restart" in cluster.wait_for_event("xmpp", "MetricsConfigured", "90s")
+
+
+def test_config_problems_become_warning_events(cluster: Cluster):
+    broken = 'statistics = "internal"\nVirtualHost "example.test"\nstatistics_interval = 10\n'
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": broken})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "60s")  # the misplaced setting has no effect
+    message = cluster.wait_for_event("xmpp", "ProsodyConfig", "prosody.cfg.lua:3")
+    assert "statistics_interval" in message
+
+
+def test_removing_the_annotation_deletes_service_and_monitor(cluster: Cluster):
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "45s")
+    patch = {"spec": {"template": {"metadata": {"annotations": {ann.INJECT: "false"}}}}}
+    cluster.apps.patch_namespaced_deployment("xmpp", cluster.namespace, patch)
+    wait_until(
+        lambda: cluster.service_monitor("xmpp") is None and cluster.service("xmpp") is None,
+        30,
+        "Service and ServiceMonitor to be deleted",
+    )
+    cluster.wait_for_event("xmpp", "MetricsRemoved")
+
+
+def test_deleting_the_deployment_garbage_collects_them(cluster: Cluster):
+    cluster.create_deployment(deployment("xmpp", None))
+    cluster.wait_for_interval("xmpp", "60s")
+    cluster.apps.delete_namespaced_deployment(
+        "xmpp", cluster.namespace, propagation_policy="Foreground"
+    )
+    wait_until(
+        lambda: cluster.service_monitor("xmpp") is None and cluster.service("xmpp") is None,
+        60,
+        "garbage collection of Service and ServiceMonitor",
+    )
+
+
+def test_invalid_annotations_admit_the_pod_and_explain(cluster: Cluster):
+    bad = {ann.PORT: "99999", ann.ALLOW_CIDRS: "not-a-cidr", ann.INTERVAL: "often"}
+    cluster.create_deployment(deployment("xmpp", None, annotations=bad))
+    pod = cluster.wait_for_pod("xmpp")
+    env = sidecar_env(pod)  # injected, with the defaults in place of the invalid values
+    assert env["PROSODY_EXPORTER_LISTEN_PORT"] == "9755"
+    assert env["PROSODY_EXPORTER_ALLOW_CIDRS"] == ",".join(NODE_CIDRS)
+    for key in (ann.PORT, ann.ALLOW_CIDRS, ann.INTERVAL):
+        cluster.wait_for_event("xmpp", "InvalidAnnotation", key)
+
+
+def test_opt_out_annotation_skips_injection(cluster: Cluster):
+    body = deployment("xmpp", None)
+    body["spec"]["template"]["metadata"]["annotations"][ann.INJECT] = "false"
+    cluster.create_deployment(body)
+    assert sidecar(cluster.wait_for_pod("xmpp")) is None
+    time.sleep(2)  # give the reconciler a chance to (wrongly) act
+    assert cluster.service_monitor("xmpp") is None
+
+
+def test_webhook_down_admits_pods_and_restart_reports_drift(
+    cluster: Cluster, operator: OperatorProcess
+):
+    operator.stop()
+    try:
+        started = time.monotonic()
+        cluster.create_deployment(deployment("xmpp", None))
+        pod = cluster.wait_for_pod("xmpp")
+        assert sidecar(pod) is None  # failurePolicy Ignore: admitted without the sidecar
+        assert time.monotonic() - started < 20
+    finally:
+        operator.start()
+    message = cluster.wait_for_event("xmpp", "SidecarMissing")
+    assert "rollout restart deployment/xmpp" in message
+    # Converged with no duplicates after the restart.
+    cluster.wait_for_interval("xmpp", "60s")
+    monitors = cluster.custom.list_namespaced_custom_object(
+        "monitoring.coreos.com", "v1", cluster.namespace, "servicemonitors"
+    )
+    assert len(monitors["items"]) == 1  # type: ignore[index]
+
+
+def test_dry_run_has_no_side_effects(cluster: Cluster):
+    def pod(name: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "labels": {ann.INJECT: "true"},
+                "annotations": {ann.INJECT: "true", ann.PORT: "bogus"},
+            },
+            "spec": deployment("x", None)["spec"]["template"]["spec"],
+        }
+
+    dry = cluster.core.create_namespaced_pod(cluster.namespace, pod("dry"), dry_run="All")
+    assert any(c.name == "prosody-exporter" for c in dry.spec.containers)  # mutated all the same
+    cluster.core.create_namespaced_pod(cluster.namespace, pod("wet"))
+    cluster.wait_for_event("wet", "InvalidAnnotation", ann.PORT)  # a real request reports
+    assert cluster.events("dry") == []  # the dry run did not
