@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from prosody_operator import annotations as ann
 from prosody_operator.settings import OperatorSettings
 
 COMMAND = str(Path(sys.executable).parent / "prosody-operator")
@@ -43,3 +44,21 @@ def test_labels_and_cidrs_parse():
     assert OperatorSettings(service_monitor_labels='{"a": "b"}').service_monitor_labels == {
         "a": "b"
     }
+
+
+def test_readme_documents_every_setting_and_annotation():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in OperatorSettings.model_fields:
+        assert f"`PROSODY_OPERATOR_{name.upper()}`" in readme, name
+    for key in (
+        ann.INJECT,
+        ann.PORT,
+        ann.ALLOW_CIDRS,
+        ann.INTERVAL,
+        ann.IMAGE,
+        ann.RESOURCES,
+        ann.CONTAINER,
+        ann.STATUS,
+        ann.INPUTS_HASH,
+    ):
+        assert f"`{key}`" in readme, key
