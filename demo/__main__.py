@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 
 from testinfra.exporter import ExporterProcess
-from testinfra.procs import CACHE
+from testinfra.layout import CACHE_DIR
 from testinfra.prometheus import PrometheusServer, build_prometheus_config
 from testinfra.prosody import ProsodyServer
 from testinfra.xmpp import XmppSession, register_account
 
-WORKDIR = CACHE / "demo"
+WORKDIR = CACHE_DIR / "demo"
 QUERIES = {
     "Prosody collections (manual mode, one per exporter interval)": (
         "prosody_stats_collection_seconds_count"

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .procs import MissingPrerequisite, Process, free_port, http_ok
+from .procs import MissingPrerequisite, Process, ProcessOwner, free_port, http_ok
 
 
 def exporter_command() -> str:
@@ -20,7 +20,7 @@ def exporter_command() -> str:
 
 
 @dataclass
-class ExporterProcess:
+class ExporterProcess(ProcessOwner):
     workdir: Path
     upstream_url: str
     interval: float = 1.0
@@ -58,13 +58,3 @@ class ExporterProcess:
         if self.netns is None:
             self.process.wait_ready(lambda: http_ok(self.base_url + path), timeout)
         return self
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-
-    def __enter__(self) -> ExporterProcess:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()

@@ -3,7 +3,6 @@ RBAC: it authenticates with a token of the chart's ServiceAccount, never as admi
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import uuid
@@ -15,17 +14,17 @@ import yaml
 from kubernetes import client, utils
 
 from . import controlplane
-from .procs import REPO, MissingPrerequisite, Process, free_port, http_ok
+from .layout import REPO_ROOT
+from .procs import MissingPrerequisite, Process, ProcessOwner, free_port, http_ok
 
-CHART = REPO / "charts" / "prosody-operator"
+CHART = REPO_ROOT / "charts" / "prosody-operator"
 
 
 def helm_binary() -> str:
-    path = controlplane.built_binary("helm") if (controlplane.BIN_DIR / "helm").exists() else None
-    found = str(path) if path else shutil.which("helm")
-    if found is None:
-        raise MissingPrerequisite("helm is not built: run `make cluster-bins`")
-    return found
+    try:
+        return str(controlplane.built_binary("helm"))
+    except controlplane.MissingBinary as error:
+        raise MissingPrerequisite(str(error)) from None
 
 
 def render_chart(
@@ -67,7 +66,7 @@ def service_account_kubeconfig(
 
 
 @dataclass
-class OperatorProcess:
+class OperatorProcess(ProcessOwner):
     """Installs the chart's ServiceAccount and RBAC, then runs the operator with that identity."""
 
     api: client.ApiClient
@@ -140,10 +139,6 @@ class OperatorProcess:
             return False
         url = config.webhooks[0].client_config.url or ""
         return url.startswith(f"https://127.0.0.1:{self.webhook_port}/")
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop()
 
     def uninstall(self) -> None:
         """What `helm uninstall` and the operator's own objects leave: nothing."""

@@ -10,11 +10,9 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Self
 
 import httpx
-
-REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache"
 
 
 class MissingPrerequisite(RuntimeError):
@@ -112,3 +110,22 @@ class Process:
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             self.popen.wait()
+
+
+class ProcessOwner:
+    """Mixin for the server classes: `with Server(...) as server:` starts and stops it."""
+
+    process: Process | None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

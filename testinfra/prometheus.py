@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import yaml
 
-from .procs import Process, free_port, http_ok, require_program, wait_until
+from .procs import Process, ProcessOwner, free_port, http_ok, require_program, wait_until
 
 
 def build_prometheus_config(targets: list[str], scrape_interval: str = "1s") -> dict[str, Any]:
@@ -20,7 +20,7 @@ def build_prometheus_config(targets: list[str], scrape_interval: str = "1s") -> 
 
 
 @dataclass
-class PrometheusServer:
+class PrometheusServer(ProcessOwner):
     workdir: Path
     config: dict[str, Any]
     port: int = field(default_factory=free_port)
@@ -47,16 +47,6 @@ class PrometheusServer:
         )
         self.process.wait_ready(lambda: http_ok(self.url + "/-/ready"), timeout)
         return self
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-
-    def __enter__(self) -> PrometheusServer:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def api(self, path: str, **params: str) -> Any:
         response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)

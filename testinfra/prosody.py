@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .procs import Process, free_port, http_ok, require_program
+from .procs import Process, ProcessOwner, free_port, http_ok, require_program
 
 
 def build_prosody_config(
@@ -47,7 +47,7 @@ VirtualHost "localhost"
 
 
 @dataclass
-class ProsodyServer:
+class ProsodyServer(ProcessOwner):
     workdir: Path
     statistics_interval: str | int = "manual"
     extra_global: str = ""
@@ -80,13 +80,3 @@ class ProsodyServer:
         )
         self.process.wait_ready(lambda: http_ok(self.metrics_url), timeout)
         return self
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-
-    def __enter__(self) -> ProsodyServer:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()

@@ -12,7 +12,8 @@ import sys
 
 import slixmpp
 
-from .procs import REPO, require_program
+from .layout import REPO_ROOT
+from .procs import require_program
 from .prosody import ProsodyServer
 
 SESSION_STARTED = "session started"
@@ -35,7 +36,7 @@ class XmppSession:
 
     def open(self, timeout: float = 30.0) -> XmppSession:
         self._process = subprocess.Popen(
-            self._argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+            self._argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT
         )
         assert self._process.stdout is not None
         try:

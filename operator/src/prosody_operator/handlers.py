@@ -163,6 +163,8 @@ def inject_exporter(
     try:
         node_pod_cidrs = kwargs.get("node_pod_cidrs") or {}
         cidrs = [cidr for cidrs in node_pod_cidrs.get(None, []) for cidr in cidrs]
+        if not cidrs:  # kopf serves webhooks before its indexes are filled at start-up
+            cidrs = controller.kube.node_pod_cidrs()
         injection = controller.plan_injection(pod, cidrs)
     except Exception as error:  # a pod must never be blocked: admit it without the sidecar
         log.exception("injection failed; admitting the pod without the sidecar")

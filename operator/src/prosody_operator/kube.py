@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, TypeVar
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -21,6 +22,7 @@ log = logging.getLogger("prosody_operator")
 FIELD_MANAGER = "prosody-operator"
 APPLY = "application/apply-patch+yaml"
 SM_GROUP, SM_VERSION, SM_PLURAL = "monitoring.coreos.com", "v1", "servicemonitors"
+T = TypeVar("T")
 
 
 def load_config() -> None:
@@ -28,6 +30,16 @@ def load_config() -> None:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
+
+
+def _or_none(read: Callable[[], T]) -> T | None:
+    """The object, or None when it does not exist."""
+    try:
+        return read()
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
 
 
 class Kube:
@@ -44,37 +56,33 @@ class Kube:
         """The data of each named ConfigMap that exists (a missing one is simply absent)."""
         found = {}
         for name in sorted(names):
-            try:
-                configmap = self.core.read_namespaced_config_map(name, namespace)
-            except ApiException as error:
-                if error.status == 404:
-                    continue
-                raise
-            found[name] = dict(configmap.data or {})
+            configmap = _or_none(partial(self.core.read_namespaced_config_map, name, namespace))
+            if configmap is not None:
+                found[name] = dict(configmap.data or {})
         return found
 
     def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            deployment = self.apps.read_namespaced_deployment(name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        found: dict[str, Any] = self.client.sanitize_for_serialization(deployment)
+        deployment = _or_none(lambda: self.apps.read_namespaced_deployment(name, namespace))
+        found: dict[str, Any] | None = self.client.sanitize_for_serialization(deployment)
         return found
 
     def replicaset_owner(self, namespace: str, name: str) -> str | None:
         """The Deployment owning a ReplicaSet, if any."""
-        try:
-            replicaset = self.apps.read_namespaced_replica_set(name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        for owner in (replicaset.metadata and replicaset.metadata.owner_references) or []:
+        replicaset = _or_none(lambda: self.apps.read_namespaced_replica_set(name, namespace))
+        metadata = replicaset.metadata if replicaset else None
+        for owner in (metadata and metadata.owner_references) or []:
             if owner.kind == "Deployment":
                 return str(owner.name)
         return None
+
+    def node_pod_cidrs(self) -> list[str]:
+        """Every Node's spec.podCIDRs, read directly (the index may still be filling)."""
+        cidrs = []
+        for node in self.core.list_node().items:
+            spec = node.spec
+            if spec is not None:
+                cidrs += spec.pod_cidrs or ([spec.pod_cidr] if spec.pod_cidr else [])
+        return cidrs
 
     def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
         label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
@@ -84,22 +92,19 @@ class Kube:
     # --- writes --------------------------------------------------------------------------
 
     def _current_hash(self, obj: dict[str, Any]) -> str | None:
-        meta = obj["metadata"]
-        try:
-            if obj["kind"] == "Service":
-                current = self.core.read_namespaced_service(meta["name"], meta["namespace"])
-                annotations = (current.metadata and current.metadata.annotations) or {}
-            else:
-                current_sm: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
-                    SM_GROUP, SM_VERSION, meta["namespace"], SM_PLURAL, meta["name"]
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        if obj["kind"] == "Service":
+            service = _or_none(lambda: self.core.read_namespaced_service(name, namespace))
+            annotations = (service and service.metadata and service.metadata.annotations) or {}
+        else:
+            monitor: Any = _or_none(
+                lambda: self.custom.get_namespaced_custom_object(
+                    SM_GROUP, SM_VERSION, namespace, SM_PLURAL, name
                 )
-                annotations = current_sm["metadata"].get("annotations") or {}
-            found: str | None = annotations.get(ann.INPUTS_HASH)
-            return found
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+            )
+            annotations = ((monitor or {}).get("metadata") or {}).get("annotations") or {}
+        found: str | None = annotations.get(ann.INPUTS_HASH)
+        return found
 
     def ensure(self, obj: dict[str, Any]) -> str | None:
         """Make the object look like `obj`: "created", "updated", or None when it already did
