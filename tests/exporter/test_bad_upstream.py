@@ -6,6 +6,7 @@ sends (malformed, oversized, a hang, old mod_prometheus output) come from a loop
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -144,3 +145,16 @@ def test_own_metrics_in_responses_are_at_most_a_second_old(start_exporter):
             3,
             "the scrape counter to move",
         )
+
+
+def test_json_logs(start_exporter):
+    with StandInProsody(Answer(status=500, body=b"boom", content_type="text/plain")) as standin:
+        exporter = start_exporter(
+            standin.url, wait_for_ready=False, interval=0.2, settings={"log_format": "json"}
+        )
+        wait_until(lambda: errors(exporter, "status") >= 1, 10, "a status error")
+        exporter.stop()
+    lines = exporter.process.log_path.read_text().splitlines()
+    entries = [json.loads(line) for line in lines]  # every line is JSON
+    down = [e for e in entries if e["message"].startswith("upstream down")]
+    assert len(down) == 1 and down[0]["level"] == "warning" and "HTTP 500" in down[0]["message"]

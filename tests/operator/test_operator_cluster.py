@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from prosody_operator import annotations as ann
 from testinfra.operator import OperatorProcess
@@ -379,3 +380,40 @@ def test_dry_run_has_no_side_effects(cluster: Cluster):
     cluster.core.create_namespaced_pod(cluster.namespace, pod("wet"))
     cluster.wait_for_event("wet", "InvalidAnnotation", ann.PORT)  # a real request reports
     assert cluster.events("dry") == []  # the dry run did not
+
+
+def writes_to_metrics_objects(api: client.ApiClient) -> float:
+    """Writes the API server has served for Services and ServiceMonitors, from its own metrics."""
+    method, url, headers, body, _ = api.param_serialize("GET", "/metrics")
+    response = api.call_api(method, url, headers, body)
+    response.read()
+    text = response.data.decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "apiserver_request"
+        for sample in family.samples
+        if sample.name == "apiserver_request_total"
+        and sample.labels.get("resource") in ("services", "servicemonitors")
+        and sample.labels.get("verb") in ("APPLY", "PATCH", "UPDATE", "CREATE")
+    )
+
+
+def test_no_write_when_nothing_changed(cluster: Cluster):
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "45s")
+    cluster.wait_for_event("xmpp", "ScalingReplicaSet")
+    time.sleep(3)  # the Deployment's status updates settle
+    before = writes_to_metrics_objects(cluster.api)
+    # Deployment and ConfigMap events that change none of the inputs: a label, a comment.
+    cluster.apps.patch_namespaced_deployment(
+        "xmpp", cluster.namespace, {"metadata": {"labels": {"touched": "yes"}}}
+    )
+    cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("45", "-- hi")})
+    time.sleep(3)  # let the reconciler see both events
+    assert writes_to_metrics_objects(cluster.api) == before
+    # ... while a real change is one write.
+    cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("50")})
+    cluster.wait_for_interval("xmpp", "50s")
+    assert writes_to_metrics_objects(cluster.api) == before + 1
