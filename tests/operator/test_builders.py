@@ -83,15 +83,19 @@ def test_service_and_service_monitor():
     check_golden("service", builders.build_service(DEPLOYMENT, 9755))
     check_golden(
         "servicemonitor",
-        builders.build_service_monitor(DEPLOYMENT, interval, SETTINGS.service_monitor_labels),
+        builders.build_service_monitor(
+            DEPLOYMENT, interval, SETTINGS.service_monitor_labels, "monitoring/k8s"
+        ),
     )
 
 
 def test_inputs_hash_changes_with_inputs_only():
     interval = EffectiveInterval(45.0, 45.0, "x")
-    first = builders.build_service_monitor(DEPLOYMENT, interval, {})
-    again = builders.build_service_monitor(DEPLOYMENT, interval, {})
-    slower = builders.build_service_monitor(DEPLOYMENT, EffectiveInterval(60.0, 60.0, "x"), {})
+    first = builders.build_service_monitor(DEPLOYMENT, interval, {}, "none")
+    again = builders.build_service_monitor(DEPLOYMENT, interval, {}, "none")
+    slower = builders.build_service_monitor(
+        DEPLOYMENT, EffectiveInterval(60.0, 60.0, "x"), {}, "none"
+    )
     key = ann.INPUTS_HASH
     assert first["metadata"]["annotations"][key] == again["metadata"]["annotations"][key]
     assert first["metadata"]["annotations"][key] != slower["metadata"]["annotations"][key]

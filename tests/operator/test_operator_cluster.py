@@ -417,3 +417,45 @@ def test_no_write_when_nothing_changed(cluster: Cluster):
     cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("50")})
     cluster.wait_for_interval("xmpp", "50s")
     assert writes_to_metrics_objects(cluster.api) == before + 1
+
+
+def create_prometheus(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
+    body = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "Prometheus",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    cluster.custom.create_namespaced_custom_object(
+        "monitoring.coreos.com", "v1", cluster.namespace, "prometheuses", body
+    )
+
+
+def test_selection_diagnostics(cluster: Cluster):
+    """The classic silent failure: a Prometheus whose selector misses the ServiceMonitor."""
+    cluster.create_deployment(deployment("xmpp", None))
+    cluster.wait_for_interval("xmpp", "60s")
+    create_prometheus(
+        cluster,
+        "missing",
+        {
+            "serviceMonitorSelector": {"matchLabels": {"release": "prom"}},
+            "serviceMonitorNamespaceSelector": {},
+        },
+    )
+    message = cluster.wait_for_event("xmpp", "NotSelectedByPrometheus", "release=prom")
+    assert f"{cluster.namespace}/missing selects ServiceMonitors with release=prom" in message
+    create_prometheus(
+        cluster,
+        "matching",
+        {"serviceMonitorSelector": {"matchLabels": {"release": "kube-prometheus-stack"}}},
+    )
+    cluster.wait_for_event("xmpp", "SelectedByPrometheus", f"{cluster.namespace}/matching")
+    wait_until(
+        lambda: (
+            cluster.service_monitor("xmpp")["metadata"]["annotations"][ann.SELECTED_BY]  # type: ignore[index]
+            == f"{cluster.namespace}/matching"
+        ),
+        30,
+        "the selected-by annotation",
+    )

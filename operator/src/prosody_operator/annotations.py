@@ -26,6 +26,10 @@ CONTAINER = PREFIX + "container"
 STATUS = PREFIX + "status"
 # Written on generated objects: a hash of what they were built from, to skip no-op updates.
 INPUTS_HASH = PREFIX + "inputs-hash"
+# Written on ServiceMonitors: where the interval came from, and which Prometheus resources select
+# the ServiceMonitor (its status belongs to prometheus-operator, so these are annotations).
+INTERVAL_SOURCE = PREFIX + "interval-source"
+SELECTED_BY = PREFIX + "selected-by"
 
 _IMAGE = re.compile(r"^[a-z0-9]+([._/:@-][A-Za-z0-9_.-]+)*$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")

@@ -163,14 +163,26 @@ def build_service(deployment: Mapping[str, Any], port: int) -> Obj:
     }
 
 
+def monitor_labels(deployment: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, str]:
+    """The ServiceMonitor's labels: the configured ones (so a Prometheus selects it), ours last."""
+    return {**labels, **MANAGED_BY, DEPLOYMENT_LABEL: deployment["metadata"]["name"]}
+
+
 def build_service_monitor(
-    deployment: Mapping[str, Any], interval: EffectiveInterval, labels: Mapping[str, str]
+    deployment: Mapping[str, Any],
+    interval: EffectiveInterval,
+    labels: Mapping[str, str],
+    selected_by: str,
 ) -> Obj:
+    """`selected_by`: which Prometheus resources select it ("none" is worth a look)."""
     name = deployment["metadata"]["name"]
-    inputs = inputs_hash("servicemonitor", interval.scrape_interval, interval.source, dict(labels))
+    inputs = inputs_hash(
+        "servicemonitor", interval.scrape_interval, interval.source, dict(labels), selected_by
+    )
     metadata = _metadata(deployment, inputs)
-    metadata["labels"] = {**labels, **metadata["labels"]}
-    metadata["annotations"][ann.PREFIX + "interval-source"] = interval.source
+    metadata["labels"] = monitor_labels(deployment, labels)
+    metadata["annotations"][ann.INTERVAL_SOURCE] = interval.source
+    metadata["annotations"][ann.SELECTED_BY] = selected_by
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",

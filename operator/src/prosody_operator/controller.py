@@ -26,6 +26,7 @@ from .prosody import (
     decide_interval,
     find_prosody_container,
 )
+from .selection import PrometheusSelectors, Selection, select
 from .settings import OperatorSettings
 
 log = logging.getLogger("prosody_operator")
@@ -158,7 +159,13 @@ class Controller:
 
     # --- reconciling Deployments ---------------------------------------------------------
 
-    def reconcile(self, deployment: Obj, *, has_metrics_objects: bool) -> None:
+    def reconcile(
+        self,
+        deployment: Obj,
+        *,
+        has_metrics_objects: bool,
+        prometheuses: Iterable[PrometheusSelectors] = (),
+    ) -> None:
         meta = deployment["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         template = deployment["spec"]["template"]
@@ -183,8 +190,9 @@ class Controller:
         interval = decision.interval
         port = parsed.overrides.port or self.settings.exporter_port
         service = builders.build_service(deployment, port)
+        selection = self._selection(deployment, prometheuses)
         monitor = builders.build_service_monitor(
-            deployment, interval, self.settings.service_monitor_labels
+            deployment, interval, self.settings.service_monitor_labels, selection.summary
         )
         changed_service = self.kube.ensure(service)
         changed_monitor = self.kube.ensure(monitor)
@@ -200,7 +208,36 @@ class Controller:
                     f"(kubectl -n {namespace} rollout restart deployment/{name})"
                 )
             self.events.post(deployment, "Normal", "MetricsConfigured", message)
+        self._report_selection(deployment, object_name, selection)
         self._check_drift(deployment, interval.scrape_interval)
+
+    def _selection(self, deployment: Obj, prometheuses: Iterable[PrometheusSelectors]) -> Selection:
+        prometheuses = list(prometheuses)
+        namespace = deployment["metadata"]["namespace"]
+        labels = builders.monitor_labels(deployment, self.settings.service_monitor_labels)
+        namespace_labels = self.kube.namespace_labels(namespace) if prometheuses else {}
+        return select(prometheuses, labels, namespace, namespace_labels)
+
+    def _report_selection(self, deployment: Obj, object_name: str, selection: Selection) -> None:
+        """Selection diagnostics: the ServiceMonitor is useless unless a Prometheus selects it."""
+        if selection.selected_by:
+            self.events.forget(deployment, "NotSelectedByPrometheus")
+            self.events.post(
+                deployment,
+                "Normal",
+                "SelectedByPrometheus",
+                f"ServiceMonitor {object_name} is selected by Prometheus {selection.summary}",
+            )
+            return
+        self.events.forget(deployment, "SelectedByPrometheus")
+        why = "; ".join(selection.reasons) or "there is no Prometheus resource in the cluster"
+        self.events.post(
+            deployment,
+            "Warning",
+            "NotSelectedByPrometheus",
+            f"No Prometheus selects ServiceMonitor {object_name}: {why}. Its labels come from "
+            "PROSODY_OPERATOR_SERVICE_MONITOR_LABELS (the chart's serviceMonitor.labels).",
+        )
 
     def _check_drift(self, deployment: Obj, interval: str) -> None:
         """Running pods without the sidecar (the webhook was down when they were created)."""

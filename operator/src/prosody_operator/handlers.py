@@ -20,6 +20,7 @@ from . import builders
 from .controller import Controller
 from .kube import Kube, load_config
 from .prosody import config_sources, find_prosody_container
+from .selection import PrometheusSelectors
 from .settings import OperatorSettings
 from .tls import ServingCertificate, load_serving_certificate, make_serving_certificate
 
@@ -111,14 +112,40 @@ def deployments_by_configmap(
     return {(namespace, source.configmap): name for source in config_sources(pod_spec, container)}
 
 
+@kopf.index("monitoring.coreos.com", "v1", "prometheuses", id="prometheus_selectors")
+def prometheus_selectors(body: kopf.Body, **_: Any) -> PrometheusSelectors:
+    return PrometheusSelectors.of(_plain(body))
+
+
+def _prometheuses(kwargs: dict[str, Any]) -> list[PrometheusSelectors]:
+    index = kwargs.get("prometheus_selectors") or {}
+    return list(index.get(None, []))
+
+
+def _reconcile(memo: Any, deployment: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    key = (deployment["metadata"]["namespace"], deployment["metadata"]["name"])
+    _controller(memo).reconcile(
+        deployment,
+        has_metrics_objects=key in (kwargs.get("metrics_services") or {}),
+        prometheuses=_prometheuses(kwargs),
+    )
+
+
 @kopf.on.event("apps", "v1", "deployments", id="reconcile-deployment")
-def deployment_changed(
-    type: str, body: kopf.Body, memo: kopf.Memo, metrics_services: kopf.Index[Any, Any], **_: Any
-) -> None:
+def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     if type == "DELETED" or body.metadata.get("deletionTimestamp"):
         return  # the garbage collector removes what the Deployment owned
-    key = (body.metadata.namespace, body.metadata.name)
-    _controller(memo).reconcile(_plain(body), has_metrics_objects=key in metrics_services)
+    _reconcile(memo, _plain(body), kwargs)
+
+
+@kopf.on.event("monitoring.coreos.com", "v1", "prometheuses", id="prometheus-changed")
+def prometheus_changed(memo: kopf.Memo, **kwargs: Any) -> None:
+    """A Prometheus' selectors decide which ServiceMonitors it picks up: re-check them all."""
+    controller = _controller(memo)
+    for namespace, name in list(kwargs.get("metrics_services") or {}):
+        deployment = controller.kube.deployment(namespace, name)
+        if deployment is not None:
+            _reconcile(memo, deployment, kwargs)
 
 
 @kopf.on.event("", "v1", "configmaps", id="configmap-changed")
@@ -127,15 +154,13 @@ def configmap_changed(
     namespace: str,
     memo: kopf.Memo,
     deployments_by_configmap: kopf.Index[Any, Any],
-    metrics_services: kopf.Index[Any, Any],
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     controller = _controller(memo)
     for deployment_name in set(deployments_by_configmap.get((namespace, name), [])):
         deployment = controller.kube.deployment(namespace, deployment_name)
         if deployment is not None:
-            key = (namespace, deployment_name)
-            controller.reconcile(deployment, has_metrics_objects=key in metrics_services)
+            _reconcile(memo, deployment, kwargs)
 
 
 @kopf.on.mutate(

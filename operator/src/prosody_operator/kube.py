@@ -75,6 +75,10 @@ class Kube:
                 return str(owner.name)
         return None
 
+    def namespace_labels(self, name: str) -> dict[str, str]:
+        namespace = self.core.read_namespace(name)
+        return dict((namespace.metadata and namespace.metadata.labels) or {})
+
     def node_pod_cidrs(self) -> list[str]:
         """Every Node's spec.podCIDRs, read directly (the index may still be filling)."""
         cidrs = []
