@@ -459,3 +459,27 @@ def test_selection_diagnostics(cluster: Cluster):
         30,
         "the selected-by annotation",
     )
+
+
+def test_restart_on_drift_rolls_out_pods_with_the_sidecar(
+    cluster: Cluster, operator: OperatorProcess
+):
+    operator.stop()
+    cluster.create_deployment(deployment("xmpp", None))
+    assert sidecar(cluster.wait_for_pod("xmpp")) is None
+    operator.settings["restart_on_drift"] = "true"
+    try:
+        operator.start()
+        message = cluster.wait_for_event("xmpp", "SidecarMissing", "Restarting the rollout")
+        assert "xmpp-" in message
+        wait_until(
+            lambda: any(sidecar(pod) for pod in cluster.pods("xmpp")),
+            30,
+            "a new pod, with the sidecar",
+        )
+        template = cluster.apps.read_namespaced_deployment("xmpp", cluster.namespace).spec.template
+        assert "kubectl.kubernetes.io/restartedAt" in template.metadata.annotations
+    finally:
+        operator.stop()
+        del operator.settings["restart_on_drift"]
+        operator.start()
