@@ -1,6 +1,8 @@
 {{/* Names and labels, defined once. */}}
 {{- define "prosody-operator.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
 {{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
@@ -25,4 +27,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "prosody-operator.serviceAccountName" -}}
 {{- default (include "prosody-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/* The Service the API server calls the webhook through. */}}
+{{- define "prosody-operator.webhookServiceName" -}}
+{{- printf "%s-webhook" (include "prosody-operator.fullname" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* The webhook certificate's Secret (cert-manager). */}}
+{{- define "prosody-operator.webhookSecretName" -}}
+{{- printf "%s-webhook-tls" (include "prosody-operator.fullname" . | trunc 51 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "prosody-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "prosody-operator.sidecarImage" -}}
+{{- printf "%s:%s" .Values.sidecar.image.repository (.Values.sidecar.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
