@@ -11,7 +11,7 @@ export PATH := $(CACHE)/bin:$(VENV)/bin:$(PATH)
 # Debian packages the tests and the demo run for real.
 APT_PACKAGES := prosody prometheus etcd-server iproute2
 
-.PHONY: help install system-packages venv lint test demo bench-exporter cluster-bins cluster cluster-down clean
+.PHONY: help install system-packages venv lint test demo bench-exporter cluster-bins cluster cluster-down manifests clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ cluster: install cluster-bins ## Start a local control plane (etcd + kube-apiser
 
 cluster-down: ## Stop the local control plane and remove its state.
 	$(PY) -m testinfra.controlplane down
+
+manifests: venv cluster-bins ## Regenerate manifests/prosody-operator.yaml from the chart (its default values).
+	$(PY) -m tools.chart manifests
 
 clean: ## Remove everything the project built or downloaded.
 	rm -rf $(CACHE)

@@ -1,0 +1,1 @@
+"""Repository tools: generators for files committed from other sources (checked by tests)."""
