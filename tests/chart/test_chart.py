@@ -1,0 +1,472 @@
+"""The chart rendered by the real helm, no cluster: lint, schema, what the objects say, and that
+the generated files (README values table, manifests/) are up to date.
+
+The checks that matter most tie the chart to the operator's own code: the Deployment's env must
+be settings the operator accepts, and the MutatingWebhookConfiguration must equal what the
+operator server-side-applies at start-up (minus the caBundle), or the two would fight over it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from prosody_operator import __version__, builders, handlers
+from prosody_operator.settings import ENV_PREFIX, OperatorSettings
+from testinfra.procs import require_program
+from tools import chart
+
+RELEASE, NAMESPACE = "test", "prosody"
+CERT_MANAGER_GROUP = "cert-manager.io"
+RESTRICTED_CONTAINER = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def render(*values_files: Path, chart_dir: Path | None = None, **set_values: Any) -> list[dict]:
+    return chart.render_objects(RELEASE, NAMESPACE, values_files, set_values, chart_dir=chart_dir)
+
+
+def only(objects: list[dict], kind: str) -> dict:
+    found = [obj for obj in objects if obj["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(objects: list[dict]) -> dict:
+    containers = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["operator"]
+    return containers[0]
+
+
+def env_of(objects: list[dict]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container(objects)["env"]}
+
+
+def operator_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
+    """What the operator makes of this environment (it exits with status 2 if invalid)."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return OperatorSettings()
+
+
+@pytest.fixture(params=chart.CI_VALUES, ids=lambda path: path.name.removesuffix("-values.yaml"))
+def ci_values(request: pytest.FixtureRequest) -> Path:
+    return Path(request.param)
+
+
+# --- helm lint and the schema ----------------------------------------------------------------
+
+
+def test_ci_scenarios_exist() -> None:
+    names = {path.name for path in chart.CI_VALUES}
+    assert {
+        "default-values.yaml",
+        "cert-manager-values.yaml",
+        "monitor-labels-values.yaml",
+        "prometheus-rule-dashboard-values.yaml",
+    } <= names
+
+
+def test_helm_lint(ci_values: Path) -> None:
+    result = chart.helm("lint", "--strict", str(chart.CHART), "--values", str(ci_values))
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout, result.stdout
+
+
+BAD_VALUES = [
+    # (value, what helm's message names)
+    ({"sidecar.manualInterval": "30s"}, "at '/sidecar/manualInterval': got string, want number"),
+    ({"sidecar.manualInterval": 0}, "at '/sidecar/manualInterval'"),
+    ({"webhook.port": 70000}, "at '/webhook/port': maximum"),
+    ({"operator.healthPort": 0}, "at '/operator/healthPort': minimum"),
+    ({"sidecar.port": "9755"}, "at '/sidecar/port': got string, want integer"),
+    ({"sidecar.extraCIDRs": ["10.0.0.0"]}, "at '/sidecar/extraCIDRs/0'"),
+    ({"sidecar.podCIDRs": ["10.0.0.0/33"]}, "at '/sidecar/podCIDRs/0'"),
+    ({"sidecar.extraCIDRs": "10.0.0.0/8"}, "at '/sidecar/extraCIDRs': got string, want array"),
+    ({"sidecar.restartOnDrift": "yes"}, "at '/sidecar/restartOnDrift': got string, want boolean"),
+    ({"sidecar.resources.limits.memory": "lots"}, "at '/sidecar/resources/limits/memory'"),
+    ({"sidecar.resources.limits.gpu": "1"}, "additional properties 'gpu' not allowed"),
+    ({"sidecar.manualIntervall": 30}, "additional properties 'manualIntervall' not allowed"),
+    ({"serviceMonitor.labels": {"release": "a b"}}, "at '/serviceMonitor/labels/release'"),
+    ({"serviceMonitor.labels": {"bad key!": "x"}}, "additional properties 'bad key!'"),
+    ({"serviceMonitor.labels": {"release": 1}}, "got number, want string"),
+    ({"image.pullPolicy": "Sometimes"}, "at '/image/pullPolicy': value must be one of"),
+    ({"webhook.configurationName": "Prosody_Operator"}, "at '/webhook/configurationName'"),
+    ({"webhook.certManager.issuerRef": {"kind": "ClusterIssuer"}}, "issuerRef"),
+    ({"webhook.certManager.duration": "1y"}, "at '/webhook/certManager/duration'"),
+    ({"podDisruptionBudget.maxUnavailable": 0}, "at '/podDisruptionBudget/maxUnavailable'"),
+    ({"prometheusRule.for": "five minutes"}, "at '/prometheusRule/for'"),
+    ({"prometheusRule.connectionsDrop.ratio": 1.5}, "at '/prometheusRule/connectionsDrop/ratio'"),
+    ({"grafanaDashboard.namespace": "Monitoring"}, "at '/grafanaDashboard/namespace'"),
+    ({"fullnameOverride": "a" * 64}, "at '/fullnameOverride': maxLength"),
+    # Not expressible in the schema: a `fail` in the template (`helm lint` only logs those).
+    ({"operator.healthPort": 9443}, "operator.healthPort and webhook.port must differ"),
+]
+TEMPLATE_CHECKS = {"operator.healthPort and webhook.port must differ"}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"), BAD_VALUES, ids=[json.dumps(v) for v, _ in BAD_VALUES]
+)
+def test_bad_values_are_rejected(values: dict[str, Any], message: str) -> None:
+    argv = ["template", *chart.template_args(RELEASE, NAMESPACE, (), values)]
+    result = chart.helm(*argv, check=False)
+    assert result.returncode != 0, f"helm accepted {values}"
+    assert message in result.stderr, result.stderr
+    if message not in TEMPLATE_CHECKS:
+        lint = chart.helm("lint", "--strict", str(chart.CHART), *_set_json(values), check=False)
+        assert lint.returncode != 0 and message in lint.stdout, lint.stdout
+
+
+def _set_json(values: dict[str, Any]) -> list[str]:
+    return [arg for k, v in values.items() for arg in ("--set-json", f"{k}={json.dumps(v)}")]
+
+
+# --- The operator's Deployment -----------------------------------------------------------------
+
+
+def test_env_is_what_the_operator_accepts(ci_values: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = render(ci_values)
+    env = env_of(objects)
+    assert all(name.startswith(ENV_PREFIX) for name in env)
+    settings = operator_settings(env, monkeypatch)
+    values = yaml.safe_load(ci_values.read_text()) or {}
+    sidecar = values.get("sidecar", {})
+    assert settings.manual_interval == sidecar.get("manualInterval", 30)
+    assert [str(n) for n in settings.extra_cidrs] == sidecar.get("extraCIDRs", [])
+    assert [str(n) for n in settings.pod_cidrs] == sidecar.get("podCIDRs", [])
+    assert settings.restart_on_drift is sidecar.get("restartOnDrift", False)
+    assert settings.exporter_port == sidecar.get("port", 9755)
+    assert settings.service_monitor_labels == values.get("serviceMonitor", {}).get("labels", {})
+    assert settings.webhook_service == f"{NAMESPACE}/{only(objects, 'Service')['metadata']['name']}"
+    assert (
+        settings.webhook_configuration
+        == only(objects, "MutatingWebhookConfiguration")["metadata"]["name"]
+    )
+    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    assert ports == {"webhook": settings.webhook_port, "health": settings.health_port}
+    # In a pod: listen on every address, reach the API server through the Service.
+    assert settings.webhook_host == "0.0.0.0"
+    assert settings.webhook_url == ""
+
+
+def test_env_sets_every_setting_the_chart_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = env_of(render())
+    fields = {ENV_PREFIX + name.upper() for name in OperatorSettings.model_fields}
+    assert set(env) <= fields
+    # Left to the operator's defaults on purpose: the listen address, the URL for runs outside
+    # the cluster, and the certificate directory (set only with cert-manager).
+    assert fields - set(env) == {
+        f"{ENV_PREFIX}WEBHOOK_HOST",
+        f"{ENV_PREFIX}WEBHOOK_URL",
+        f"{ENV_PREFIX}WEBHOOK_CERT_DIR",
+    }
+    settings = operator_settings(env, monkeypatch)
+    assert settings.exporter_image == "ghcr.io/prosody-operator/prosody-exporter:0.1.0"
+    assert (settings.sidecar_cpu_request, settings.sidecar_memory_request) == ("10m", "32Mi")
+    assert (settings.sidecar_cpu_limit, settings.sidecar_memory_limit) == ("", "64Mi")
+
+
+def test_sidecar_resources_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    resources = {"requests": {"cpu": "", "memory": "40Mi"}, "limits": {"cpu": 1, "memory": ""}}
+    settings = operator_settings(env_of(render(**{"sidecar.resources": resources})), monkeypatch)
+    assert builders.sidecar_resources(settings, None) == {
+        "requests": {"memory": "40Mi"},
+        "limits": {"cpu": "1"},
+    }
+
+
+def test_image_tags_default_to_the_app_version() -> None:
+    app_version = yaml.safe_load((chart.CHART / "Chart.yaml").read_text())["appVersion"]
+    assert app_version == __version__
+    objects = render()
+    assert container(objects)["image"] == f"ghcr.io/prosody-operator/prosody-operator:{__version__}"
+    assert env_of(objects)[f"{ENV_PREFIX}EXPORTER_IMAGE"].endswith(f":{__version__}")
+
+
+def test_deployment_is_one_replica_restricted_with_tmp_and_probes(ci_values: Path) -> None:
+    objects = render(ci_values)
+    deployment = only(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    operator = container(objects)
+    assert operator["securityContext"] == RESTRICTED_CONTAINER
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in operator["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert operator["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
+    assert pod["serviceAccountName"] == only(objects, "ServiceAccount")["metadata"]["name"]
+
+
+def test_webhook_service_targets_the_webhook_port(ci_values: Path) -> None:
+    objects = render(ci_values)
+    service = only(objects, "Service")
+    assert service["spec"]["ports"] == [
+        {"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}
+    ]
+    pod_labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_pod_template_carries_no_chart_version(tmp_path: Path) -> None:
+    """A chart bump alone does not restart the operator."""
+    template = only(render(), "Deployment")["spec"]["template"]
+    assert "helm.sh/chart" not in template["metadata"]["labels"]
+    assert "app.kubernetes.io/version" not in template["metadata"]["labels"]
+    bumped = tmp_path / "prosody-operator"
+    shutil.copytree(chart.CHART, bumped)
+    chart_yaml = bumped / "Chart.yaml"
+    chart_yaml.write_text(chart_yaml.read_text().replace("version: 0.1.0", "version: 0.2.0"))
+    bumped_objects = render(chart_dir=bumped)
+    assert only(bumped_objects, "Deployment")["metadata"]["labels"]["helm.sh/chart"] == (
+        "prosody-operator-0.2.0"
+    )
+    assert only(bumped_objects, "Deployment")["spec"]["template"] == template
+
+
+def test_pod_disruption_budget_never_blocks_a_drain() -> None:
+    pdb = only(render(), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+    pod_labels = only(render(), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    disabled = render(**{"podDisruptionBudget.enabled": False})
+    assert "PodDisruptionBudget" not in {obj["kind"] for obj in disabled}
+
+
+# --- The webhook configuration --------------------------------------------------------------
+
+
+def test_webhook_configuration_is_what_the_operator_applies(
+    ci_values: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Field for field, minus the caBundle (the operator's) and metadata.labels (each side
+    labels it its own way; helm sets managed-by=Helm on whatever it writes)."""
+    objects = render(ci_values)
+    rendered = only(objects, "MutatingWebhookConfiguration")
+    settings = operator_settings(env_of(objects), monkeypatch)
+    # The operator's own start-up code, so a change there that the chart misses fails here.
+    client_config = handlers._client_config(settings, b"any CA")
+    assert client_config is not None
+    del client_config["caBundle"]
+    applied = builders.build_webhook_configuration(settings.webhook_configuration, client_config)
+    for obj in (rendered, applied):
+        del obj["metadata"]["labels"]
+    assert rendered == applied
+    assert "caBundle" not in rendered["webhooks"][0]["clientConfig"]
+
+
+# --- cert-manager ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["cert-manager", "cert-manager-issuer"])
+def test_cert_manager_certificate_is_mounted_for_the_operator(
+    scenario: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values_file = chart.CHART / "ci" / f"{scenario}-values.yaml"
+    objects = render(values_file)
+    certificate = only(objects, "Certificate")
+    assert certificate["apiVersion"] == f"{CERT_MANAGER_GROUP}/v1"
+    service = only(objects, "Service")["metadata"]["name"]
+    assert f"{service}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    assert "server auth" in certificate["spec"]["usages"]
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    secret_volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert list(secret_volumes.values()) == [certificate["spec"]["secretName"]]
+    mounts = {m["name"]: m for m in container(objects)["volumeMounts"]}
+    (volume,) = secret_volumes
+    assert mounts[volume]["readOnly"] is True
+    settings = operator_settings(env_of(objects), monkeypatch)
+    assert settings.webhook_cert_dir == mounts[volume]["mountPath"]
+    issuers = [o for o in objects if o["kind"] == "Issuer"]
+    if scenario == "cert-manager":
+        (issuer,) = issuers
+        assert issuer["spec"] == {"selfSigned": {}}
+        assert certificate["spec"]["issuerRef"] == {
+            "kind": "Issuer",
+            "name": issuer["metadata"]["name"],
+        }
+    else:
+        assert issuers == []
+        values = yaml.safe_load(values_file.read_text())["webhook"]["certManager"]
+        assert certificate["spec"]["issuerRef"] == values["issuerRef"]
+        assert certificate["spec"]["duration"] == values["duration"]
+
+
+def test_without_cert_manager_the_operator_makes_its_own_certificate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objects = render()
+    assert not [o for o in objects if o["apiVersion"].startswith(CERT_MANAGER_GROUP)]
+    assert operator_settings(env_of(objects), monkeypatch).webhook_cert_dir == ""
+
+
+# --- PrometheusRule and the Grafana dashboard ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return require_program("promtool")
+
+
+def _promtool(promtool: str, *args: str, cwd: Path) -> None:
+    result = subprocess.run([promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_rule_is_off_by_default() -> None:
+    kinds = {obj["kind"] for obj in render()}
+    assert "PrometheusRule" not in kinds
+    assert "ConfigMap" not in kinds
+
+
+ALERT_TESTS = Path(__file__).parent / "data" / "alerts-test.yaml"
+
+
+def test_prometheus_rule_alerts_fire_when_they_should(promtool: str, tmp_path: Path) -> None:
+    """`promtool check rules` (PromQL and annotation templates), then `promtool test rules`
+    (data/alerts-test.yaml) on series that must and must not fire each alert."""
+    values_file = chart.CHART / "ci" / "prometheus-rule-dashboard-values.yaml"
+    rule = only(render(values_file), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (tmp_path / "checked.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    _promtool(promtool, "check", "rules", "checked.yaml", cwd=tmp_path)
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert alerts == {
+        "ProsodyMetricsDown",
+        "ProsodyExporterUpstreamDown",
+        "ProsodyMetricsStale",
+        "ProsodyExporterUpstreamErrors",
+        "ProsodyConnectionsDropped",
+    }
+    for group in rule["spec"]["groups"]:  # the unit test compares labels, not the prose
+        for item in group["rules"]:
+            item.pop("annotations")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    shutil.copy(ALERT_TESTS, tmp_path / "tests.yaml")
+    _promtool(promtool, "test", "rules", "tests.yaml", cwd=tmp_path)
+
+
+def _dashboard_exprs(dashboard: dict) -> Iterator[str]:
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            yield target["expr"]
+
+
+def test_grafana_dashboard_configmap(promtool: str, tmp_path: Path) -> None:
+    """Grafana's sidecar finds it by label; every panel's query is valid PromQL."""
+    values_file = chart.CHART / "ci" / "prometheus-rule-dashboard-values.yaml"
+    configmap = only(render(values_file), "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Prosody"}
+    assert configmap["metadata"]["namespace"] == NAMESPACE
+    (name, text) = next(iter(configmap["data"].items()))
+    assert name.endswith(".json")
+    dashboard = json.loads(text)
+    assert dashboard["uid"] == "prosody-operator"
+    exprs = list(_dashboard_exprs(dashboard))
+    assert len(exprs) >= 5
+    for metric in (
+        "prosody_exporter_up",
+        "prosody_exporter_snapshot_stale",
+        "prosody_exporter_upstream_errors_total",
+        "prosody_mod_c2s__connections",
+    ):
+        assert any(metric in expr for expr in exprs), metric
+    # Grafana's variables replaced by what they expand to, then checked as recording rules.
+    rules = [
+        {"record": f"dashboard:panel_{i}", "expr": expr.replace("$__rate_interval", "5m")}
+        for i, expr in enumerate(exprs)
+    ]
+    (tmp_path / "dashboard.yaml").write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]})
+    )
+    _promtool(promtool, "check", "rules", "dashboard.yaml", cwd=tmp_path)
+    moved = only(render(values_file, **{"grafanaDashboard.namespace": "monitoring"}), "ConfigMap")
+    assert moved["metadata"]["namespace"] == "monitoring"
+
+
+# --- Labels ---------------------------------------------------------------------------------
+
+
+def test_every_object_has_the_release_labels(ci_values: Path) -> None:
+    """What `helm uninstall`'s leftovers are looked up by (tests/chart/test_chart_cluster.py)."""
+    for obj in render(ci_values):
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE, obj["kind"]
+        assert labels["app.kubernetes.io/name"] == "prosody-operator", obj["kind"]
+
+
+def test_common_labels_reach_every_object_but_not_pods() -> None:
+    objects = render(**{"commonLabels": {"team": "chat"}})
+    assert all(obj["metadata"]["labels"]["team"] == "chat" for obj in objects)
+    assert "team" not in only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+# --- Generated files ------------------------------------------------------------------------
+
+
+def test_every_value_is_documented() -> None:
+    assert chart.undocumented() == [], "add a `# --` comment in values.yaml"
+
+
+def test_readme_values_table_is_up_to_date() -> None:
+    readme = chart.README.read_text()
+    expected = chart.readme_with_table(readme, chart.values_table(chart.chart_values()))
+    assert readme == expected, "run `python -m tools.chart readme` and commit the README"
+
+
+def test_values_table_lists_nested_defaults() -> None:
+    rows = {v.key: v for v in chart.chart_values()}
+    assert rows["sidecar.manualInterval"].default == 30
+    assert rows["operator.resources"].default["requests"]["cpu"] == "50m"
+    assert rows["webhook.certManager.enabled"].default is False
+    table = chart.values_table(list(rows.values()))
+    assert "| `sidecar.manualInterval` | int | `30` |" in table
+
+
+def test_manifests_are_up_to_date() -> None:
+    assert chart.MANIFESTS.read_text() == chart.manifests(), "run `make manifests` and commit"
+
+
+def test_manifests_are_the_default_chart_in_one_namespace() -> None:
+    objects = [doc for doc in yaml.safe_load_all(chart.MANIFESTS.read_text()) if doc]
+    namespace = objects[0]
+    assert namespace["kind"] == "Namespace"
+    assert namespace["metadata"]["name"] == chart.MANIFESTS_NAMESPACE
+    for obj in objects[1:]:
+        assert obj["metadata"].get("namespace", chart.MANIFESTS_NAMESPACE) == (
+            chart.MANIFESTS_NAMESPACE
+        )
+    kinds = sorted(obj["kind"] for obj in objects)
+    assert kinds == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Service",
+            "Deployment",
+            "PodDisruptionBudget",
+            "MutatingWebhookConfiguration",
+        ]
+    )
