@@ -403,12 +403,11 @@ class PodRunner:
 
     def _force_delete(self, namespace: str, name: str, uid: str) -> None:
         with contextlib.suppress(client.ApiException):
-            self.core.delete_namespaced_pod(
-                name,
-                namespace,
-                grace_period_seconds=0,
-                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)),
+            # In the body: the API server ignores the query parameter when a body is sent.
+            options = client.V1DeleteOptions(
+                grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)
             )
+            self.core.delete_namespaced_pod(name, namespace, body=options)
 
     def _forget(self, pod: RunningPod, *, delete_from_api: bool) -> None:
         pod.stop()
