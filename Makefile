@@ -11,7 +11,7 @@ export PATH := $(CACHE)/bin:$(VENV)/bin:$(PATH)
 # Debian packages the tests and the demo run for real.
 APT_PACKAGES := prosody prometheus etcd-server iproute2
 
-.PHONY: help install system-packages venv lint test demo bench-exporter cluster-bins cluster cluster-down manifests clean
+.PHONY: help install system-packages venv lint test demo bench-exporter bench-operator cluster-bins cluster cluster-down manifests clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ demo: install ## Run the main job: Prosody -> sidecar -> Prometheus, printing li
 bench-exporter: install ## Benchmark the sidecar against Prosody scraped directly.
 	@$(MAKE) --no-print-directory system-packages APT_PACKAGES=wrk
 	$(PY) -m bench.exporter $(ARGS)
+
+bench-operator: install cluster-bins ## Benchmark the webhook and the reconciler against the local control plane.
+	$(PY) -m bench.operator $(ARGS)
 
 cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator into .cache/bin.
 	$(PY) -m testinfra.controlplane build
