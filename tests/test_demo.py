@@ -1,10 +1,16 @@
-"""The README's main command: `make demo` (here with --once, as CI runs it)."""
+"""The README's main command: `make demo` (here with --once, as CI runs it): the whole chain,
+operator -> pod -> prometheus-operator -> Prometheus -> sidecar -> Prosody."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+# The demo starts (or reuses) the local control plane and makes network namespaces.
+pytestmark = [pytest.mark.cluster, pytest.mark.netns]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,9 +21,14 @@ def test_demo_shows_live_prosody_metrics_through_the_sidecar():
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "health=up" in result.stdout, result.stdout
     assert "sum(prosody_mod_c2s__connections) = 1" in result.stdout, result.stdout
     assert "prosody_exporter_up = 1" in result.stdout, result.stdout
+    # The ServiceMonitor's interval is the sidecar's in manual mode, and prometheus-operator's
+    # generated job uses it.
+    assert "ServiceMonitor xmpp-prosody-metrics: interval 2s" in result.stdout, result.stdout
+    assert "PROSODY_EXPORTER_INTERVAL=2s" in result.stdout, result.stdout
+    assert "-prosody-metrics/0: scrape_interval 2s" in result.stdout, result.stdout
