@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,9 @@ log = logging.getLogger("prosody_operator")
 # <deployment>-<pod-template-hash>.
 _RS_SUFFIX = re.compile(r"-[a-z0-9]{1,10}$")
 RESTART_COOLDOWN_SECONDS = 600.0
+
+# (namespace, name) -> the ConfigMap's data, or None when not known without asking the API.
+CachedConfigMaps = Callable[[str, str], Mapping[str, str] | None]
 
 Obj = dict[str, Any]
 
@@ -82,16 +85,32 @@ class Controller:
     # --- shared --------------------------------------------------------------------------
 
     def _interval(
-        self, namespace: str, pod_spec: Mapping[str, Any], overrides: ann.Overrides
-    ) -> tuple[IntervalDecision, Obj | None]:
+        self,
+        namespace: str,
+        pod_spec: Mapping[str, Any],
+        overrides: ann.Overrides,
+        cached: CachedConfigMaps | None = None,
+    ) -> IntervalDecision:
+        """`cached`: ConfigMap data already known (kopf's index); the rest is read."""
         container = find_prosody_container(pod_spec, overrides.container)
         sources: list[ConfigSource] = config_sources(pod_spec, container) if container else []
-        configmaps = self.kube.configmap_data(namespace, {s.configmap for s in sources})
-        return decide_interval(self.settings, container, sources, configmaps, overrides), container
+        names = {source.configmap for source in sources}
+        configmaps: dict[str, Mapping[str, str]] = {}
+        for name in names:
+            data = cached(namespace, name) if cached else None
+            if data is not None:
+                configmaps[name] = data
+        configmaps.update(self.kube.configmap_data(namespace, names - configmaps.keys()))
+        return decide_interval(self.settings, container, sources, configmaps, overrides)
 
     # --- admission -----------------------------------------------------------------------
 
-    def plan_injection(self, pod: Mapping[str, Any], node_cidrs: Iterable[str]) -> Injection:
+    def plan_injection(
+        self,
+        pod: Mapping[str, Any],
+        node_cidrs: Iterable[str],
+        cached_configmaps: CachedConfigMaps | None = None,
+    ) -> Injection:
         spec = pod.get("spec") or {}
         metadata = pod.get("metadata") or {}
         if builders.has_sidecar(spec):
@@ -106,7 +125,7 @@ class Controller:
             problems.append(("InvalidAnnotation", problem))
             overrides = dataclasses.replace(overrides, container=None)
         namespace = metadata.get("namespace") or ""
-        decision, _ = self._interval(namespace, spec, overrides)
+        decision = self._interval(namespace, spec, overrides, cached_configmaps)
         cidrs = builders.allowlist(node_cidrs, self.settings)
         if not cidrs and overrides.allow_cidrs is None:
             problems.append(
@@ -183,7 +202,7 @@ class Controller:
             return
         for problem in parsed.problems:
             self.events.post(deployment, "Warning", "InvalidAnnotation", problem)
-        decision, _ = self._interval(namespace, template.get("spec") or {}, parsed.overrides)
+        decision = self._interval(namespace, template.get("spec") or {}, parsed.overrides)
         for finding in decision.findings:
             where = finding.file + (f":{finding.line}" if finding.line else "")
             self.events.post(deployment, "Warning", "ProsodyConfig", f"{where}: {finding.message}")

@@ -90,6 +90,16 @@ def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
     return list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
 
 
+@kopf.index("", "v1", "configmaps", id="prosody_configmaps")
+def prosody_configmaps(
+    body: kopf.Body, name: str, namespace: str, **_: Any
+) -> dict[tuple[str, str], dict[str, str]]:
+    """ConfigMaps holding Lua files, so the webhook finds Prosody's config without an API call
+    (it was most of the webhook's latency); anything not here is read on demand."""
+    data = dict(body.get("data") or {})
+    return {(namespace, name): data} if any(key.endswith(".lua") for key in data) else {}
+
+
 @kopf.index(
     "", "v1", "services", id="metrics_services", labels={builders.DEPLOYMENT_LABEL: kopf.PRESENT}
 )
@@ -139,8 +149,16 @@ def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: An
 
 
 @kopf.on.event("monitoring.coreos.com", "v1", "prometheuses", id="prometheus-changed")
-def prometheus_changed(memo: kopf.Memo, **kwargs: Any) -> None:
-    """A Prometheus' selectors decide which ServiceMonitors it picks up: re-check them all."""
+def prometheus_changed(
+    type: str, body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A Prometheus' selectors decide which ServiceMonitors it picks up: when they change (not
+    on its status updates), re-check every ServiceMonitor."""
+    seen: dict[str, PrometheusSelectors | None] = memo.setdefault("prometheus_selectors", {})
+    now = None if type == "DELETED" else PrometheusSelectors.of(_plain(body))
+    if uid in seen and seen[uid] == now:
+        return
+    seen[uid] = now
     controller = _controller(memo)
     for namespace, name in list(kwargs.get("metrics_services") or {}):
         deployment = controller.kube.deployment(namespace, name)
@@ -190,7 +208,12 @@ def inject_exporter(
         cidrs = [cidr for cidrs in node_pod_cidrs.get(None, []) for cidr in cidrs]
         if not cidrs:  # kopf serves webhooks before its indexes are filled at start-up
             cidrs = controller.kube.node_pod_cidrs()
-        injection = controller.plan_injection(pod, cidrs)
+        index = kwargs.get("prosody_configmaps") or {}
+
+        def cached(namespace: str, name: str) -> dict[str, str] | None:
+            return next(iter(index.get((namespace, name)) or []), None)
+
+        injection = controller.plan_injection(pod, cidrs, cached)
     except Exception as error:  # a pod must never be blocked: admit it without the sidecar
         log.exception("injection failed; admitting the pod without the sidecar")
         message = f"prosody-exporter sidecar not injected: {error}"

@@ -117,6 +117,16 @@ class Kube:
         current = self._current_hash(obj)
         if current == meta["annotations"][ann.INPUTS_HASH]:
             return None
+        try:
+            self._apply(obj)
+        except ApiException as error:
+            if error.status == 403 and "being terminated" in str(error.body):
+                return None  # the namespace is going away, and the object with it
+            raise
+        return "created" if current is None else "updated"
+
+    def _apply(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
         if obj["kind"] == "Service":
             self.core.patch_namespaced_service(
                 meta["name"],
@@ -138,7 +148,6 @@ class Kube:
                 force=True,
                 _content_type=APPLY,
             )
-        return "created" if current is None else "updated"
 
     def delete_metrics_objects(self, namespace: str, name: str) -> bool:
         """Delete the Service and ServiceMonitor named `name`; False when neither existed."""
