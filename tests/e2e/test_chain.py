@@ -14,7 +14,9 @@ Two Deployments share one setup (module-scoped, ~20 s):
   MANUAL_INTERVAL seconds, whatever the number of Prometheus replicas.
 Three Prometheus processes run the generated configuration: replicas 0 and 1 of the Prometheus
 resource `k8s`, on the pod network, and one outside the pod network (198.19.x), which the
-sidecar's default allowlist (the Node's podCIDRs) refuses.
+sidecar's default allowlist (the Node's podCIDRs) refuses. The last test edits the xmpp
+ConfigMap and restarts its rollout: the new interval reaches the generated configuration, the
+running Prometheus (reloaded) and the new pod's sidecar.
 """
 
 from __future__ import annotations
@@ -291,8 +293,8 @@ def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
     assert expected - 3 <= done <= expected + 3, (done, expected)
 
 
-def test_changing_the_configmap_interval_reaches_prometheus(chain: Chain):
-    """Last: it edits the xmpp ConfigMap."""
+def test_changing_the_configmap_interval_reaches_prometheus_and_the_restarted_pod(chain: Chain):
+    """Last: it edits the xmpp ConfigMap and restarts the xmpp rollout."""
     new = STATISTICS_INTERVAL + 2
     client.CoreV1Api(chain.api).patch_namespaced_config_map(
         "xmpp-config", chain.namespace, {"data": {"prosody.cfg.lua": prosody_config(str(new))}}
@@ -308,3 +310,42 @@ def test_changing_the_configmap_interval_reaches_prometheus(chain: Chain):
         30,
         "Prometheus to reload the new configuration",
     )
+
+    # The Event says to restart the rollout; the new pod's sidecar then collects at the new
+    # interval, and Prometheus scrapes the new pod (the old one is stopped and deleted).
+    old_pod = chain.pod("xmpp").name
+    restarted = {"kubectl.kubernetes.io/restartedAt": str(time.time())}
+    client.AppsV1Api(chain.api).patch_namespaced_deployment(
+        "xmpp",
+        chain.namespace,
+        {"spec": {"template": {"metadata": {"annotations": restarted}}}},
+    )
+
+    def replaced() -> bool:
+        names = [p.name for p in chain.runner.running_pods(chain.namespace, "xmpp-")]
+        return len(names) == 1 and names[0] != old_pod
+
+    wait_until(replaced, 60, "the restarted xmpp pod to replace the old one")
+    pod = chain.pod("xmpp")
+    core = client.CoreV1Api(chain.api)
+    sidecar = next(
+        c
+        for c in core.read_namespaced_pod(pod.name, chain.namespace).spec.containers
+        if c.name == "prosody-exporter"
+    )
+    assert {e.name: e.value for e in sidecar.env}["PROSODY_EXPORTER_INTERVAL"] == f"{new}s"
+    wait_until(
+        lambda: (
+            not core.list_namespaced_pod(
+                chain.namespace, field_selector=f"metadata.name={old_pod}"
+            ).items
+        ),
+        30,
+        f"{old_pod} to be deleted",
+    )
+    wait_until(
+        lambda: chain.target(chain.prometheus[0], "xmpp", "up")["labels"]["pod"] == pod.name,
+        60,
+        f"Prometheus to scrape {pod.name}",
+    )
+    chain.runner.check()
