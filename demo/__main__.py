@@ -40,6 +40,7 @@ WORKDIR = CACHE_DIR / "demo"
 APP = "xmpp"
 LABELS = {"release": "demo"}
 PROMETHEUS = "demo"
+LIFETIME = 24 * 3600.0  # seconds the demo's background loops (pod runner, forwarder...) run
 QUERIES = {
     "Prosody collections (manual mode, one per exporter interval)": (
         "prosody_stats_collection_seconds_count"
@@ -186,7 +187,9 @@ def run(once: bool, interval: float) -> None:
             lambda: bool(core.list_namespaced_service_account(namespace).items), 30, "namespace"
         )
         print("starting the pod runner (kubelet and scheduler of one Node) ...")
-        runner = stack.enter_context(PodRunner(api, WORKDIR / "pods", [namespace]))
+        runner = stack.enter_context(
+            PodRunner(api, WORKDIR / "pods", [namespace], lifetime=LIFETIME)
+        )
         print(f"starting prosody-operator (manual interval {interval:g}s) ...")
         operator = OperatorProcess(
             api,
@@ -199,7 +202,7 @@ def run(once: bool, interval: float) -> None:
         operator.install_identity()
         stack.callback(operator.uninstall)
         operator.start()
-        forwarder = stack.enter_context(e2e.ApiForwarder(runner.gateway))
+        forwarder = stack.enter_context(e2e.ApiForwarder(runner.gateway, LIFETIME))
         print("starting prometheus-operator ...")
         prometheus_operator = stack.enter_context(
             e2e.PrometheusOperator(WORKDIR / "prometheus-operator", [namespace])
@@ -221,7 +224,7 @@ def run(once: bool, interval: float) -> None:
             service_monitor_labels=LABELS,
         )
         files = e2e.service_account_files(
-            api, namespace, f"prometheus-{PROMETHEUS}", forwarder.url, WORKDIR / "sa"
+            api, namespace, f"prometheus-{PROMETHEUS}", forwarder.url, WORKDIR / "sa", LIFETIME
         )
         wait_until(lambda: bool(runner.running_pods(namespace)), 60, "the Prosody pod to run")
         pod = runner.running_pods(namespace)[0]
@@ -234,6 +237,7 @@ def run(once: bool, interval: float) -> None:
                 PROMETHEUS,
                 runner.attach("prom", 250),
                 files,
+                lifetime=LIFETIME,
             )
         )
         print("logging in a demo XMPP client ...")

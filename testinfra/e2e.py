@@ -104,7 +104,7 @@ def prometheus_binary() -> Path:
 
 MAX_CONNECTIONS = 64
 RELOAD_POLL = 1.0  # seconds between two reads of the generated configuration
-MAX_LIFETIME = 1800.0  # seconds: background threads end on their own after this
+MAX_LIFETIME = 1800.0  # seconds: by default, background threads end on their own after this
 # The name the API server's certificate has (its SANs do not include the pod bridge's address).
 APISERVER_NAME = "kubernetes.default.svc"
 
@@ -115,8 +115,9 @@ APISERVER_NAME = "kubernetes.default.svc"
 class ApiForwarder:
     """TCP from `listen_host:port` (the pod bridge's gateway) to the API server on loopback."""
 
-    def __init__(self, listen_host: str) -> None:
+    def __init__(self, listen_host: str, lifetime: float = MAX_LIFETIME) -> None:
         self.listen_host = listen_host
+        self.lifetime = lifetime
         self.port = 0
         self.target = ("127.0.0.1", controlplane.Ports.load().apiserver)
         self._server: socket.socket | None = None
@@ -139,7 +140,7 @@ class ApiForwarder:
 
     def _accept(self) -> None:
         assert self._server is not None
-        deadline = time.monotonic() + MAX_LIFETIME
+        deadline = time.monotonic() + self.lifetime
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 downstream, _ = self._server.accept()
@@ -323,14 +324,20 @@ class InClusterFiles:
 
 
 def service_account_files(
-    api: client.ApiClient, namespace: str, account: str, api_server: str, directory: Path
+    api: client.ApiClient,
+    namespace: str,
+    account: str,
+    api_server: str,
+    directory: Path,
+    lifetime: float = MAX_LIFETIME,
 ) -> InClusterFiles:
+    """A TokenRequest token (valid for `lifetime`, at least 10 minutes) and the cluster's CA."""
     directory.mkdir(parents=True, exist_ok=True)
     token = client.CoreV1Api(api).create_namespaced_service_account_token(
         account,
         namespace,
         client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=max(600, int(lifetime)))
         ),
     )
     token_file, ca_file = directory / "token", directory / "ca.crt"
@@ -375,6 +382,7 @@ class PrometheusFromOperator(ProcessOwner):
     files: InClusterFiles
     replica: int = 0
     port: int = 9090
+    lifetime: float = MAX_LIFETIME  # seconds the config-reloader thread runs at most
     process: Process | None = None
     reloads: int = 0
     _last: str | None = None
@@ -433,7 +441,7 @@ class PrometheusFromOperator(ProcessOwner):
 
     def _reloader(self) -> None:
         """What prometheus-config-reloader does in the pod: new configuration, SIGHUP."""
-        deadline = time.monotonic() + MAX_LIFETIME
+        deadline = time.monotonic() + self.lifetime
         while not self._stop.wait(RELOAD_POLL) and time.monotonic() < deadline:
             with contextlib.suppress(Exception):  # a failed read is retried next time
                 if self._write_config() and self.process:

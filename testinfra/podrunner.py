@@ -4,7 +4,7 @@ real processes in network namespaces, so Services get real endpoints and Prometh
     with PodRunner(api, workdir, ["my-namespace"]) as runner:
         ...  # pods labelled prosody-operator.io/inject=true get bound, run and reported Running
 
-What it does, every POLL seconds in one thread (stopped by `stop()`, and by MAX_LIFETIME):
+What it does, every POLL seconds in one thread (stopped by `stop()`, or after `lifetime` seconds):
 
 * **Node**: registers its own Node with `spec.podCIDRs = [pod_cidr]` (or uses `node_name`).
 * **Scheduling**: binds each unscheduled pod matching `label_selector` in its namespaces to the
@@ -70,7 +70,7 @@ SIDECAR = "prosody-exporter"
 INJECT_LABEL = "prosody-operator.io/inject=true"
 PROSODY_DIR = "/etc/prosody"
 POLL = 0.5  # seconds between two passes over the pods
-MAX_LIFETIME = 1800.0  # seconds: the loop ends on its own after this, whatever happens
+MAX_LIFETIME = 1800.0  # seconds: by default, the loop ends on its own after this
 MAX_ERRORS = 50  # errors kept for the failure message
 FIRST_POD_HOST = 10  # pods get .10, .11, ...; .2-.9 and .200 up are for attach()
 LAST_POD_HOST = 199
@@ -174,12 +174,14 @@ class PodRunner:
         pod_cidr: str | None = None,
         node_name: str | None = None,
         label_selector: str = INJECT_LABEL,
+        lifetime: float = MAX_LIFETIME,
     ) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.workdir = workdir
         self.namespaces = list(namespaces)
         self.label_selector = label_selector
+        self.lifetime = lifetime
         self.pod_cidr = pod_cidr
         self.node_name = node_name or f"e2e-node-{uuid.uuid4().hex[:6]}"
         self._own_node = node_name is None
@@ -342,7 +344,7 @@ class PodRunner:
             self.errors.append(line)
 
     def _loop(self) -> None:
-        deadline = time.monotonic() + MAX_LIFETIME
+        deadline = time.monotonic() + self.lifetime
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 self._pass()
