@@ -38,7 +38,8 @@ What it does, every POLL seconds in one thread (stopped by `stop()`, or after `l
   the namespaces, the bridge and the Node it registered — also after a failure.
 
 Only what the tests need is supported; anything else (image pulls, volumes other than
-ConfigMaps, exec probes, restarts) is not.
+ConfigMaps, exec probes, restarts, more than one PodRunner per process: the bridge is named
+after the pid) is not.
 """
 
 from __future__ import annotations
