@@ -42,7 +42,7 @@ lint: venv ## ruff + mypy.
 test: install cluster-bins ## Run the whole test suite (installs what it needs first).
 	$(PY) -m pytest
 
-demo: install ## Run the main job: Prosody -> sidecar -> Prometheus, printing live metrics.
+demo: install cluster-bins ## Run the main job: the whole chain on a local cluster, printing what Prometheus sees.
 	$(PY) -m demo $(ARGS)
 
 bench-exporter: install ## Benchmark the sidecar against Prosody scraped directly.
@@ -52,7 +52,7 @@ bench-exporter: install ## Benchmark the sidecar against Prosody scraped directl
 bench-operator: install cluster-bins ## Benchmark the webhook and the reconciler against the local control plane.
 	$(PY) -m bench.operator $(ARGS)
 
-cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator into .cache/bin.
+cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator, Prometheus 3 into .cache/bin.
 	$(PY) -m testinfra.controlplane build
 
 cluster: install cluster-bins ## Start a local control plane (etcd + kube-apiserver + controller-manager).

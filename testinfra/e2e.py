@@ -66,27 +66,7 @@ from .xmpp import XmppSession
 # built without Kubernetes service discovery. v3.5.0 (module version v0.305.0) is the version
 # prometheus-operator v0.85 defaults to. The binary is not called `prometheus`, so that the
 # Debian one stays first on the Makefile's PATH for the other tests.
-PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
-
-
-@dataclass(frozen=True)
-class PrometheusBinary(gobuild.GoBinary):
-    @property
-    def release(self) -> str:
-        """v0.305.0 -> v3.5.0: Prometheus tags its Go module v0.<major><minor:02>.<patch>."""
-        minor, patch = self.version.removeprefix("v0.").split(".")[:2]
-        return f"v{int(minor) // 100}.{int(minor) % 100}.{patch}"
-
-    def ldflags(self) -> str:
-        return f"-s -w -X github.com/prometheus/common/version.Version={self.release[1:]}"
-
-
-PROMETHEUS = PrometheusBinary(
-    "prometheus3",
-    GO_MODULES_DIR / "prometheus",
-    PROMETHEUS_MODULE,
-    f"{PROMETHEUS_MODULE}/cmd/prometheus",
-)
+PROMETHEUS = gobuild.PROMETHEUS
 PROMETHEUS_VERSION = PROMETHEUS.release
 
 

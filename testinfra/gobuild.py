@@ -88,6 +88,32 @@ def version_ldflags(binary: GoBinary) -> list[str]:
     return []
 
 
+# Prometheus for the end-to-end tests: Debian's 2.42 has no Kubernetes service discovery, which
+# prometheus-operator's generated configuration needs. Named prometheus3 so that it does not
+# shadow Debian's `prometheus` on PATH.
+PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
+
+
+@dataclass(frozen=True)
+class PrometheusBinary(GoBinary):
+    @property
+    def release(self) -> str:
+        """v0.305.0 -> v3.5.0: Prometheus tags its Go module v0.<major><minor:02>.<patch>."""
+        minor, patch = self.version.removeprefix("v0.").split(".")[:2]
+        return f"v{int(minor) // 100}.{int(minor) % 100}.{patch}"
+
+    def ldflags(self) -> str:
+        return f"-s -w -X github.com/prometheus/common/version.Version={self.release[1:]}"
+
+
+PROMETHEUS = PrometheusBinary(
+    "prometheus3",
+    GO_MODULES_DIR / "prometheus",
+    PROMETHEUS_MODULE,
+    f"{PROMETHEUS_MODULE}/cmd/prometheus",
+)
+
+
 BINARIES = (
     GoBinary(
         "kube-apiserver",
@@ -108,6 +134,7 @@ BINARIES = (
         PROMETHEUS_OPERATOR_MODULE,
         "github.com/prometheus-operator/prometheus-operator/cmd/operator",
     ),
+    PROMETHEUS,
 )
 
 

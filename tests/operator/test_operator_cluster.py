@@ -404,7 +404,14 @@ def test_no_write_when_nothing_changed(cluster: Cluster):
     cluster.create_deployment(deployment("xmpp", "prosody"))
     cluster.wait_for_interval("xmpp", "45s")
     cluster.wait_for_event("xmpp", "ScalingReplicaSet")
-    time.sleep(3)  # the Deployment's status updates settle
+    # The count is cluster-wide: let earlier tests' namespaces finish going away first (their
+    # teardown writes to their own Services), and the Deployment's status updates settle.
+    wait_until(
+        lambda: all(ns.status.phase != "Terminating" for ns in cluster.core.list_namespace().items),
+        90,
+        "earlier tests' namespaces to be deleted",
+    )
+    time.sleep(3)
     before = writes_to_metrics_objects(cluster.api)
     # Deployment and ConfigMap events that change none of the inputs: a label, a comment.
     cluster.apps.patch_namespaced_deployment(
@@ -459,6 +466,9 @@ def test_selection_diagnostics(cluster: Cluster):
         30,
         "the selected-by annotation",
     )
+    # The ServiceMonitor changed, its interval did not: no advice to restart the pods.
+    configured = [e.message for e in cluster.events("xmpp") if e.reason == "MetricsConfigured"]
+    assert configured and not any("rollout restart" in m for m in configured), configured
 
 
 def test_restart_on_drift_rolls_out_pods_with_the_sidecar(

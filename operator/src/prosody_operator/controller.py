@@ -75,6 +75,12 @@ class EventLog:
             self._seen.pop((obj["metadata"].get("uid", obj["metadata"]["name"]), reason), None)
 
 
+def _interval_of(monitor: Mapping[str, Any] | None) -> str | None:
+    endpoints = ((monitor or {}).get("spec") or {}).get("endpoints") or [{}]
+    interval: str | None = endpoints[0].get("interval")
+    return interval
+
+
 class Controller:
     def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
         self.settings = settings
@@ -220,7 +226,10 @@ class Controller:
                 f"ServiceMonitor {object_name}: interval {interval.scrape_interval} "
                 f"(from {interval.source}), Service port {port}"
             )
-            if changed_monitor == "updated":
+            if changed_monitor and _interval_of(changed_monitor.previous) not in (
+                None,
+                interval.scrape_interval,
+            ):
                 message += (
                     ". Prosody reads statistics_interval only when it starts and the sidecar's "
                     "interval is set when a pod is created: restart the pods to follow "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -30,6 +31,15 @@ def load_config() -> None:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
+
+
+@dataclass(frozen=True)
+class Applied:
+    previous: dict[str, Any] | None  # the object as it was; None when it was created
+
+    @property
+    def created(self) -> bool:
+        return self.previous is None
 
 
 def _or_none(read: Callable[[], T]) -> T | None:
@@ -95,27 +105,24 @@ class Kube:
 
     # --- writes --------------------------------------------------------------------------
 
-    def _current_hash(self, obj: dict[str, Any]) -> str | None:
+    def _current(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
         if obj["kind"] == "Service":
             service = _or_none(lambda: self.core.read_namespaced_service(name, namespace))
-            annotations = (service and service.metadata and service.metadata.annotations) or {}
-        else:
-            monitor: Any = _or_none(
-                lambda: self.custom.get_namespaced_custom_object(
-                    SM_GROUP, SM_VERSION, namespace, SM_PLURAL, name
-                )
+            found: dict[str, Any] | None = self.client.sanitize_for_serialization(service)
+            return found
+        monitor: Any = _or_none(
+            lambda: self.custom.get_namespaced_custom_object(
+                SM_GROUP, SM_VERSION, namespace, SM_PLURAL, name
             )
-            annotations = ((monitor or {}).get("metadata") or {}).get("annotations") or {}
-        found: str | None = annotations.get(ann.INPUTS_HASH)
-        return found
+        )
+        return dict(monitor) if monitor else None
 
-    def ensure(self, obj: dict[str, Any]) -> str | None:
-        """Make the object look like `obj`: "created", "updated", or None when it already did
-        (then nothing is written)."""
-        meta = obj["metadata"]
-        current = self._current_hash(obj)
-        if current == meta["annotations"][ann.INPUTS_HASH]:
+    def ensure(self, obj: dict[str, Any]) -> Applied | None:
+        """Make the object look like `obj`; None when it already did (then nothing is written)."""
+        current = self._current(obj)
+        annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
+        if annotations.get(ann.INPUTS_HASH) == obj["metadata"]["annotations"][ann.INPUTS_HASH]:
             return None
         try:
             self._apply(obj)
@@ -123,7 +130,7 @@ class Kube:
             if error.status == 403 and "being terminated" in str(error.body):
                 return None  # the namespace is going away, and the object with it
             raise
-        return "created" if current is None else "updated"
+        return Applied(previous=current)
 
     def _apply(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
