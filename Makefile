@@ -11,7 +11,7 @@ export PATH := $(CACHE)/bin:$(VENV)/bin:$(PATH)
 # Debian packages the tests and the demo run for real.
 APT_PACKAGES := prosody prometheus etcd-server iproute2
 
-.PHONY: help install system-packages venv lint test demo bench-exporter bench-operator cluster-bins cluster cluster-down manifests clean
+.PHONY: help install system-packages venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down manifests clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -44,6 +44,10 @@ test: install cluster-bins ## Run the whole test suite (installs what it needs f
 
 demo: install cluster-bins ## Run the main job: the whole chain on a local cluster, printing what Prometheus sees.
 	$(PY) -m demo $(ARGS)
+
+demo-down: ## Stop what a demo left behind (the control plane, if it was started outside the demo) and its files.
+	$(PY) -m testinfra.controlplane down
+	rm -rf $(CACHE)/demo
 
 bench-exporter: install ## Benchmark the sidecar against Prosody scraped directly.
 	@$(MAKE) --no-print-directory system-packages APT_PACKAGES=wrk
