@@ -186,7 +186,7 @@ def configmap_changed(
     "v1",
     "pods",
     id=builders.WEBHOOK_HANDLER_ID,
-    operation="CREATE",
+    operations={"CREATE"},
     ignore_failures=True,
     side_effects=True,
     labels={ann.INJECT: "true"},
