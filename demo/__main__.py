@@ -35,6 +35,7 @@ from testinfra.layout import CACHE_DIR
 from testinfra.operator import OperatorProcess
 from testinfra.podrunner import PodRunner, RunningPod
 from testinfra.procs import wait_until
+from testinfra.workloads import prosody_deployment
 
 WORKDIR = CACHE_DIR / "demo"
 APP = "xmpp"
@@ -60,35 +61,6 @@ statistics = "internal"
 statistics_interval = "manual"
 VirtualHost "localhost"
 """
-
-
-def deployment() -> dict[str, Any]:
-    inject = "prosody-operator.io/inject"
-    container = {
-        "name": "prosody",
-        "image": "prosody/prosody:0.12",
-        "ports": [{"name": "c2s", "containerPort": 5222}],
-        "volumeMounts": [{"name": "config", "mountPath": "/etc/prosody"}],
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": APP},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": APP}},
-            "template": {
-                "metadata": {
-                    "labels": {"app": APP, inject: "true"},
-                    "annotations": {inject: "true"},
-                },
-                "spec": {
-                    "containers": [container],
-                    "volumes": [{"name": "config", "configMap": {"name": "prosody"}}],
-                },
-            },
-        },
-    }
 
 
 @dataclass
@@ -215,7 +187,9 @@ def run(once: bool, interval: float) -> None:
                 data={"prosody.cfg.lua": PROSODY_CONFIG},
             ),
         )
-        client.AppsV1Api(api).create_namespaced_deployment(namespace, deployment())
+        client.AppsV1Api(api).create_namespaced_deployment(
+            namespace, prosody_deployment(APP, "prosody")
+        )
         e2e.create_prometheus(
             api,
             namespace,

@@ -37,6 +37,7 @@ from testinfra import e2e
 from testinfra.operator import OperatorProcess
 from testinfra.podrunner import PodRunner
 from testinfra.procs import wait_until
+from testinfra.workloads import prosody_deployment
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(1800)]
 
@@ -57,37 +58,6 @@ statistics = "internal"
 statistics_interval = {interval}
 VirtualHost "localhost"
 """
-
-
-def prosody_deployment(name: str, configmap: str) -> dict[str, Any]:
-    """An annotated Prosody Deployment mounting its ConfigMap at /etc/prosody."""
-    inject = "prosody-operator.io/inject"
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {
-                    "labels": {"app": name, inject: "true"},
-                    "annotations": {inject: "true"},
-                },
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "prosody",
-                            "image": "prosody/prosody:0.12",
-                            "ports": [{"name": "c2s", "containerPort": 5222}],
-                            "volumeMounts": [{"name": "config", "mountPath": "/etc/prosody"}],
-                        }
-                    ],
-                    "volumes": [{"name": "config", "configMap": {"name": configmap}}],
-                },
-            },
-        },
-    }
 
 
 @dataclass

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prosody_operator import annotations as ann
 from testinfra.operator import OperatorProcess
 from testinfra.procs import wait_until
+from testinfra.workloads import prosody_deployment
 
 pytestmark = pytest.mark.cluster
 
@@ -82,39 +83,7 @@ def deployment(
     annotations: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A Prosody Deployment as a user writes it, compliant with Pod Security "restricted"."""
-    container: dict[str, Any] = {
-        "name": "prosody",
-        "image": "prosody/prosody:0.12",
-        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 101,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-    }
-    volumes = []
-    if configmap:
-        container["volumeMounts"] = [{"name": "config", "mountPath": "/etc/prosody"}]
-        volumes = [{"name": "config", "configMap": {"name": configmap}}]
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {
-                    "labels": {"app": name, ann.INJECT: "true"},
-                    "annotations": {ann.INJECT: "true", **(annotations or {})},
-                },
-                "spec": {"containers": [container], "volumes": volumes},
-            },
-        },
-    }
+    return prosody_deployment(name, configmap, annotations=annotations, env=env)
 
 
 class Cluster:

@@ -1,0 +1,51 @@
+"""The Prosody workload the tests, the demo and the benchmarks deploy: what a user writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+INJECT = "prosody-operator.io/inject"
+
+
+def prosody_deployment(
+    name: str,
+    configmap: str | None,
+    *,
+    annotations: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """An annotated Prosody Deployment, its config from a ConfigMap mounted at /etc/prosody,
+    compliant with Pod Security "restricted"."""
+    container: dict[str, Any] = {
+        "name": "prosody",
+        "image": "prosody/prosody:0.12",
+        "ports": [{"name": "c2s", "containerPort": 5222}],
+        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 101,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    volumes = []
+    if configmap:
+        container["volumeMounts"] = [{"name": "config", "mountPath": "/etc/prosody"}]
+        volumes = [{"name": "config", "configMap": {"name": configmap}}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {
+                    "labels": {"app": name, INJECT: "true"},
+                    "annotations": {INJECT: "true", **(annotations or {})},
+                },
+                "spec": {"containers": [container], "volumes": volumes},
+            },
+        },
+    }
