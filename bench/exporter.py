@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -52,13 +51,20 @@ from typing import Any
 
 import httpx
 
+from bench.report import (
+    format_table,
+    memory_kib,
+    target,
+    targets_table,
+    write_results,
+)
+from bench.report import machine as machine_basics
 from testinfra.exporter import ExporterProcess
+from testinfra.layout import CACHE_DIR
 from testinfra.procs import MissingPrerequisite, require_program
 from testinfra.prosody import ProsodyServer
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / ".cache" / "results" / "bench-exporter.json"
-WORKDIR = REPO / ".cache" / "bench-exporter"
+WORKDIR = CACHE_DIR / "bench-exporter"
 
 # What Prometheus 2.x/3.x sends when scraping (scrape_protocols default, compression on).
 ACCEPT = (
@@ -206,16 +212,6 @@ def sidecar(workdir: Path, upstream_url: str, interval: float) -> Iterator[Expor
         yield exporter.start(timeout=60)
     finally:
         exporter.stop()
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
-    return found
 
 
 def body_sizes(direct_url: str, sidecar_url: str) -> dict[str, int]:
@@ -396,24 +392,11 @@ def package_version(name: str) -> str:
 
 
 def machine() -> dict[str, Any]:
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
     return {
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "python": platform.python_version(),
+        **machine_basics(),
         "prosody": package_version("prosody"),
         "wrk": package_version("wrk"),
-        "loadavg_start": list(os.getloadavg()),
     }
-
-
-def target(name: str, goal: str, measured: str, passed: bool) -> dict[str, Any]:
-    return {"name": name, "goal": goal, "measured": measured, "passed": passed}
 
 
 def throughput_target(payloads: list[dict[str, Any]]) -> dict[str, Any]:
@@ -454,26 +437,6 @@ def latency_target(payloads: list[dict[str, Any]], cpus: int) -> dict[str, Any]:
     measured = f"worst sidecar p99 {p99:.1f} ms ({name}), {cpus} cores"
     goal = f"sidecar p99 <= {MAX_P99_MS_AT_50:g} ms at 50 conns"
     return target("latency", goal, measured, p99 <= MAX_P99_MS_AT_50)
-
-
-FIGURE = re.compile(r"[-+]?[0-9.]+( ?(x|s|ms|KiB|MiB))?|[0-9]+[/-][0-9]+|n/a|PASS|MISS")
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns aligned: figures to the right, text to the left."""
-    cells = [list(headers), *[[str(cell) for cell in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    figures = [all(FIGURE.fullmatch(row[i]) for row in cells[1:]) for i in range(len(headers))]
-
-    def line(row: list[str]) -> str:
-        padded = [
-            cell.rjust(width) if figure else cell.ljust(width)
-            for cell, width, figure in zip(row, widths, figures, strict=True)
-        ]
-        return "  ".join(padded).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
 
 
 def throughput_table(payloads: list[dict[str, Any]]) -> str:
@@ -567,13 +530,6 @@ def collections_table(collections: list[dict[str, Any]], interval: float) -> str
     return format_table(headers, rows)
 
 
-def targets_table(targets: list[dict[str, Any]]) -> str:
-    rows = [
-        [t["name"], t["goal"], t["measured"], "PASS" if t["passed"] else "MISS"] for t in targets
-    ]
-    return format_table(["target", "goal", "measured", "result"], rows)
-
-
 def header(info: dict[str, Any], args: argparse.Namespace) -> str:
     load = " ".join(f"{x:.2f}" for x in info["loadavg_start"])
     return (
@@ -660,9 +616,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "collections": collections,
         "targets": targets,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    write_results("bench-exporter", document)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import ssl
@@ -78,14 +77,20 @@ import httpx
 from kubernetes import client, config
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.exporter import format_table
+from bench.report import (
+    format_table,
+    memory_kib,
+    target,
+    targets_table,
+    write_results,
+)
+from bench.report import machine as machine_basics
 from testinfra import controlplane
+from testinfra.layout import CACHE_DIR
 from testinfra.operator import OperatorProcess
 from testinfra.procs import MissingPrerequisite
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / ".cache" / "results" / "bench-operator.json"
-WORKDIR = REPO / ".cache" / "bench-operator"
+WORKDIR = CACHE_DIR / "bench-operator"
 
 WEBHOOK_NAME = "inject.prosody-operator.io"
 WEBHOOK_METRIC = "apiserver_admission_webhook_admission_duration_seconds"
@@ -429,15 +434,6 @@ def bench_service_monitors(api: Api, namespace: str, args: argparse.Namespace) -
 # --- setup and cleanup --------------------------------------------------------------------------
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
-    return found
-
-
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -603,23 +599,7 @@ class CpuMeter:
 
 
 def machine(api: Api) -> dict[str, Any]:
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    return {
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "kubernetes": api.get_json("/version").get("gitVersion", "?"),
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
-def target(name: str, goal: str, measured: str, passed: bool) -> dict[str, Any]:
-    return {"name": name, "goal": goal, "measured": measured, "passed": passed}
+    return {**machine_basics(), "kubernetes": api.get_json("/version").get("gitVersion", "?")}
 
 
 def targets(webhook: dict[str, Any], monitors: dict[str, Any]) -> list[dict[str, Any]]:
@@ -750,11 +730,6 @@ def cpu_table(phases: dict[str, dict[str, float]]) -> str:
     return format_table(headers, rows)
 
 
-def targets_table(found: list[dict[str, Any]]) -> str:
-    rows = [[t["name"], t["goal"], t["measured"], "PASS" if t["passed"] else "MISS"] for t in found]
-    return format_table(["target", "goal", "measured", "result"], rows)
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -875,9 +850,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MissingPrerequisite as error:
         raise SystemExit(f"bench.operator: {error}") from None
     report(document, args)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(without_nan(document), indent=2) + "\n")
-    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    write_results("bench-operator", without_nan(document))
 
 
 if __name__ == "__main__":
