@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .procs import MissingPrerequisite, wait_until
+from .procs import MissingPrerequisite, pid_alive, wait_until
 
 PREFIX = "pxt"
 ALLOWED_RANGES = (
@@ -92,16 +92,6 @@ def list_namespaces() -> list[str]:
     return [line.split()[0] for line in lines if line.strip()]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_processes_inside(name: str) -> None:
     """SIGKILL what still runs in one of our namespaces (a server a crashed run left behind)."""
     result = _ip("netns", "pids", name, check=False)
@@ -132,7 +122,7 @@ def cleanup_leftovers() -> list[str]:
         if not match or name in _LIVE:
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             delete_namespace(name)
             removed.append(name)
     return removed

@@ -65,7 +65,7 @@ from kubernetes import client
 
 from .exporter import exporter_command
 from .netns import Namespace, NetnsLab, delete_namespace, require_netns_support
-from .procs import Process, require_program
+from .procs import Process, pid_alive, require_program
 
 SIDECAR = "prosody-exporter"
 INJECT_LABEL = "prosody-operator.io/inject=true"
@@ -103,22 +103,12 @@ def _ip(*args: str) -> str:
     return done.stdout
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_leftover_links() -> None:
     """Delete `pxt<pid>br` bridges and `pxt<pid>v<n>` veths of runs whose process is gone."""
     for link in json.loads(_ip("-j", "link", "show") or "[]"):
         name = link.get("ifname", "").split("@")[0]
         match = _LINK.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             with contextlib.suppress(RuntimeError):
                 _ip("link", "delete", "dev", name)
 
