@@ -2,12 +2,14 @@
 Prometheus scrapes Prosody through the sidecar, printing what a user wants to see.
 
 1. a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager);
-2. prosody-operator, with the chart's ServiceAccount and RBAC;
-3. a Prosody Deployment annotated for injection, its prosody.cfg.lua in a ConfigMap with
+2. testinfra.podrunner, standing in for the kubelet, scheduler and kube-proxy of one Node: it runs
+   pods' containers as local processes in network namespaces (the operator's pod: the real
+   `prosody-operator`; a Prosody pod: Debian's Prosody and the real prosody-exporter);
+3. `helm install` of charts/prosody-operator, as a user does; the operator's pod runs on the
+   Node above, and the API server calls its webhook through the chart's Service;
+4. a Prosody Deployment annotated for injection, its prosody.cfg.lua in a ConfigMap with
    statistics_interval = "manual" (the setting only safe with a single scraper: the sidecar is
-   that scraper, at the operator's manual interval);
-4. testinfra.podrunner, standing in for the kubelet and scheduler of one Node: it runs the pod's
-   containers (Debian's Prosody, the real prosody-exporter) in a network namespace;
+   that scraper, at the chart's sidecar.manualInterval);
 5. prometheus-operator v0.85 and a Prometheus resource selecting the operator's ServiceMonitors;
 6. Prometheus v3.5, running the configuration prometheus-operator generated, discovering the pod
    through the API server; a demo XMPP client logged in to the pod's Prosody.
@@ -32,8 +34,8 @@ from kubernetes import client, config
 
 from testinfra import controlplane, e2e, gobuild
 from testinfra.layout import CACHE_DIR
-from testinfra.operator import OperatorProcess
-from testinfra.podrunner import PodRunner, RunningPod
+from testinfra.operator import ChartRelease, helm
+from testinfra.podrunner import INJECT_LABEL, SIDECAR, PodRunner, RunningPod
 from testinfra.procs import wait_until
 from testinfra.workloads import prosody_deployment
 
@@ -41,7 +43,7 @@ WORKDIR = CACHE_DIR / "demo"
 APP = "xmpp"
 LABELS = {"release": "demo"}
 PROMETHEUS = "demo"
-LIFETIME = 24 * 3600.0  # seconds the demo's background loops (pod runner, forwarder...) run
+LIFETIME = 24 * 3600.0  # seconds the demo's background loops (pod runner, reloader...) run
 QUERIES = {
     "Prosody collections (manual mode, one per exporter interval)": (
         "prosody_stats_collection_seconds_count"
@@ -67,8 +69,33 @@ VirtualHost "localhost"
 class Demo:
     api: client.ApiClient
     namespace: str
+    release: ChartRelease
     pod: RunningPod
     prometheus: e2e.PrometheusFromOperator
+
+    def operator_lines(self) -> Iterator[str]:
+        namespace = self.release.namespace
+        listed = helm("list", "--namespace", namespace, "-o", "json").stdout
+        for installed in json.loads(listed):
+            yield (
+                f"helm release {installed['name']} ({installed['chart']}, namespace {namespace}, "
+                f"revision {installed['revision']}): {installed['status']}"
+            )
+        for pod in client.CoreV1Api(self.api).list_namespaced_pod(namespace).items:
+            ready = all(s.ready for s in pod.status.container_statuses or [])
+            yield (
+                f"  operator pod {pod.metadata.name}: {pod.status.phase}, IP {pod.status.pod_ip}, "
+                f"ready={ready}"
+            )
+        name = self.release.webhook_configuration
+        admission = client.AdmissionregistrationV1Api(self.api)
+        config = admission.read_mutating_webhook_configuration(name).webhooks[0].client_config
+        service = config.service
+        yield (
+            f"  MutatingWebhookConfiguration {name}: service "
+            f"{service.namespace}/{service.name}:{service.port}{service.path}, caBundle "
+            f"{'set by the operator' if config.ca_bundle else 'MISSING'}"
+        )
 
     def pod_lines(self) -> Iterator[str]:
         core = client.CoreV1Api(self.api)
@@ -152,29 +179,30 @@ def run(once: bool, interval: float) -> None:
             config.new_client_from_config(config_file=str(controlplane.ADMIN_KUBECONFIG))
         )
         core = client.CoreV1Api(api)
+        release = ChartRelease(
+            api,
+            values={"serviceMonitor.labels": LABELS, "sidecar.manualInterval": interval},
+        )
         namespace = f"prosody-demo-{uuid.uuid4().hex[:5]}"
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
         stack.callback(core.delete_namespace, namespace)
         wait_until(
             lambda: bool(core.list_namespaced_service_account(namespace).items), 30, "namespace"
         )
-        print("starting the pod runner (kubelet and scheduler of one Node) ...")
+        print("starting the pod runner (kubelet, scheduler and kube-proxy of one Node) ...")
         runner = stack.enter_context(
-            PodRunner(api, WORKDIR / "pods", [namespace], lifetime=LIFETIME)
+            PodRunner(
+                api,
+                WORKDIR / "pods",
+                [namespace, release.namespace],
+                label_selectors=(INJECT_LABEL, release.selector),
+                lifetime=LIFETIME,
+            )
         )
-        print(f"starting prosody-operator (manual interval {interval:g}s) ...")
-        operator = OperatorProcess(
-            api,
-            WORKDIR / "operator",
-            settings={
-                "service_monitor_labels": ",".join(f"{k}={v}" for k, v in LABELS.items()),
-                "manual_interval": f"{interval:g}",
-            },
-        )
-        operator.install_identity()
-        stack.callback(operator.uninstall)
-        operator.start()
-        forwarder = stack.enter_context(e2e.ApiForwarder(runner.gateway, LIFETIME))
+        values = " ".join(f"--set-json '{k}={json.dumps(v)}'" for k, v in release.values.items())
+        print(f"helm install {release.name} charts/prosody-operator {values} ...")
+        stack.callback(release.uninstall)
+        release.install()
         print("starting prometheus-operator ...")
         prometheus_operator = stack.enter_context(
             e2e.PrometheusOperator(WORKDIR / "prometheus-operator", [namespace])
@@ -198,10 +226,19 @@ def run(once: bool, interval: float) -> None:
             service_monitor_labels=LABELS,
         )
         files = e2e.service_account_files(
-            api, namespace, f"prometheus-{PROMETHEUS}", forwarder.url, WORKDIR / "sa", LIFETIME
+            api,
+            namespace,
+            f"prometheus-{PROMETHEUS}",
+            runner.api_server_url,
+            WORKDIR / "sa",
+            LIFETIME,
         )
         wait_until(lambda: bool(runner.running_pods(namespace)), 60, "the Prosody pod to run")
         pod = runner.running_pods(namespace)[0]
+        containers = core.read_namespaced_pod(pod.name, namespace).spec.containers
+        if SIDECAR not in [c.name for c in containers]:
+            log = runner.running_pods(release.namespace)[0].workdir / "operator.log"
+            raise RuntimeError(f"the pod was admitted without the sidecar; see {log}")
         print(f"starting Prometheus {e2e.PROMETHEUS_VERSION} with the generated configuration ...")
         prometheus = stack.enter_context(
             e2e.PrometheusFromOperator(
@@ -221,7 +258,9 @@ def run(once: bool, interval: float) -> None:
         stack.callback(session.close)
         prometheus.wait_for_series("prosody_mod_c2s__connections > 0", timeout=90)
         prometheus.wait_for_series("prosody_exporter_scrapes_total", timeout=30)
-        demo = Demo(api, namespace, pod, prometheus)
+        demo = Demo(api, namespace, release, pod, prometheus)
+        print("\nThe operator, as helm installed it:")
+        print("\n".join(demo.operator_lines()))
         print("\nThe injected pod:")
         print("\n".join(demo.pod_lines()))
         print()

@@ -46,13 +46,16 @@ PORTS_FILE = CLUSTER_DIR / "ports.json"
 # Outside CLUSTER_DIR because `down` deletes that folder while holding the lock.
 LOCK_FILE = CACHE_DIR / "cluster.lock"
 
-SERVICE_CIDR = "10.0.0.0/24"
+# In the test range 198.18.0.0/15 like every address here: the PodRunner gives the `kubernetes`
+# Service's ClusterIP (the first address) to the pods, as kube-proxy would.
+SERVICE_CIDR = "198.19.240.0/24"
+KUBERNETES_SERVICE_IP = "198.19.240.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Every name the API server's serving certificate must carry, as in a kubeadm cluster.
 APISERVER_HOSTS = (
     "127.0.0.1",
     "localhost",
-    "10.0.0.1",
+    KUBERNETES_SERVICE_IP,
     "kubernetes",
     "kubernetes.default",
     "kubernetes.default.svc",
@@ -424,6 +427,9 @@ def apiserver_component(ports: Ports) -> Component:
             "--allow-privileged=true",
             # The `kubernetes` Service cannot have a loopback endpoint (validation refuses it).
             "--endpoint-reconciler-type=none",
+            # Webhooks and aggregated APIs behind a Service are called at its endpoints' pod
+            # addresses (reachable on the pod bridge), not at its ClusterIP (no kube-proxy here).
+            "--enable-aggregator-routing=true",
             "--profiling=false",
         ),
     )

@@ -9,11 +9,9 @@ The chain, end to end (all real, all local):
                                         v
     PrometheusFromOperator: Prometheus v3.5.0, built from its Go module (Debian's Prometheus has
     no Kubernetes service discovery), in a network namespace on the pod bridge,
-    loading that configuration, discovering targets with kubernetes_sd through ApiForwarder.
+    loading that configuration, discovering targets with kubernetes_sd through the `kubernetes`
+    Service's ClusterIP, which the PodRunner serves (testinfra.apiforwarder).
 
-* `ApiForwarder`: the API server listens on 127.0.0.1 only, which another network namespace
-  cannot reach; this forwards `<gateway>:<port>` on the pod bridge to it (a thread per
-  direction per connection, at most MAX_CONNECTIONS at once, all closed by `stop()`).
 * `PrometheusOperator`: the real binary, with the admin kubeconfig, its web server on a free
   loopback port, limited to the given namespaces and to Prometheus objects carrying its
   `--controller-id`. It also makes a StatefulSet, whose pods nobody runs (PodRunner only runs
@@ -33,7 +31,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
-import socket
 import subprocess
 import sys
 import threading
@@ -82,100 +79,8 @@ def prometheus_binary() -> Path:
     return PROMETHEUS.path
 
 
-MAX_CONNECTIONS = 64
 RELOAD_POLL = 1.0  # seconds between two reads of the generated configuration
 MAX_LIFETIME = 1800.0  # seconds: by default, background threads end on their own after this
-# The name the API server's certificate has (its SANs do not include the pod bridge's address).
-APISERVER_NAME = "kubernetes.default.svc"
-
-
-# --- the API server, seen from the pod network ------------------------------------------------
-
-
-class ApiForwarder:
-    """TCP from `listen_host:port` (the pod bridge's gateway) to the API server on loopback."""
-
-    def __init__(self, listen_host: str, lifetime: float = MAX_LIFETIME) -> None:
-        self.listen_host = listen_host
-        self.lifetime = lifetime
-        self.port = 0
-        self.target = ("127.0.0.1", controlplane.Ports.load().apiserver)
-        self._server: socket.socket | None = None
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"https://{self.listen_host}:{self.port}"
-
-    def start(self) -> ApiForwarder:
-        server = socket.create_server((self.listen_host, 0))
-        server.settimeout(0.5)
-        self._server, self.port = server, server.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, name="api-forwarder", daemon=True)
-        self._thread.start()
-        return self
-
-    def _accept(self) -> None:
-        assert self._server is not None
-        deadline = time.monotonic() + self.lifetime
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                downstream, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                if len(self._sockets) >= 2 * MAX_CONNECTIONS:
-                    downstream.close()
-                    continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                downstream.close()
-                continue
-            upstream.settimeout(None)
-            downstream.settimeout(None)
-            with self._lock:
-                self._sockets |= {downstream, upstream}
-            for a, b in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while chunk := source.recv(65536):
-                sink.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-                with self._lock:
-                    self._sockets.discard(sock)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server:
-            self._server.close()
-        if self._thread:
-            self._thread.join(timeout=5)
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def __enter__(self) -> ApiForwarder:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
 
 # --- prometheus-operator ------------------------------------------------------------------------
@@ -333,10 +238,10 @@ def rewrite_config(text: str, files: InClusterFiles, pod: str, shard: int = 0) -
     1. `$(POD_NAME)` and `$(SHARD)` are replaced by the pod's name and shard number, as the
        config-reloader sidecar does from its environment in a pod (they are in the external
        label `prometheus_replica` and in the sharding `keep` rule of every job);
-    2. each `kubernetes_sd_configs` entry gets `api_server`, `tls_config` (the CA file, and the
-       API server certificate's name, since it is reached through the forwarder's address) and
-       `authorization` (the token file): in a pod, client-go's in-cluster config finds these in
-       KUBERNETES_SERVICE_HOST and /var/run/secrets/kubernetes.io/serviceaccount/.
+    2. each `kubernetes_sd_configs` entry gets `api_server` (the `kubernetes` Service's
+       ClusterIP), `tls_config` (the CA file) and `authorization` (the token file): in a pod,
+       client-go's in-cluster config finds these in KUBERNETES_SERVICE_HOST and
+       /var/run/secrets/kubernetes.io/serviceaccount/.
     """
     text = text.replace("$(POD_NAME)", pod).replace("$(SHARD)", str(shard))
     config: dict[str, Any] = yaml.safe_load(text)
@@ -344,7 +249,7 @@ def rewrite_config(text: str, files: InClusterFiles, pod: str, shard: int = 0) -
         for sd in job.get("kubernetes_sd_configs") or []:
             assert "api_server" not in sd, f"unexpected api_server in {job['job_name']}"
             sd["api_server"] = files.api_server
-            sd["tls_config"] = {"ca_file": str(files.ca_file), "server_name": APISERVER_NAME}
+            sd["tls_config"] = {"ca_file": str(files.ca_file)}
             sd["authorization"] = {"credentials_file": str(files.token_file)}
     return config
 

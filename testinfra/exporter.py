@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .procs import MissingPrerequisite, Process, ProcessOwner, free_port, http_ok
+from .procs import Process, ProcessOwner, free_port, http_ok, venv_command
 
 
 def exporter_command() -> str:
-    # The venv running the tests installed it next to its interpreter, even when not on PATH.
-    beside = Path(sys.executable).parent / "prosody-exporter"
-    path = str(beside) if beside.exists() else shutil.which("prosody-exporter")
-    if path is None:
-        raise MissingPrerequisite("prosody-exporter is not installed: run `make venv`")
-    return path
+    return venv_command("prosody-exporter")
 
 
 @dataclass

@@ -1,10 +1,15 @@
-"""The real `prosody-operator` as a process, against the local control plane, with the chart's
-RBAC: it authenticates with a token of the chart's ServiceAccount, never as admin."""
+"""The real `prosody-operator` against the local control plane, two ways:
+
+* `ChartRelease`: `helm install` of charts/prosody-operator, as a user does; a PodRunner runs the
+  operator's pod, and the API server calls its webhook through the chart's Service;
+* `OperatorProcess`: the operator as a local process on loopback, with the chart's RBAC only
+  (a token of the chart's ServiceAccount, never admin) — for tests that need its log, its
+  restart or a free hand with its settings, and no pod network.
+"""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,31 +18,78 @@ from typing import Any
 import yaml
 from kubernetes import client, utils
 
+from tools import chart
+
 from . import controlplane
-from .layout import REPO_ROOT
-from .procs import MissingPrerequisite, Process, ProcessOwner, free_port, http_ok
+from .procs import Process, ProcessOwner, free_port, http_ok, venv_command, wait_until
 
-CHART = REPO_ROOT / "charts" / "prosody-operator"
-
-
-def helm_binary() -> str:
-    try:
-        return str(controlplane.built_binary("helm"))
-    except controlplane.MissingBinary as error:
-        raise MissingPrerequisite(str(error)) from None
+IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
 
 
-def render_chart(
-    release: str, namespace: str, values: dict[str, Any], *show_only: str
-) -> list[dict[str, Any]]:
-    """`helm template` with the real helm: the objects the chart would install."""
-    argv = [helm_binary(), "template", release, str(CHART), "--namespace", namespace]
-    for key, value in values.items():
-        argv += ["--set-string", f"{key}={value}"]
-    for template in show_only:
-        argv += ["--show-only", template]
-    rendered = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
-    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+def operator_command() -> str:
+    return venv_command("prosody-operator")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The real helm, against the local control plane (as admin, like a user installing)."""
+    done = chart.helm(*args, "--kubeconfig", str(controlplane.ADMIN_KUBECONFIG), check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"helm {args[0]} failed: {done.stderr.strip()}")
+    return done
+
+
+@dataclass
+class ChartRelease:
+    """The chart, installed with `helm install --create-namespace --wait` into a namespace named
+    like the release. Run a PodRunner over `namespace` with `selector` first: `--wait` lasts
+    until the operator's pod is ready, which only a pod runner makes it."""
+
+    api: client.ApiClient
+    values: dict[str, Any] = field(default_factory=dict)  # --set-json key=value
+    name: str = field(default_factory=lambda: f"prosody-operator-{uuid.uuid4().hex[:6]}")
+
+    @property
+    def namespace(self) -> str:
+        return self.name
+
+    @property
+    def selector(self) -> str:
+        """The label selector of the operator's pod."""
+        return f"app.kubernetes.io/instance={self.name}"
+
+    @property
+    def webhook_configuration(self) -> str:
+        """Cluster-scoped, so named after the release: no two installs share it."""
+        return self.name
+
+    def install(self, timeout: float = 90.0) -> ChartRelease:
+        """Install, then wait for what makes the webhook answer the API server: the caBundle the
+        operator fills in at start-up, and a ready endpoint behind the chart's Service."""
+        values = {"webhook.configurationName": self.webhook_configuration, **self.values}
+        argv = chart.template_args(self.name, self.namespace, set_values=values)
+        helm("install", *argv, "--create-namespace", "--wait", "--timeout", f"{timeout:g}s")
+        wait_until(self.webhook_ready, 30, "the operator's webhook (caBundle, ready endpoint)")
+        return self
+
+    def webhook_ready(self) -> bool:
+        admission = client.AdmissionregistrationV1Api(self.api)
+        config = admission.read_mutating_webhook_configuration(self.webhook_configuration)
+        webhook = config.webhooks[0].client_config
+        slices = client.DiscoveryV1Api(self.api).list_namespaced_endpoint_slice(
+            self.namespace, label_selector=f"kubernetes.io/service-name={webhook.service.name}"
+        )
+        endpoints = [e for s in slices.items for e in s.endpoints or []]
+        ready = any(e.conditions and e.conditions.ready for e in endpoints)
+        return bool(webhook.ca_bundle) and ready
+
+    def uninstall(self) -> None:
+        """`helm uninstall`, then the namespace; safe after a failed install."""
+        helm("uninstall", self.name, "--namespace", self.namespace, "--wait", check=False)
+        try:
+            client.CoreV1Api(self.api).delete_namespace(self.namespace)
+        except client.ApiException as error:
+            if error.status != 404:
+                raise
 
 
 def service_account_kubeconfig(
@@ -94,15 +146,14 @@ class OperatorProcess(ProcessOwner):
         client.CoreV1Api(self.api).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name=self.namespace))
         )
-        objects = render_chart(
+        objects = chart.render_objects(
             self.release,
             self.namespace,
-            {"webhook.configurationName": self.webhook_configuration},
-            "templates/serviceaccount.yaml",
-            "templates/rbac.yaml",
+            set_values={"webhook.configurationName": self.webhook_configuration},
         )
         for obj in objects:
-            utils.create_from_dict(self.api, obj, namespace=self.namespace)
+            if obj["kind"] in IDENTITY_KINDS:
+                utils.create_from_dict(self.api, obj, namespace=self.namespace)
 
     def env(self) -> dict[str, str]:
         return {
@@ -120,11 +171,8 @@ class OperatorProcess(ProcessOwner):
         service_account_kubeconfig(
             self.api, self.namespace, self.fullname, self.workdir / "operator.kubeconfig"
         )
-        command = Path(sys.executable).parent / "prosody-operator"
-        if not command.exists():
-            raise MissingPrerequisite("prosody-operator is not installed: run `make venv`")
         self.process = Process(
-            "prosody-operator", [str(command)], self.workdir / "operator.log", env=self.env()
+            "prosody-operator", [operator_command()], self.workdir / "operator.log", env=self.env()
         )
         self.process.wait_ready(self._ready, timeout)
         return self

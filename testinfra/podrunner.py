@@ -1,5 +1,6 @@
-"""A tiny kubelet + scheduler for one Node: runs the Prosody pods of the local control plane as
-real processes in network namespaces, so Services get real endpoints and Prometheus real targets.
+"""A tiny kubelet + scheduler + kube-proxy for one Node: runs the Prosody pods (and the
+prosody-operator pod of a `helm install`) of the local control plane as real processes in network
+namespaces, so Services get real endpoints, webhooks a real backend and Prometheus real targets.
 
     with PodRunner(api, workdir, ["my-namespace"]) as runner:
         ...  # pods labelled prosody-operator.io/inject=true get bound, run and reported Running
@@ -7,17 +8,28 @@ real processes in network namespaces, so Services get real endpoints and Prometh
 What it does, every POLL seconds in one thread (stopped by `stop()`, or after `lifetime` seconds):
 
 * **Node**: registers its own Node with `spec.podCIDRs = [pod_cidr]` (or uses `node_name`).
-* **Scheduling**: binds each unscheduled pod matching `label_selector` in its namespaces to the
-  Node (POST pods/binding). Other pods (e.g. the StatefulSet prometheus-operator creates) are left
-  Pending, as before.
+* **Scheduling**: binds each unscheduled pod matching one of `label_selectors` in its namespaces
+  to the Node (POST pods/binding). Other pods (e.g. the StatefulSet prometheus-operator creates)
+  are left Pending.
 * **Network**: a Linux bridge `pxt<pid>br` in the root namespace with the first address of the pod
   CIDR (the gateway, where the kubelet's probes come from); each pod gets a network namespace
   (`pxt-<pid>-e2e-<n>`, made by testinfra.netns, so leftovers of crashed runs are removed) joined
   to the bridge by a veth pair, with the next free address of the pod CIDR. `attach()` and
   `attach_outside()` join other namespaces (a Prometheus) to the same bridge.
+* **The `kubernetes` Service**, as kube-proxy would: its ClusterIP is added to the bridge and
+  testinfra.apiforwarder forwards ClusterIP:443 to the API server (`api_server_url`); the API
+  server's certificate names that address, so in-cluster clients verify it as in a cluster.
 * **Containers**, as local processes inside the pod's namespace:
   - the injected `prosody-exporter` sidecar runs the real `prosody-exporter` console script with
     exactly the env of its container spec (`env -i`, plus PATH) and nothing else;
+  - a container whose image is `.../prosody-operator[:tag]` runs the real `prosody-operator`
+    console script with the container's env plus what a kubelet adds (KUBERNETES_SERVICE_HOST
+    and _PORT, HOSTNAME), in a mount namespace of its own (from `ip netns exec`, made private
+    from the host) where a tmpfs covers /run and the container's volumes are bind-mounted at
+    their mountPaths: emptyDir, and projected volumes with a ServiceAccount token (TokenRequest
+    bound to the pod, as the kubelet asks), ConfigMap items and the pod's namespace — the
+    `kube-api-access-*` volume the API server adds, so the operator logs in with in-cluster
+    config. Its securityContext is not applied (the process runs as root);
   - every other container is Prosody: Debian's `prosody`, with the files of the ConfigMap(s)
     mounted under `/etc/prosody` (read through the API; directory mounts with optional `items`,
     and `subPath` mounts of single files) and the container's literal env. Prosody cannot run
@@ -29,16 +41,16 @@ What it does, every POLL seconds in one thread (stopped by `stop()`, or after `l
     `/etc/prosody/...` paths do not.
 * **Status**: pods/status gets phase Running, podIP(s), hostIP, container statuses and the
   conditions PodScheduled, Initialized, ContainersReady and Ready. Readiness is what a kubelet
-  computes: each container's readinessProbe (httpGet, from the gateway address to the pod IP),
-  or "running" when it has none. The controller-manager then fills the Endpoints and
+  computes: each container's readinessProbe (httpGet or tcpSocket, from the gateway address to
+  the pod IP), or "running" when it has none. The controller-manager then fills the Endpoints and
   EndpointSlices of the Services selecting the pod. A container whose process exits is reported
   terminated (no restarts).
 * **Deletion**: a pod being deleted is stopped and then deleted with grace period 0, as a kubelet
   does; `stop()` stops every pod, deletes the pods it ran (grace period 0: their Node is gone),
   the namespaces, the bridge and the Node it registered — also after a failure.
 
-Only what the tests need is supported; anything else (image pulls, volumes other than
-ConfigMaps, exec probes, restarts, more than one PodRunner per process: the bridge is named
+Only what the tests need is supported; anything else (image pulls, other volumes, exec probes,
+restarts, liveness probes, more than one PodRunner per process: the bridge is named
 after the pid) is not.
 """
 
@@ -46,10 +58,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -63,11 +78,14 @@ from typing import Any
 import httpx
 from kubernetes import client
 
+from .apiforwarder import ApiForwarder
 from .exporter import exporter_command
 from .netns import Namespace, NetnsLab, delete_namespace, require_netns_support
+from .operator import operator_command
 from .procs import Process, pid_alive, require_program
 
 SIDECAR = "prosody-exporter"
+OPERATOR_IMAGE = "prosody-operator"  # the image's last path segment, without tag or digest
 INJECT_LABEL = "prosody-operator.io/inject=true"
 PROSODY_DIR = "/etc/prosody"
 POLL = 0.5  # seconds between two passes over the pods
@@ -89,6 +107,16 @@ log = {{ info = "*console" }}
 daemonize = false
 run_as_root = true
 """
+
+
+class NotYet(Exception):
+    """Something a pod needs is not there yet (e.g. its namespace's kube-root-ca.crt): the next
+    pass tries again, as a kubelet keeps a pod in ContainerCreating."""
+
+
+def image_name(image: str) -> str:
+    """`registry:5000/org/prosody-operator:0.1.0@sha256:...` -> `prosody-operator`."""
+    return image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
 
 
 def now() -> str:
@@ -164,14 +192,14 @@ class PodRunner:
         *,
         pod_cidr: str | None = None,
         node_name: str | None = None,
-        label_selector: str = INJECT_LABEL,
+        label_selectors: tuple[str, ...] = (INJECT_LABEL,),
         lifetime: float = MAX_LIFETIME,
     ) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.workdir = workdir
         self.namespaces = list(namespaces)
-        self.label_selector = label_selector
+        self.label_selectors = label_selectors
         self.lifetime = lifetime
         self.pod_cidr = pod_cidr
         self.node_name = node_name or f"e2e-node-{uuid.uuid4().hex[:6]}"
@@ -187,6 +215,7 @@ class PodRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._log = workdir / "podrunner.log"
+        self._api_service: ApiForwarder | None = None
 
     # --- addresses ---------------------------------------------------------------------------
 
@@ -202,6 +231,12 @@ class PodRunner:
 
     def host(self, index: int) -> str:
         return str(self.network[index])
+
+    @property
+    def api_server_url(self) -> str:
+        """The API server as pods reach it: the `kubernetes` Service's ClusterIP, port 443."""
+        assert self._api_service, "start() serves the kubernetes Service"
+        return self._api_service.url
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -224,6 +259,9 @@ class PodRunner:
             self._bridge_up = True
             _ip("addr", "add", f"{self.gateway}/{self.network.prefixlen}", "dev", self.bridge)
             _ip("link", "set", "dev", self.bridge, "up")
+            cluster_ip = self.core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+            _ip("addr", "add", f"{cluster_ip}/32", "dev", self.bridge)
+            self._api_service = ApiForwarder(cluster_ip, 443, self.lifetime).start()
             self._thread = threading.Thread(target=self._loop, name="podrunner", daemon=True)
             self._thread.start()
         except BaseException:
@@ -237,6 +275,9 @@ class PodRunner:
         if self._thread:
             self._thread.join(timeout=60)
             self._thread = None
+        if self._api_service:
+            self._api_service.stop()
+            self._api_service = None
         for pod in list(self.pods.values()):
             self._forget(pod, delete_from_api=True)
         if self._lab:
@@ -318,6 +359,9 @@ class PodRunner:
         netns = self._lab.namespace(role)
         self._veth(netns, [f"{interface.ip}/32"])
         _ip("-n", netns.name, "route", "add", str(self.network), "dev", "eth0")
+        # The `kubernetes` Service, through the Node, as from any other host of the cluster.
+        cluster_ip = self._api_service.listen_host  # type: ignore[union-attr]
+        _ip("-n", netns.name, "route", "add", f"{cluster_ip}/32", "via", self.gateway)
         # The way back, in the root namespace; deleted with the bridge.
         _ip("route", "add", f"{interface.ip}/32", "dev", self.bridge)
         for pod in self.pods.values():
@@ -327,10 +371,14 @@ class PodRunner:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def _record(self, message: str) -> None:
+    def _log_line(self, message: str) -> str:
         line = f"{now()} {message}"
         with open(self._log, "a") as log:
             log.write(line + "\n")
+        return line
+
+    def _record(self, message: str) -> None:
+        line = self._log_line(message)
         if len(self.errors) < MAX_ERRORS:
             self.errors.append(line)
 
@@ -345,9 +393,9 @@ class PodRunner:
 
     def _pass(self) -> None:
         seen: set[tuple[str, str]] = set()
-        for namespace in self.namespaces:
+        for namespace, selector in itertools.product(self.namespaces, self.label_selectors):
             try:
-                pods = self.core.list_namespaced_pod(namespace, label_selector=self.label_selector)
+                pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
             except client.ApiException as error:
                 if error.status == 404:
                     continue
@@ -359,6 +407,8 @@ class PodRunner:
                     return
                 try:
                     self._sync(pod)
+                except NotYet as reason:  # as a kubelet: the pod stays ContainerCreating
+                    self._log_line(f"{namespace}/{pod.metadata.name}: waiting: {reason}")
                 except Exception:
                     self._record(f"{namespace}/{pod.metadata.name}: {traceback.format_exc()}")
         for key in [k for k in self.pods if k not in seen]:  # deleted behind our back
@@ -434,18 +484,24 @@ class PodRunner:
             workdir=self.workdir / f"{meta.namespace}-{meta.name}",
             started_at=now(),
         )
-        self.pods[running.key] = running
         shutil.rmtree(running.workdir, ignore_errors=True)
         running.workdir.mkdir(parents=True)
-        self._veth(netns, [f"{running.ip}/{self.network.prefixlen}"])
-        for outside in self._outside:
-            _ip("-n", netns.name, "route", "add", f"{outside}/32", "dev", "eth0")
-        for container in pod.spec.containers:
-            running.images[container.name] = container.image
-            if container.name == SIDECAR:
-                self._start_exporter(running, container)
-            else:
-                self._start_prosody(running, pod, container)
+        try:
+            self._veth(netns, [f"{running.ip}/{self.network.prefixlen}"])
+            for outside in self._outside:
+                _ip("-n", netns.name, "route", "add", f"{outside}/32", "dev", "eth0")
+            for container in pod.spec.containers:
+                running.images[container.name] = container.image
+                if container.name == SIDECAR:
+                    self._start_exporter(running, container)
+                elif image_name(container.image) == OPERATOR_IMAGE:
+                    self._start_operator(running, pod, container)
+                else:
+                    self._start_prosody(running, pod, container)
+        except BaseException:  # tried again from scratch on the next pass
+            self._forget(running, delete_from_api=False)
+            raise
+        self.pods[running.key] = running  # only now: running_pods() shows whole pods
         return running
 
     @staticmethod
@@ -462,6 +518,92 @@ class PodRunner:
         pod.processes[container.name] = Process(
             container.name, argv, pod.workdir / f"{container.name}.log", netns=pod.netns.name
         )
+
+    def _start_operator(
+        self, pod: RunningPod, spec: client.V1Pod, container: client.V1Container
+    ) -> None:
+        kubelet_env = [
+            f"KUBERNETES_SERVICE_HOST={self._api_service.listen_host}",  # type: ignore[union-attr]
+            "KUBERNETES_SERVICE_PORT=443",
+            f"HOSTNAME={pod.name}",
+        ]
+        # Runs in the mount namespace `ip netns exec` makes (private from the host's): /run gets
+        # a tmpfs of its own, so mount points under it can be made without touching the host.
+        # The volumes are bound from a copy of their folder's mount there: a volume mounted at
+        # /tmp must not hide the folders of the others (the pod's workdir may be under /tmp).
+        staged, volumes = "/run/.pod-volumes", pod.workdir / "volumes"
+        volumes.mkdir(exist_ok=True)
+        setup = [
+            "set -e",
+            "mount -t tmpfs pod-run /run",
+            f"mkdir {staged}",
+            f"mount --bind {shlex.quote(str(volumes))} {staged}",
+        ]
+        for mount in container.volume_mounts or []:
+            source = f"{staged}/{self._volume_dir(pod, spec, mount.name).name}"
+            target = mount.mount_path
+            if target == "/run" or target.startswith("/run/") or target.startswith("/var/run/"):
+                setup.append(f"mkdir -p {shlex.quote(target)}")
+            elif not Path(target).is_dir():
+                raise ValueError(f"container {container.name}: cannot mount at {target}")
+            setup.append(f"mount --bind {shlex.quote(source)} {shlex.quote(target)}")
+        argv = [
+            "sh", "-c", "\n".join([*setup, 'exec "$@"']), "pod-setup",
+            "env", "-i", PATH_ENV, *self._literal_env(container), *kubelet_env,
+            operator_command(),
+        ]  # fmt: skip
+        pod.processes[container.name] = Process(
+            container.name, argv, pod.workdir / f"{container.name}.log", netns=pod.netns.name
+        )
+
+    def _volume_dir(self, pod: RunningPod, spec: client.V1Pod, name: str) -> Path:
+        """The host directory holding volume `name`'s files: emptyDir, or projected sources."""
+        volume = next(v for v in spec.spec.volumes or [] if v.name == name)
+        directory = pod.workdir / "volumes" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        if volume.empty_dir is not None:
+            return directory
+        if volume.projected is None:
+            raise ValueError(f"volume {name}: only emptyDir, projected and ConfigMap volumes")
+        for source in volume.projected.sources:
+            for path, text in self._projected_files(spec, source).items():
+                (directory / path).parent.mkdir(parents=True, exist_ok=True)
+                (directory / path).write_text(text)
+        return directory
+
+    def _projected_files(self, spec: client.V1Pod, source: Any) -> dict[str, str]:
+        meta = spec.metadata
+        if source.service_account_token is not None:
+            token = source.service_account_token
+            request = client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(
+                    audiences=[token.audience] if token.audience else [],
+                    expiration_seconds=token.expiration_seconds,
+                    bound_object_ref=client.V1BoundObjectReference(
+                        api_version="v1", kind="Pod", name=meta.name, uid=meta.uid
+                    ),
+                )
+            )
+            issued = self.core.create_namespaced_service_account_token(
+                spec.spec.service_account_name, meta.namespace, request
+            )
+            return {token.path: issued.status.token}
+        if source.config_map is not None:
+            try:
+                config_map = self.core.read_namespaced_config_map(
+                    source.config_map.name, meta.namespace
+                )
+            except client.ApiException as error:
+                if error.status == 404:
+                    raise NotYet(f"ConfigMap {source.config_map.name} not found") from None
+                raise
+            data = config_map.data or {}
+            items = source.config_map.items
+            return {i.path: data[i.key] for i in items} if items else dict(data)
+        if source.downward_api is not None:
+            fields = {"metadata.namespace": meta.namespace, "metadata.name": meta.name}
+            return {i.path: fields[i.field_ref.field_path] for i in source.downward_api.items}
+        raise ValueError(f"unsupported projected volume source: {source}")
 
     def _configmap_files(self, namespace: str, pod: client.V1Pod, mount: Any) -> dict[str, str]:
         """The files a ConfigMap volume mount puts under /etc/prosody, by relative path."""
@@ -506,11 +648,18 @@ class PodRunner:
 
     def _probe_ok(self, pod: RunningPod, container: client.V1Container) -> bool:
         probe = container.readiness_probe
-        if probe is None or probe.http_get is None:
+        action = probe and (probe.http_get or probe.tcp_socket)
+        if action is None:
             return True
-        port = probe.http_get.port
+        port = action.port
         if isinstance(port, str) and not port.isdigit():
             port = next(p.container_port for p in container.ports or [] if p.name == port)
+        if probe.tcp_socket is not None:
+            try:
+                socket.create_connection((pod.ip, int(port)), timeout=1.0).close()
+                return True
+            except OSError:
+                return False
         url = f"http://{pod.ip}:{port}{probe.http_get.path or '/'}"
         try:
             return httpx.get(url, timeout=1.0, trust_env=False).status_code < 400

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,16 @@ def require_program(name: str, make_target: str = "make system-packages") -> str
     path = shutil.which(name)
     if path is None:
         raise MissingPrerequisite(f"{name} is not installed: run `{make_target}`")
+    return path
+
+
+def venv_command(name: str) -> str:
+    """A console script of this project (prosody-exporter, prosody-operator): the venv running
+    the tests installed it next to its interpreter, even when not on PATH."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.exists() else shutil.which(name)
+    if path is None:
+        raise MissingPrerequisite(f"{name} is not installed: run `make venv`")
     return path
 
 

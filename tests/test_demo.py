@@ -1,8 +1,10 @@
 """The README's main command: `make demo` (here with --once, as CI runs it): the whole chain,
-operator -> pod -> prometheus-operator -> Prometheus -> sidecar -> Prosody."""
+helm install -> operator pod -> injected pod -> prometheus-operator -> Prometheus -> sidecar ->
+Prosody."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,12 @@ def test_demo_shows_live_prosody_metrics_through_the_sidecar():
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # helm installed the chart; its operator pod runs and its webhook has the operator's CA.
+    out = result.stdout
+    release = r"helm release prosody-operator-\w+ \(prosody-operator-\S+, .*\): deployed"
+    assert re.search(release, out), out
+    assert re.search(r"operator pod \S+: Running, IP 198\.18\.[\d.]+, ready=True", out), out
+    assert "caBundle set by the operator" in result.stdout, result.stdout
     assert "health=up" in result.stdout, result.stdout
     assert "sum(prosody_mod_c2s__connections) = 1" in result.stdout, result.stdout
     assert "prosody_exporter_up = 1" in result.stdout, result.stdout

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +23,8 @@ from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 
 from testinfra import controlplane
-from testinfra.operator import service_account_kubeconfig
-from testinfra.procs import MissingPrerequisite, Process, free_port, http_ok, wait_until
+from testinfra.operator import operator_command, service_account_kubeconfig
+from testinfra.procs import Process, free_port, http_ok, wait_until
 from tools import chart
 
 pytestmark = pytest.mark.cluster
@@ -237,9 +236,6 @@ def test_operator_pod_is_admitted_under_pod_security_restricted(
 def local_operator(api: client.ApiClient, release: Release, workdir: Path) -> Iterator[None]:
     """The real operator, outside the cluster, configured as the chart's Deployment says and
     authenticated as the chart's ServiceAccount."""
-    command = Path(sys.executable).parent / "prosody-operator"
-    if not command.exists():
-        raise MissingPrerequisite("prosody-operator is not installed: run `make venv`")
     kubeconfig = workdir / "operator.kubeconfig"
     service_account_kubeconfig(api, release.namespace, release.fullname, kubeconfig)
     health_port = free_port()
@@ -252,7 +248,7 @@ def local_operator(api: client.ApiClient, release: Release, workdir: Path) -> It
         "PROSODY_OPERATOR_WEBHOOK_PORT": str(free_port()),
         "PROSODY_OPERATOR_HEALTH_PORT": str(health_port),
     }
-    process = Process("prosody-operator", [str(command)], workdir / "operator.log", env=env)
+    process = Process("prosody-operator", [operator_command()], workdir / "operator.log", env=env)
     try:
         process.wait_ready(lambda: http_ok(f"http://127.0.0.1:{health_port}/healthz"), 60)
         yield

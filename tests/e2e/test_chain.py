@@ -1,10 +1,12 @@
 """End to end, for real: prosody-operator -> pods -> prometheus-operator -> Prometheus scrapes
 Prosody through the sidecar.
 
-Everything is the real thing: the operator (with the chart's RBAC) injects the sidecar and makes
-the Service and ServiceMonitor; testinfra.podrunner binds the pods to its Node and runs Debian's
-Prosody and the real prosody-exporter in network namespaces on a bridge, reporting them Running
-so the controller-manager fills the Endpoints; prometheus-operator v0.85 generates the scrape
+Everything is the real thing: the chart is installed with `helm install`; testinfra.podrunner
+binds the pods to its Node and runs them in network namespaces on a bridge — the operator's pod
+as the real prosody-operator, Prosody pods as Debian's Prosody and the real prosody-exporter —
+reporting them Running so the controller-manager fills the Endpoints; the API server calls the
+operator's webhook through the chart's Service, and the operator injects the sidecar and makes
+the Service and ServiceMonitor; prometheus-operator v0.85 generates the scrape
 configuration from the ServiceMonitor; Prometheus (built from its Go module) runs that
 configuration, discovers the pods with kubernetes_sd through the API server, and scrapes them.
 
@@ -34,15 +36,15 @@ import yaml
 from kubernetes import client
 
 from testinfra import e2e
-from testinfra.operator import OperatorProcess
-from testinfra.podrunner import PodRunner
+from testinfra.operator import ChartRelease
+from testinfra.podrunner import INJECT_LABEL, SIDECAR, PodRunner
 from testinfra.procs import wait_until
 from testinfra.workloads import prosody_deployment
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(1800)]
 
 LABELS = {"release": "e2e"}  # on the ServiceMonitors, and what the Prometheus selects
-MANUAL_INTERVAL = 2  # seconds: the operator's PROSODY_OPERATOR_MANUAL_INTERVAL
+MANUAL_INTERVAL = 2  # seconds: the chart's sidecar.manualInterval
 STATISTICS_INTERVAL = 3  # seconds: statistics_interval in the xmpp ConfigMap
 PROMETHEUS = "k8s"
 
@@ -64,6 +66,7 @@ VirtualHost "localhost"
 class Chain:
     api: client.ApiClient
     namespace: str
+    release: ChartRelease
     runner: PodRunner
     prometheus: list[e2e.PrometheusFromOperator]  # replicas 0 and 1, on the pod network
     outsider: e2e.PrometheusFromOperator  # the same configuration, outside the pod network
@@ -137,20 +140,21 @@ def chain(
     work: Path = tmp_path_factory.mktemp("e2e")
     namespace, core = e2e_namespace, client.CoreV1Api(k8s_client)
     with ExitStack() as stack:
-        # The runner registers its Node first: the sidecar's allowlist is the Nodes' podCIDRs.
-        runner = stack.enter_context(PodRunner(k8s_client, work / "pods", [namespace]))
-        operator = OperatorProcess(
+        release = ChartRelease(
             k8s_client,
-            work / "operator",
-            settings={
-                "service_monitor_labels": ",".join(f"{k}={v}" for k, v in LABELS.items()),
-                "manual_interval": str(MANUAL_INTERVAL),
-            },
+            values={"serviceMonitor.labels": LABELS, "sidecar.manualInterval": MANUAL_INTERVAL},
         )
-        operator.install_identity()
-        stack.callback(operator.uninstall)
-        operator.start()
-        forwarder = stack.enter_context(e2e.ApiForwarder(runner.gateway))
+        # The runner registers its Node first: the sidecar's allowlist is the Nodes' podCIDRs.
+        runner = stack.enter_context(
+            PodRunner(
+                k8s_client,
+                work / "pods",
+                [namespace, release.namespace],
+                label_selectors=(INJECT_LABEL, release.selector),
+            )
+        )
+        stack.callback(release.uninstall)
+        release.install()
         prometheus_operator = stack.enter_context(
             e2e.PrometheusOperator(work / "prometheus-operator", [namespace])
         )
@@ -174,7 +178,7 @@ def chain(
             replicas=2,
         )
         files = e2e.service_account_files(
-            k8s_client, namespace, f"prometheus-{PROMETHEUS}", forwarder.url, work / "sa"
+            k8s_client, namespace, f"prometheus-{PROMETHEUS}", runner.api_server_url, work / "sa"
         )
 
         def prometheus(role: str, netns: Any, replica: int) -> e2e.PrometheusFromOperator:
@@ -188,11 +192,39 @@ def chain(
         yield Chain(
             k8s_client,
             namespace,
+            release,
             runner,
             [prometheus(f"prom{i}", runner.attach(f"prom{i}", 250 + i), i) for i in (0, 1)],
             prometheus("outsider", runner.attach_outside("outsider", f"{outside}/32"), 0),
         )
         runner.check()
+
+
+def test_the_helm_installed_operator_injects_through_the_charts_service(chain: Chain):
+    """The operator runs in the pod `helm install` made; the API server reaches its webhook at
+    the endpoint of the chart's Service (the configuration names no URL), and it injected."""
+    (operator,) = chain.runner.running_pods(chain.release.namespace)
+    assert operator.processes["operator"].running()
+    config = client.AdmissionregistrationV1Api(chain.api).read_mutating_webhook_configuration(
+        chain.release.webhook_configuration
+    )
+    webhook = config.webhooks[0].client_config
+    assert webhook.url is None
+    assert webhook.service.namespace == chain.release.namespace
+    slices = client.DiscoveryV1Api(chain.api).list_namespaced_endpoint_slice(
+        chain.release.namespace, label_selector=f"kubernetes.io/service-name={webhook.service.name}"
+    )
+    assert [a for s in slices.items for e in s.endpoints for a in e.addresses] == [operator.ip]
+    apps = ("xmpp", "manual")
+
+    def running() -> bool:
+        return all(chain.runner.running_pods(chain.namespace, f"{app}-") for app in apps)
+
+    wait_until(running, 60, "the Prosody pods to run")
+    for app in apps:
+        pod = client.CoreV1Api(chain.api).read_namespaced_pod(chain.pod(app).name, chain.namespace)
+        assert [c.name for c in pod.spec.containers] == ["prosody", SIDECAR]
+        assert pod.metadata.annotations["prosody-operator.io/status"]
 
 
 def test_prometheus_scrapes_prosody_through_the_sidecar(chain: Chain):
