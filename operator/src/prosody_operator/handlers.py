@@ -5,10 +5,11 @@ Only event handlers, indexes and a webhook are used, so kopf keeps no state on u
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import copy
 import logging
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,14 +27,17 @@ from .tls import ServingCertificate, load_serving_certificate, make_serving_cert
 
 log = logging.getLogger("prosody_operator")
 
+# Seconds between two reads of the webhook's certificate files (three small files).
+CERTIFICATE_CHECK_INTERVAL = 10.0
+CONFIGURATION_RETRY = 5.0  # seconds between two attempts to apply the webhook configuration
+
 
 def _controller(memo: Any) -> Controller:
     controller: Controller = memo.controller
     return controller
 
 
-def _client_config(settings: OperatorSettings, ca_pem: bytes) -> dict[str, Any] | None:
-    ca_bundle = base64.b64encode(ca_pem).decode()
+def _client_config(settings: OperatorSettings, ca_bundle: str) -> dict[str, Any] | None:
     path = f"/{builders.WEBHOOK_HANDLER_ID}"
     if settings.webhook_url:
         return {"url": settings.webhook_url.rstrip("/") + path, "caBundle": ca_bundle}
@@ -58,28 +62,53 @@ def _certificate(settings: OperatorSettings) -> ServingCertificate:
     )
 
 
+class WebhookServer(kopf.WebhookServer):
+    """kopf's webhook server, which rereads its certificate files every `file_check_interval`
+    and restarts with them when they change (a Secret renewed by cert-manager). Each time it
+    (re)starts serving, `on_serving` gets the caBundle of the current ca.crt: a renewed CA
+    reaches the webhook configuration without restarting the operator."""
+
+    def __init__(self, on_serving: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_serving = on_serving
+
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
+        async for client_config in super().__call__(fn):
+            while True:  # the server is already listening; only the caBundle waits
+                try:
+                    await asyncio.to_thread(self.on_serving, client_config["caBundle"])
+                    break
+                except Exception:
+                    log.exception("could not apply the webhook configuration; retrying")
+                    await asyncio.sleep(CONFIGURATION_RETRY)
+            yield client_config
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     operator_settings = OperatorSettings()
     load_config()
     kube = Kube()
     memo.controller = Controller(operator_settings, kube)
+
+    def apply_webhook_configuration(ca_bundle: str) -> None:
+        client_config = _client_config(operator_settings, ca_bundle)
+        if client_config is None:
+            log.warning("no webhook URL or Service set: the webhook configuration is not managed")
+            return
+        name = operator_settings.webhook_configuration
+        kube.apply_webhook_configuration(builders.build_webhook_configuration(name, client_config))
+
     certificate = _certificate(operator_settings)
-    settings.admission.server = kopf.WebhookServer(
+    settings.admission.server = WebhookServer(
+        apply_webhook_configuration,
         addr=operator_settings.webhook_host,
         port=operator_settings.webhook_port,
         certfile=str(certificate.certfile),
         pkeyfile=str(certificate.keyfile),
+        cafile=str(certificate.cafile),
+        file_check_interval=CERTIFICATE_CHECK_INTERVAL,
     )
-    client_config = _client_config(operator_settings, certificate.ca_pem)
-    if client_config is None:
-        log.warning("no webhook URL or Service set: the webhook configuration is not managed")
-    else:
-        kube.apply_webhook_configuration(
-            builders.build_webhook_configuration(
-                operator_settings.webhook_configuration, client_config
-            )
-        )
     # kopf posts its own handler errors as Events too; keep those to real problems.
     settings.posting.level = logging.WARNING
 

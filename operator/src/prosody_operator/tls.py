@@ -1,5 +1,7 @@
-"""The webhook's serving certificate, when the chart does not provide one: a private CA and a
-leaf certificate made at start-up; the CA goes into the webhook configuration's caBundle."""
+"""The webhook's serving certificate: from a mounted Secret (cert-manager's, renewed in place),
+or, when the chart provides none, a private CA and a leaf certificate made at start-up. Either
+way three files: tls.crt and tls.key, which the webhook serves, and ca.crt, which goes into the
+webhook configuration's caBundle."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from cryptography.x509.oid import NameOID
 class ServingCertificate:
     certfile: Path
     keyfile: Path
-    ca_pem: bytes
+    cafile: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -72,11 +74,11 @@ def make_serving_certificate(
         )
     )
     keyfile.chmod(0o600)
-    return ServingCertificate(certfile, keyfile, ca.public_bytes(serialization.Encoding.PEM))
+    cafile = directory / "ca.crt"
+    cafile.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return ServingCertificate(certfile, keyfile, cafile)
 
 
 def load_serving_certificate(directory: Path) -> ServingCertificate:
     """tls.crt, tls.key and ca.crt from a mounted Secret (chart- or cert-manager-made)."""
-    return ServingCertificate(
-        directory / "tls.crt", directory / "tls.key", (directory / "ca.crt").read_bytes()
-    )
+    return ServingCertificate(directory / "tls.crt", directory / "tls.key", directory / "ca.crt")
