@@ -66,6 +66,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -80,6 +81,7 @@ from kubernetes import client
 
 from .apiforwarder import ApiForwarder
 from .exporter import exporter_command
+from .layout import REPO_ROOT
 from .netns import Namespace, NetnsLab, delete_namespace, require_netns_support
 from .operator import operator_command
 from .procs import Process, pid_alive, require_program
@@ -88,6 +90,9 @@ SIDECAR = "prosody-exporter"
 OPERATOR_IMAGE = "prosody-operator"  # the image's last path segment, without tag or digest
 INJECT_LABEL = "prosody-operator.io/inject=true"
 PROSODY_DIR = "/etc/prosody"
+# What an operator container runs from the host: a volume mounted over one of them (e.g. an
+# emptyDir at /tmp, with the checkout under /tmp) gets it bound back.
+HOST_PATHS = sorted({REPO_ROOT, Path(sys.prefix), Path(sys.base_prefix)})
 POLL = 0.5  # seconds between two passes over the pods
 MAX_LIFETIME = 1800.0  # seconds: by default, the loop ends on its own after this
 MAX_ERRORS = 50  # errors kept for the failure message
@@ -238,6 +243,11 @@ class PodRunner:
         assert self._api_service, "start() serves the kubernetes Service"
         return self._api_service.url
 
+    @property
+    def _kubernetes_service_ip(self) -> str:
+        assert self._api_service, "start() serves the kubernetes Service"
+        return self._api_service.listen_host
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> PodRunner:
@@ -360,8 +370,8 @@ class PodRunner:
         self._veth(netns, [f"{interface.ip}/32"])
         _ip("-n", netns.name, "route", "add", str(self.network), "dev", "eth0")
         # The `kubernetes` Service, through the Node, as from any other host of the cluster.
-        cluster_ip = self._api_service.listen_host  # type: ignore[union-attr]
-        _ip("-n", netns.name, "route", "add", f"{cluster_ip}/32", "via", self.gateway)
+        service_ip = self._kubernetes_service_ip
+        _ip("-n", netns.name, "route", "add", f"{service_ip}/32", "via", self.gateway)
         # The way back, in the root namespace; deleted with the bridge.
         _ip("route", "add", f"{interface.ip}/32", "dev", self.bridge)
         for pod in self.pods.values():
@@ -523,14 +533,16 @@ class PodRunner:
         self, pod: RunningPod, spec: client.V1Pod, container: client.V1Container
     ) -> None:
         kubelet_env = [
-            f"KUBERNETES_SERVICE_HOST={self._api_service.listen_host}",  # type: ignore[union-attr]
+            f"KUBERNETES_SERVICE_HOST={self._kubernetes_service_ip}",
             "KUBERNETES_SERVICE_PORT=443",
             f"HOSTNAME={pod.name}",
         ]
         # Runs in the mount namespace `ip netns exec` makes (private from the host's): /run gets
         # a tmpfs of its own, so mount points under it can be made without touching the host.
-        # The volumes are bound from a copy of their folder's mount there: a volume mounted at
-        # /tmp must not hide the folders of the others (the pod's workdir may be under /tmp).
+        # Volumes are bound from a staged mount of their folder there, so a volume mounted at
+        # /tmp cannot hide the others' folders (the pod's workdir may be under /tmp); the host
+        # paths the process needs (HOST_PATHS: the checkout, the venv, Python) are staged too
+        # and bound back wherever a volume covers them.
         staged, volumes = "/run/.pod-volumes", pod.workdir / "volumes"
         volumes.mkdir(exist_ok=True)
         setup = [
@@ -539,14 +551,23 @@ class PodRunner:
             f"mkdir {staged}",
             f"mount --bind {shlex.quote(str(volumes))} {staged}",
         ]
+        for index, path in enumerate(HOST_PATHS):
+            setup.append(f"mkdir {staged}-host{index}")
+            setup.append(f"mount --bind {shlex.quote(str(path))} {staged}-host{index}")
+        targets = []
         for mount in container.volume_mounts or []:
-            source = f"{staged}/{self._volume_dir(pod, spec, mount.name).name}"
+            self._write_volume(pod, spec, mount.name)
             target = mount.mount_path
             if target == "/run" or target.startswith("/run/") or target.startswith("/var/run/"):
                 setup.append(f"mkdir -p {shlex.quote(target)}")
             elif not Path(target).is_dir():
                 raise ValueError(f"container {container.name}: cannot mount at {target}")
-            setup.append(f"mount --bind {shlex.quote(source)} {shlex.quote(target)}")
+            setup.append(f"mount --bind {staged}/{mount.name} {shlex.quote(target)}")
+            targets.append(Path(target))
+        for index, path in enumerate(HOST_PATHS):
+            if any(path == target or target in path.parents for target in targets):
+                setup.append(f"mkdir -p {shlex.quote(str(path))}")
+                setup.append(f"mount --bind {staged}-host{index} {shlex.quote(str(path))}")
         argv = [
             "sh", "-c", "\n".join([*setup, 'exec "$@"']), "pod-setup",
             "env", "-i", PATH_ENV, *self._literal_env(container), *kubelet_env,
@@ -556,20 +577,19 @@ class PodRunner:
             container.name, argv, pod.workdir / f"{container.name}.log", netns=pod.netns.name
         )
 
-    def _volume_dir(self, pod: RunningPod, spec: client.V1Pod, name: str) -> Path:
-        """The host directory holding volume `name`'s files: emptyDir, or projected sources."""
+    def _write_volume(self, pod: RunningPod, spec: client.V1Pod, name: str) -> None:
+        """Volume `name`'s folder under the pod's `volumes`: emptyDir, or projected sources."""
         volume = next(v for v in spec.spec.volumes or [] if v.name == name)
         directory = pod.workdir / "volumes" / name
         directory.mkdir(parents=True, exist_ok=True)
         if volume.empty_dir is not None:
-            return directory
+            return
         if volume.projected is None:
             raise ValueError(f"volume {name}: only emptyDir, projected and ConfigMap volumes")
         for source in volume.projected.sources:
             for path, text in self._projected_files(spec, source).items():
                 (directory / path).parent.mkdir(parents=True, exist_ok=True)
                 (directory / path).write_text(text)
-        return directory
 
     def _projected_files(self, spec: client.V1Pod, source: Any) -> dict[str, str]:
         meta = spec.metadata

@@ -9,7 +9,6 @@ env the API server stored on the chart's Deployment and the token of the chart's
 from __future__ import annotations
 
 import base64
-import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +21,7 @@ import yaml
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 
-from testinfra import controlplane
-from testinfra.operator import operator_command, service_account_kubeconfig
+from testinfra.operator import helm, operator_command, service_account_kubeconfig
 from testinfra.procs import Process, free_port, http_ok, wait_until
 from tools import chart
 
@@ -36,10 +34,6 @@ RESTRICTED = {
 }
 FIELD_MANAGER = "chart-test"
 APPLY = "application/apply-patch+yaml"
-
-
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return chart.helm(*args, "--kubeconfig", str(controlplane.ADMIN_KUBECONFIG), check=check)
 
 
 def restrict(api: client.ApiClient, namespace: str) -> None:
