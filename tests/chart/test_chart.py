@@ -268,7 +268,9 @@ def test_webhook_configuration_is_what_the_operator_applies(
     client_config = handlers._client_config(settings, "YW55IENB")  # base64, as kopf gives it
     assert client_config is not None
     del client_config["caBundle"]
-    applied = builders.build_webhook_configuration(settings.webhook_configuration, client_config)
+    applied = builders.build_webhook_configuration(
+        settings.webhook_configuration, client_config, settings.watch_namespaces
+    )
     for obj in (rendered, applied):
         del obj["metadata"]["labels"]
     assert rendered == applied

@@ -137,3 +137,15 @@ def test_webhook_configuration():
             {"url": "https://127.0.0.1:9443/inject-exporter", "caBundle": "Q0E="},
         ),
     )
+
+
+def test_webhook_configuration_of_a_namespaced_install_selects_only_its_namespaces():
+    client_config = {"url": "https://127.0.0.1:9443/inject-exporter", "caBundle": "Q0E="}
+    (webhook,) = builders.build_webhook_configuration(
+        "prosody-operator", client_config, ["team-a", "team-b"]
+    )["webhooks"]
+    assert webhook["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
+        ]
+    }

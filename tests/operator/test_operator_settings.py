@@ -22,6 +22,7 @@ COMMAND = str(Path(sys.executable).parent / "prosody-operator")
         ({"PROSODY_OPERATOR_EXTRA_CIDRS": "198.18.0.0/15,nope"}, "PROSODY_OPERATOR_EXTRA_CIDRS"),
         ({"PROSODY_OPERATOR_SERVICE_MONITOR_LABELS": "release"}, "SERVICE_MONITOR_LABELS"),
         ({"PROSODY_OPERATOR_WEBHOOK_PORT": "http"}, "PROSODY_OPERATOR_WEBHOOK_PORT"),
+        ({"PROSODY_OPERATOR_WATCH_NAMESPACES": "team-a,Team_B"}, "WATCH_NAMESPACES"),
     ],
 )
 def test_invalid_setting_exits_2_with_one_line(env, named):
@@ -44,6 +45,9 @@ def test_labels_and_cidrs_parse():
     assert OperatorSettings(service_monitor_labels='{"a": "b"}').service_monitor_labels == {
         "a": "b"
     }
+    # Sorted and deduplicated, as the chart renders them into the webhook's namespaceSelector.
+    namespaces = OperatorSettings(watch_namespaces="team-b, team-a team-b").watch_namespaces
+    assert namespaces == ["team-a", "team-b"]
 
 
 def test_readme_documents_every_setting_and_annotation():

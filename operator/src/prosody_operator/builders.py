@@ -205,9 +205,20 @@ def build_service_monitor(
 # --- The webhook configuration ----------------------------------------------------------------
 
 
-def build_webhook_configuration(name: str, client_config: Obj, timeout_seconds: int = 5) -> Obj:
-    """Server-side filtered (only labelled pods, never system namespaces), failures ignored,
-    short timeout: a broken webhook must never block a pod."""
+SYSTEM_NAMESPACES = ["kube-system", "kube-node-lease", "kube-public"]
+
+
+def build_webhook_configuration(
+    name: str, client_config: Obj, namespaces: Sequence[str] = (), timeout_seconds: int = 5
+) -> Obj:
+    """Server-side filtered (only labelled pods; only in `namespaces` when given, else never in
+    system namespaces), failures ignored, short timeout: a broken webhook must never block a
+    pod. Filtering by namespace here, not in the handler, keeps a second, differently scoped
+    install's webhook from even being called."""
+    if namespaces:
+        namespace_match = {"operator": "In", "values": list(namespaces)}
+    else:
+        namespace_match = {"operator": "NotIn", "values": SYSTEM_NAMESPACES}
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -232,13 +243,7 @@ def build_webhook_configuration(name: str, client_config: Obj, timeout_seconds: 
                 ],
                 "objectSelector": {"matchLabels": {ann.INJECT: "true"}},
                 "namespaceSelector": {
-                    "matchExpressions": [
-                        {
-                            "key": "kubernetes.io/metadata.name",
-                            "operator": "NotIn",
-                            "values": ["kube-system", "kube-node-lease", "kube-public"],
-                        }
-                    ]
+                    "matchExpressions": [{"key": "kubernetes.io/metadata.name", **namespace_match}]
                 },
                 "clientConfig": client_config,
             }

@@ -258,7 +258,12 @@ class Controller:
             )
             return
         self.events.forget(deployment, "SelectedByPrometheus")
-        why = "; ".join(selection.reasons) or "there is no Prometheus resource in the cluster"
+        where = (
+            f"namespaces {', '.join(self.settings.watch_namespaces)}"
+            if self.settings.watch_namespaces
+            else "the cluster"
+        )
+        why = "; ".join(selection.reasons) or f"there is no Prometheus resource in {where}"
         self.events.post(
             deployment,
             "Warning",

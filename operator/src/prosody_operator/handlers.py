@@ -96,8 +96,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         if client_config is None:
             log.warning("no webhook URL or Service set: the webhook configuration is not managed")
             return
-        name = operator_settings.webhook_configuration
-        kube.apply_webhook_configuration(builders.build_webhook_configuration(name, client_config))
+        kube.apply_webhook_configuration(
+            builders.build_webhook_configuration(
+                operator_settings.webhook_configuration,
+                client_config,
+                operator_settings.watch_namespaces,
+            )
+        )
 
     certificate = _certificate(operator_settings)
     settings.admission.server = WebhookServer(

@@ -30,7 +30,10 @@ def main() -> None:
     for noisy in ("kopf.objects", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kopf.run(
-        clusterwide=True,
+        # Namespaced resources (Deployments, ConfigMaps, Prometheuses...) are watched in these
+        # namespaces only; Nodes, being cluster-scoped, everywhere.
+        clusterwide=not settings.watch_namespaces,
+        namespaces=settings.watch_namespaces,
         standalone=True,  # one active replica (the chart runs one); no peering objects
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
     )

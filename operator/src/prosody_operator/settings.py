@@ -15,12 +15,22 @@ ENV_PREFIX = "PROSODY_OPERATOR_"
 
 Networks = Annotated[list[IPvAnyNetwork], NoDecode]
 Labels = Annotated[dict[str, str], NoDecode]
+Names = Annotated[list[str], NoDecode]
+# A namespace name: an RFC 1123 label.
+NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         return [item for item in re.split(r"[,\s]+", value) if item]
     return value
+
+
+def _namespaces(value: list[str]) -> list[str]:
+    for name in value:
+        if not NAMESPACE.match(name):
+            raise ValueError(f"{name!r} is not a namespace name")
+    return sorted(set(value))
 
 
 def _parse_labels(value: Any) -> Any:
@@ -39,6 +49,10 @@ def _parse_labels(value: Any) -> Any:
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
 
+    watch_namespaces: Names = Field(
+        default_factory=list,
+        description="Namespaces the operator serves (webhook and reconciler); empty: all.",
+    )
     exporter_image: str = Field(
         f"ghcr.io/prosody-operator/prosody-exporter:{__version__}",
         description="Image of the injected sidecar.",
@@ -90,5 +104,8 @@ class OperatorSettings(BaseSettings):
         description="Directory with tls.crt/tls.key/ca.crt; empty: the operator makes its own.",
     )
 
-    _lists = field_validator("pod_cidrs", "extra_cidrs", mode="before")(_split_list)
+    _lists = field_validator("pod_cidrs", "extra_cidrs", "watch_namespaces", mode="before")(
+        _split_list
+    )
+    _names = field_validator("watch_namespaces")(_namespaces)
     _labels = field_validator("service_monitor_labels", mode="before")(_parse_labels)
