@@ -23,7 +23,7 @@ from tools import chart
 from . import controlplane
 from .procs import Process, ProcessOwner, free_port, http_ok, venv_command, wait_until
 
-IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding")
 
 
 def operator_command() -> str:
@@ -124,6 +124,9 @@ class OperatorProcess(ProcessOwner):
     api: client.ApiClient
     workdir: Path
     settings: dict[str, str] = field(default_factory=dict)  # extra PROSODY_OPERATOR_* values
+    # The chart's watchNamespaces: the operator's setting, and RoleBindings instead of a
+    # ClusterRoleBinding for what it does in namespaces.
+    watch_namespaces: list[str] = field(default_factory=list)
     release: str = field(default_factory=lambda: f"pot-{uuid.uuid4().hex[:6]}")
     webhook_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)
@@ -149,11 +152,15 @@ class OperatorProcess(ProcessOwner):
         objects = chart.render_objects(
             self.release,
             self.namespace,
-            set_values={"webhook.configurationName": self.webhook_configuration},
+            set_values={
+                "webhook.configurationName": self.webhook_configuration,
+                "watchNamespaces": self.watch_namespaces,
+            },
         )
         for obj in objects:
             if obj["kind"] in IDENTITY_KINDS:
-                utils.create_from_dict(self.api, obj, namespace=self.namespace)
+                namespace = obj["metadata"].get("namespace", self.namespace)
+                utils.create_from_dict(self.api, obj, namespace=namespace)
 
     def env(self) -> dict[str, str]:
         return {
@@ -163,6 +170,7 @@ class OperatorProcess(ProcessOwner):
             "PROSODY_OPERATOR_WEBHOOK_URL": f"https://127.0.0.1:{self.webhook_port}",
             "PROSODY_OPERATOR_WEBHOOK_CONFIGURATION": self.webhook_configuration,
             "PROSODY_OPERATOR_HEALTH_PORT": str(self.health_port),
+            "PROSODY_OPERATOR_WATCH_NAMESPACES": ",".join(self.watch_namespaces),
             **{f"PROSODY_OPERATOR_{k.upper()}": v for k, v in self.settings.items()},
         }
 
@@ -193,8 +201,17 @@ class OperatorProcess(ProcessOwner):
         self.stop()
         rbac = client.RbacAuthorizationV1Api(self.api)
         admission = client.AdmissionregistrationV1Api(self.api)
+        workloads = f"{self.fullname}-workloads"
         for delete in (
             lambda: admission.delete_mutating_webhook_configuration(self.webhook_configuration),
+            *(
+                lambda namespace=namespace: rbac.delete_namespaced_role_binding(
+                    workloads, namespace
+                )
+                for namespace in self.watch_namespaces
+            ),
+            lambda: rbac.delete_cluster_role_binding(workloads),
+            lambda: rbac.delete_cluster_role(workloads),
             lambda: rbac.delete_cluster_role_binding(self.fullname),
             lambda: rbac.delete_cluster_role(self.fullname),
             lambda: client.CoreV1Api(self.api).delete_namespace(self.namespace),

@@ -114,6 +114,8 @@ BAD_VALUES = [
     ({"prometheusRule.connectionsDrop.ratio": 1.5}, "at '/prometheusRule/connectionsDrop/ratio'"),
     ({"grafanaDashboard.namespace": "Monitoring"}, "at '/grafanaDashboard/namespace'"),
     ({"fullnameOverride": "a" * 64}, "at '/fullnameOverride': maxLength"),
+    ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
+    ({"watchNamespaces": "team-a"}, "at '/watchNamespaces': got string, want array"),
     # Not expressible in the schema: a `fail` in the template (`helm lint` only logs those).
     ({"operator.healthPort": 9443}, "operator.healthPort and webhook.port must differ"),
 ]
@@ -410,6 +412,39 @@ def test_grafana_dashboard_configmap(promtool: str, tmp_path: Path) -> None:
 # --- Labels ---------------------------------------------------------------------------------
 
 
+def test_watch_namespaces_bind_the_workload_rules_only_there() -> None:
+    """Cluster-scoped rules (Nodes, the webhook configuration...) stay cluster-wide; the rules
+    for what the operator does in namespaces are bound in each watched namespace only."""
+    workloads = f"{RELEASE}-prosody-operator-workloads"
+
+    def bindings(objects: list[dict]) -> list[tuple[str, str | None]]:
+        return sorted(
+            (obj["kind"], obj["metadata"].get("namespace"))
+            for obj in objects
+            if obj["kind"] in ("RoleBinding", "ClusterRoleBinding")
+            and obj["roleRef"]
+            == {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": workloads,
+            }
+        )
+
+    assert bindings(render()) == [("ClusterRoleBinding", None)]
+    scoped = render(chart.CHART / "ci" / "watch-namespaces-values.yaml")
+    assert bindings(scoped) == [("RoleBinding", "team-a"), ("RoleBinding", "team-b")]
+    (cluster_role,) = [
+        o for o in scoped if o["kind"] == "ClusterRole" and o["metadata"]["name"] != workloads
+    ]
+    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert cluster_resources == {
+        "customresourcedefinitions",
+        "namespaces",
+        "nodes",
+        "mutatingwebhookconfigurations",
+    }
+
+
 def test_every_object_has_the_release_labels(ci_values: Path) -> None:
     """What `helm uninstall`'s leftovers are looked up by (tests/chart/test_chart_cluster.py)."""
     for obj in render(ci_values):
@@ -465,6 +500,8 @@ def test_manifests_are_the_default_chart_in_one_namespace() -> None:
             "Namespace",
             "ServiceAccount",
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Service",
             "Deployment",

@@ -83,12 +83,14 @@ def test_every_object_passes_a_server_side_dry_run(
 
     The cert-manager CRDs are not installed in the local control plane, so for the cert-manager
     scenarios the Issuer and Certificate are left out here; test_chart.py checks that they
-    render with the expected fields (the Secret they make is the one the Deployment mounts)."""
+    render with the expected fields (the Secret they make is the one the Deployment mounts).
+    Watched namespaces must exist: the test's own namespace stands in for a scenario's."""
     restrict(k8s_client, namespace)
     release = f"dry-{uuid.uuid4().hex[:6]}"
-    objects = chart.render_objects(
-        release, namespace, [values_file], {"webhook.configurationName": release}
-    )
+    values: dict[str, Any] = {"webhook.configurationName": release}
+    if "watchNamespaces" in (yaml.safe_load(values_file.read_text()) or {}):
+        values["watchNamespaces"] = [namespace]
+    objects = chart.render_objects(release, namespace, [values_file], values)
     validated = []
     for obj in objects:
         if obj["apiVersion"].startswith(f"{CERT_MANAGER_GROUP}/"):
@@ -181,6 +183,8 @@ def test_install_creates_every_object(release: Release, dynamic: DynamicClient) 
         [
             "ServiceAccount",
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Service",
             "Deployment",
@@ -304,7 +308,7 @@ def test_uninstall_leaves_nothing_behind(release: Release, k8s_client: client.Ap
         admission.list_mutating_webhook_configuration,
     )
     # Found by the release's label while installed, so "none left" below means something.
-    assert [len(list_(label_selector=selector).items) for list_ in cluster_scoped] == [1, 1, 1]
+    assert [len(list_(label_selector=selector).items) for list_ in cluster_scoped] == [2, 2, 1]
 
     helm("uninstall", release.name, "--namespace", release.namespace, "--wait")
     release.installed = False

@@ -1,7 +1,8 @@
 """Two installs in one cluster, each serving its own namespace (PROSODY_OPERATOR_WATCH_NAMESPACES,
 the chart's watchNamespaces): each injects and reconciles only there, with its own settings, and
 never acts on the other's namespace. Both are the real operator against the real control plane,
-each with the chart's RBAC."""
+each with the chart's RBAC for that value: what it does in namespaces is granted by a RoleBinding
+in its namespace only, so it could not act elsewhere even if it tried."""
 
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def test_two_installs_each_serve_only_their_namespace(
         install: OperatorProcess(
             k8s_client,
             tmp_path / install,
+            watch_namespaces=[namespaces[install]],
             settings={
-                "watch_namespaces": namespaces[install],
                 "exporter_image": f"registry.test/exporter-{install}:1",
                 "service_monitor_labels": f"install={install}",
             },
