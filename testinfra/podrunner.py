@@ -29,7 +29,8 @@ What it does, every POLL seconds in one thread (stopped by `stop()`, or after `l
     their mountPaths: emptyDir, and projected volumes with a ServiceAccount token (TokenRequest
     bound to the pod, as the kubelet asks), ConfigMap items and the pod's namespace — the
     `kube-api-access-*` volume the API server adds, so the operator logs in with in-cluster
-    config. Its securityContext is not applied (the process runs as root);
+    config. Its securityContext is not applied: the process runs as root (the venv's Python
+    may live under a home folder another user cannot enter, as /root is here);
   - every other container is Prosody: Debian's `prosody`, with the files of the ConfigMap(s)
     mounted under `/etc/prosody` (read through the API; directory mounts with optional `items`,
     and `subPath` mounts of single files) and the container's literal env. Prosody cannot run
