@@ -68,7 +68,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -86,15 +86,16 @@ from bench.report import (
 )
 from bench.report import machine as machine_basics
 from testinfra import controlplane
+from testinfra.kubeapi import create_namespace, namespace_gone, or_none
 from testinfra.layout import CACHE_DIR
 from testinfra.operator import OperatorProcess
-from testinfra.procs import MissingPrerequisite
+from testinfra.procs import MissingPrerequisite, wait_until
+from testinfra.workloads import INJECT, prosody_deployment, prosody_pod
 
 WORKDIR = CACHE_DIR / "bench-operator"
 
 WEBHOOK_NAME = "inject.prosody-operator.io"
 WEBHOOK_METRIC = "apiserver_admission_webhook_admission_duration_seconds"
-INJECT = "prosody-operator.io/inject"
 NODE_CIDRS = ["198.18.64.0/24", "2001:db8:64::/64"]
 PROSODY_CONFIG = """\
 modules_enabled = { "http_openmetrics", "roster" }
@@ -146,58 +147,10 @@ class Api:
 # --- objects ------------------------------------------------------------------------------------
 
 
-def pod_spec() -> dict[str, Any]:
-    """A Prosody pod as a user writes it (Pod Security "restricted"), its config in a ConfigMap."""
-    return {
-        "containers": [
-            {
-                "name": "prosody",
-                "image": "prosody/prosody:0.12",
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "runAsUser": 101,
-                    "allowPrivilegeEscalation": False,
-                    "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
-                "volumeMounts": [{"name": "config", "mountPath": "/etc/prosody"}],
-            }
-        ],
-        "volumes": [{"name": "config", "configMap": {"name": "prosody"}}],
-    }
-
-
 def pod(name: str, labelled: bool) -> dict[str, Any]:
     """The same pod either way; only the label decides whether the API server calls the webhook."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "labels": {"bench": "operator", **({INJECT: "true"} if labelled else {})},
-            "annotations": {INJECT: "true"},
-        },
-        "spec": pod_spec(),
-    }
-
-
-def deployment(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {
-                    "labels": {"app": name, INJECT: "true"},
-                    "annotations": {INJECT: "true"},
-                },
-                "spec": pod_spec(),
-            },
-        },
-    }
+    labels = {"bench": "operator", **({INJECT: "true"} if labelled else {})}
+    return prosody_pod(name, "prosody", labels=labels)
 
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -403,7 +356,7 @@ def bench_service_monitors(api: Api, namespace: str, args: argparse.Namespace) -
         if time.monotonic() > deadline:
             return
         started = time.perf_counter()
-        response = api.post(path, deployment(name))
+        response = api.post(path, prosody_deployment(name, "prosody"))
         if response.status_code == 201:
             with lock:
                 created[name] = started
@@ -434,42 +387,6 @@ def bench_service_monitors(api: Api, namespace: str, args: argparse.Namespace) -
 # --- setup and cleanup --------------------------------------------------------------------------
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def has_default_service_account(core: client.CoreV1Api, namespace: str) -> bool:
-    try:
-        core.read_namespaced_service_account("default", namespace)
-        return True
-    except client.ApiException as error:
-        if error.status == 404:
-            return False
-        raise
-
-
-def namespace_gone(core: client.CoreV1Api, namespace: str) -> bool:
-    try:
-        core.read_namespace(namespace)
-        return False
-    except client.ApiException as error:
-        if error.status == 404:
-            return True
-        raise
-
-
-def ignore_404(delete: Callable[[], object]) -> None:
-    try:
-        delete()
-    except client.ApiException as error:
-        if error.status != 404:
-            raise
-
-
 @contextlib.contextmanager
 def control_plane() -> Iterator[bool]:
     """The control plane up; stopped at the end only if started here."""
@@ -497,7 +414,7 @@ def node(core: client.CoreV1Api) -> Iterator[str]:
     try:
         yield name
     finally:
-        ignore_404(lambda: core.delete_node(name))
+        or_none(lambda: core.delete_node(name))
 
 
 @contextlib.contextmanager
@@ -516,18 +433,18 @@ def operator(api_client: client.ApiClient) -> Iterator[OperatorProcess]:
         yield process
     finally:
         process.uninstall()
-        core = client.CoreV1Api(api_client)
         with contextlib.suppress(TimeoutError):
-            wait_for(lambda: namespace_gone(core, process.namespace), 60, "the operator namespace")
+            wait_until(
+                lambda: namespace_gone(api_client, process.namespace), 60, "the operator namespace"
+            )
 
 
 @contextlib.contextmanager
-def bench_namespace(core: client.CoreV1Api) -> Iterator[str]:
+def bench_namespace(api_client: client.ApiClient) -> Iterator[str]:
+    core = client.CoreV1Api(api_client)
     name = f"bench-operator-{uuid.uuid4().hex[:6]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     try:
-        # The ServiceAccount admission plugin refuses pods until the controller creates it.
-        wait_for(lambda: has_default_service_account(core, name), 30, "the default ServiceAccount")
+        create_namespace(api_client, name)
         core.create_namespaced_config_map(
             name,
             client.V1ConfigMap(
@@ -537,9 +454,11 @@ def bench_namespace(core: client.CoreV1Api) -> Iterator[str]:
         )
         yield name
     finally:
-        ignore_404(lambda: core.delete_namespace(name))
+        or_none(lambda: core.delete_namespace(name))
         try:
-            wait_for(lambda: namespace_gone(core, name), 120, f"namespace {name} to be deleted")
+            wait_until(
+                lambda: namespace_gone(api_client, name), 120, f"namespace {name} to be deleted"
+            )
         except TimeoutError as error:
             print(f"bench.operator: warning: {error}; it is still being deleted")
 
@@ -762,7 +681,7 @@ def run(args: argparse.Namespace, started_here: bool) -> dict[str, Any]:
             others = other_webhook_configurations(api_client, process.webhook_configuration)
             info["other_webhook_configurations"] = others
             print(header(info, args), flush=True)
-            with bench_namespace(core) as namespace:
+            with bench_namespace(api_client) as namespace:
                 cpu = CpuMeter(pid)
                 print("part 1: pod creations through the webhook ...", flush=True)
                 with cpu.phase("webhook"):

@@ -33,6 +33,7 @@ import yaml
 from kubernetes import client, config
 
 from testinfra import controlplane, e2e, gobuild
+from testinfra.kubeapi import create_namespace
 from testinfra.layout import CACHE_DIR
 from testinfra.operator import ChartRelease, helm
 from testinfra.podrunner import INJECT_LABEL, SIDECAR, PodRunner, RunningPod
@@ -183,12 +184,8 @@ def run(once: bool, interval: float) -> None:
             api,
             values={"serviceMonitor.labels": LABELS, "sidecar.manualInterval": interval},
         )
-        namespace = f"prosody-demo-{uuid.uuid4().hex[:5]}"
-        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+        namespace = create_namespace(api, f"prosody-demo-{uuid.uuid4().hex[:5]}")
         stack.callback(core.delete_namespace, namespace)
-        wait_until(
-            lambda: bool(core.list_namespaced_service_account(namespace).items), 30, "namespace"
-        )
         print("starting the pod runner (kubelet, scheduler and kube-proxy of one Node) ...")
         runner = stack.enter_context(
             PodRunner(

@@ -18,9 +18,10 @@ MAX_CONNECTIONS = 64
 
 
 class ApiForwarder:
-    """TCP from `listen_host:listen_port` (0: a free port) to the API server on loopback."""
+    """TCP from `listen_host:listen_port` (0: a free port) to the API server on loopback, for
+    `lifetime` seconds at most."""
 
-    def __init__(self, listen_host: str, listen_port: int = 0, lifetime: float = 1800.0) -> None:
+    def __init__(self, listen_host: str, listen_port: int, lifetime: float) -> None:
         self.listen_host = listen_host
         self.lifetime = lifetime  # seconds the accepting thread runs at most
         self.port = listen_port

@@ -46,6 +46,7 @@ import yaml
 from kubernetes import client
 
 from . import controlplane, gobuild
+from .kubeapi import or_none
 from .layout import BIN_DIR, GO_MODULES_DIR
 from .netns import Namespace
 from .procs import (
@@ -185,13 +186,10 @@ def create_prometheus(
 
 def generated_config(api: client.ApiClient, namespace: str, name: str) -> str | None:
     """The configuration prometheus-operator generated for Prometheus `name`, or None yet."""
-    try:
-        secret = client.CoreV1Api(api).read_namespaced_secret(f"prometheus-{name}", namespace)
-    except client.ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-    data = (secret.data or {}).get("prometheus.yaml.gz")
+    secret = or_none(
+        lambda: client.CoreV1Api(api).read_namespaced_secret(f"prometheus-{name}", namespace)
+    )
+    data = ((secret and secret.data) or {}).get("prometheus.yaml.gz")
     return gzip.decompress(base64.b64decode(data)).decode() if data else None
 
 

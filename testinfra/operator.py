@@ -21,6 +21,7 @@ from kubernetes import client, utils
 from tools import chart
 
 from . import controlplane
+from .kubeapi import or_none
 from .procs import Process, ProcessOwner, free_port, http_ok, venv_command, wait_until
 
 IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding")
@@ -85,11 +86,7 @@ class ChartRelease:
     def uninstall(self) -> None:
         """`helm uninstall`, then the namespace; safe after a failed install."""
         helm("uninstall", self.name, "--namespace", self.namespace, "--wait", check=False)
-        try:
-            client.CoreV1Api(self.api).delete_namespace(self.namespace)
-        except client.ApiException as error:
-            if error.status != 404:
-                raise
+        or_none(lambda: client.CoreV1Api(self.api).delete_namespace(self.namespace))
 
 
 def service_account_kubeconfig(
@@ -216,11 +213,7 @@ class OperatorProcess(ProcessOwner):
             lambda: rbac.delete_cluster_role(self.fullname),
             lambda: client.CoreV1Api(self.api).delete_namespace(self.namespace),
         ):
-            try:
-                delete()
-            except client.ApiException as error:
-                if error.status != 404:
-                    raise
+            or_none(delete)
 
     def log_text(self) -> str:
         return (self.workdir / "operator.log").read_text(errors="replace")

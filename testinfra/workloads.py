@@ -7,15 +7,9 @@ from typing import Any
 INJECT = "prosody-operator.io/inject"
 
 
-def prosody_deployment(
-    name: str,
-    configmap: str | None,
-    *,
-    annotations: dict[str, str] | None = None,
-    env: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """An annotated Prosody Deployment, its config from a ConfigMap mounted at /etc/prosody,
-    compliant with Pod Security "restricted"."""
+def prosody_pod_spec(configmap: str | None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Prosody pod spec, its config from a ConfigMap mounted at /etc/prosody, compliant with
+    Pod Security "restricted"."""
     container: dict[str, Any] = {
         "name": "prosody",
         "image": "prosody/prosody:0.12",
@@ -33,6 +27,35 @@ def prosody_deployment(
     if configmap:
         container["volumeMounts"] = [{"name": "config", "mountPath": "/etc/prosody"}]
         volumes = [{"name": "config", "configMap": {"name": configmap}}]
+    return {"containers": [container], "volumes": volumes}
+
+
+def prosody_pod(
+    name: str, configmap: str | None, *, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A bare Prosody pod annotated for injection; `labels` replace the default
+    {app: name, prosody-operator.io/inject: "true"} (without that label, the webhook's
+    objectSelector skips the pod)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app": name, INJECT: "true"} if labels is None else labels,
+            "annotations": {INJECT: "true"},
+        },
+        "spec": prosody_pod_spec(configmap),
+    }
+
+
+def prosody_deployment(
+    name: str,
+    configmap: str | None,
+    *,
+    annotations: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """An annotated Prosody Deployment (see prosody_pod_spec)."""
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -45,7 +68,7 @@ def prosody_deployment(
                     "labels": {"app": name, INJECT: "true"},
                     "annotations": {INJECT: "true", **(annotations or {})},
                 },
-                "spec": {"containers": [container], "volumes": volumes},
+                "spec": prosody_pod_spec(configmap, env),
             },
         },
     }

@@ -6,7 +6,6 @@ The control plane is started once per session, or reused when `make cluster` alr
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -14,8 +13,7 @@ import pytest
 from kubernetes import client, config
 
 from testinfra import controlplane
-
-SERVICE_ACCOUNT_TIMEOUT = 30.0
+from testinfra.kubeapi import create_namespace, or_none
 
 
 @pytest.fixture(scope="session")
@@ -44,24 +42,8 @@ def k8s_client(control_plane: None) -> Iterator[client.ApiClient]:
 @pytest.fixture
 def namespace(k8s_client: client.ApiClient) -> Iterator[str]:
     """A fresh namespace for one test, deleted afterwards; its default ServiceAccount exists."""
-    core = client.CoreV1Api(k8s_client)
     name = f"test-{uuid.uuid4().hex[:8]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     try:
-        # The ServiceAccount admission plugin refuses pods until the controller creates it.
-        wait_for_service_account(core, name, "default")
-        yield name
+        yield create_namespace(k8s_client, name)
     finally:
-        core.delete_namespace(name)
-
-
-def wait_for_service_account(core: client.CoreV1Api, namespace: str, name: str) -> None:
-    deadline = time.monotonic() + SERVICE_ACCOUNT_TIMEOUT
-    while True:
-        try:
-            core.read_namespaced_service_account(name, namespace)
-            return
-        except client.ApiException as error:
-            if error.status != 404 or time.monotonic() > deadline:
-                raise
-        time.sleep(0.1)
+        or_none(lambda: client.CoreV1Api(k8s_client).delete_namespace(name))

@@ -12,6 +12,7 @@ from kubernetes import client
 from kubernetes.client import ApiException
 
 from testinfra import controlplane
+from testinfra.kubeapi import or_none
 from testinfra.webhook import LabellingWebhook, ca_bundle
 
 pytestmark = pytest.mark.cluster
@@ -105,13 +106,7 @@ def config_map(name: str, owner: client.V1ConfigMap | None = None) -> client.V1C
 
 
 def config_map_exists(core: client.CoreV1Api, namespace: str, name: str) -> bool:
-    try:
-        core.read_namespaced_config_map(name, namespace)
-    except ApiException as error:
-        if error.status == 404:
-            return False
-        raise
-    return True
+    return or_none(lambda: core.read_namespaced_config_map(name, namespace)) is not None
 
 
 def test_deleting_an_owner_garbage_collects_what_it_owns(

@@ -36,6 +36,7 @@ import yaml
 from kubernetes import client
 
 from testinfra import e2e
+from testinfra.kubeapi import create_namespace, or_none
 from testinfra.operator import ChartRelease
 from testinfra.podrunner import INJECT_LABEL, SIDECAR, PodRunner
 from testinfra.procs import wait_until
@@ -118,18 +119,11 @@ class Chain:
 
 @pytest.fixture(scope="module")
 def e2e_namespace(k8s_client: client.ApiClient) -> Iterator[str]:
-    core = client.CoreV1Api(k8s_client)
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     try:
-        wait_until(
-            lambda: bool(core.list_namespaced_service_account(name).items),
-            30,
-            "the default ServiceAccount",
-        )
-        yield name
+        yield create_namespace(k8s_client, name)
     finally:
-        core.delete_namespace(name)
+        or_none(lambda: client.CoreV1Api(k8s_client).delete_namespace(name))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from prosody_operator import annotations as ann
+from testinfra.kubeapi import or_none
 from testinfra.operator import OperatorProcess
 from testinfra.procs import wait_until
 from testinfra.workloads import prosody_deployment
@@ -112,29 +113,20 @@ class Cluster:
         return [self.api.sanitize_for_serialization(p) for p in pods.items]
 
     def service_monitor(self, deployment_name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+        found: dict[str, Any] | None = or_none(
+            lambda: self.custom.get_namespaced_custom_object(  # type: ignore[arg-type,return-value]
                 "monitoring.coreos.com",
                 "v1",
                 self.namespace,
                 "servicemonitors",
                 f"{deployment_name}-prosody-metrics",
             )
-            return found
-        except client.ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        )
+        return found
 
     def service(self, deployment_name: str) -> client.V1Service | None:
-        try:
-            return self.core.read_namespaced_service(
-                f"{deployment_name}-prosody-metrics", self.namespace
-            )
-        except client.ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        name = f"{deployment_name}-prosody-metrics"
+        return or_none(lambda: self.core.read_namespaced_service(name, self.namespace))
 
     def events(self, name: str) -> list[client.CoreV1Event]:
         events = self.core.list_namespaced_event(

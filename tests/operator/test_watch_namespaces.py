@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from prosody_operator.builders import SIDECAR_NAME
+from testinfra.kubeapi import create_namespace, or_none
 from testinfra.operator import OperatorProcess
 from testinfra.procs import wait_until
 from testinfra.workloads import prosody_deployment
@@ -26,38 +28,28 @@ CONFIG = 'modules_enabled = { "http_openmetrics" }\nstatistics_interval = 45\n'
 
 @pytest.fixture
 def namespaces(k8s_client: client.ApiClient) -> Iterator[dict[str, str]]:
-    core = client.CoreV1Api(k8s_client)
     names = {install: f"team-{install}-{uuid.uuid4().hex[:6]}" for install in INSTALLS}
-    for name in names.values():
-        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     try:
         for name in names.values():
-            wait_until(
-                lambda n=name: bool(core.list_namespaced_service_account(n).items),  # type: ignore[misc]
-                30,
-                f"the default ServiceAccount of {name}",
-            )
+            create_namespace(k8s_client, name)
         yield names
     finally:
         for name in names.values():
-            core.delete_namespace(name)
+            or_none(lambda n=name: client.CoreV1Api(k8s_client).delete_namespace(n))  # type: ignore[misc]
 
 
 def service_monitor_labels(api: client.ApiClient, namespace: str) -> dict[str, str] | None:
-    try:
-        found: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[assignment]
+    found: dict[str, Any] | None = or_none(
+        lambda: client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[arg-type,return-value]
             "monitoring.coreos.com", "v1", namespace, "servicemonitors", "xmpp-prosody-metrics"
         )
-    except client.ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-    return dict(found["metadata"]["labels"])
+    )
+    return dict(found["metadata"]["labels"]) if found else None
 
 
 def sidecar_images(api: client.ApiClient, namespace: str) -> list[str]:
     pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="app=xmpp").items
-    return [c.image for p in pods for c in p.spec.containers if c.name == "prosody-exporter"]
+    return [c.image for p in pods for c in p.spec.containers if c.name == SIDECAR_NAME]
 
 
 def test_two_installs_each_serve_only_their_namespace(

@@ -14,20 +14,18 @@ import os
 import ssl
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
 from kubernetes import client
 
+from prosody_operator.builders import SIDECAR_NAME
 from testinfra.operator import OperatorProcess
 from testinfra.pki import CertificateAuthority
 from testinfra.procs import wait_until
-from testinfra.workloads import prosody_deployment
+from testinfra.workloads import prosody_pod
 
 pytestmark = pytest.mark.cluster
-
-SIDECAR = "prosody-exporter"
 
 
 class SecretVolume:
@@ -60,13 +58,6 @@ def same_certificate(a: bytes, b: bytes) -> bool:
     return x509.load_pem_x509_certificate(a) == x509.load_pem_x509_certificate(b)
 
 
-def pod(name: str) -> dict[str, Any]:
-    """An annotated Prosody pod, as its Deployment's template would make it."""
-    template = prosody_deployment(name, None)["spec"]["template"]
-    metadata = {**template["metadata"], "name": name}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
-
-
 def test_a_renewed_certificate_is_served_and_trusted_without_a_restart(
     k8s_client: client.ApiClient, namespace: str, tmp_path: Path
 ) -> None:
@@ -89,8 +80,8 @@ def test_a_renewed_certificate_is_served_and_trusted_without_a_restart(
         return ssl.get_server_certificate(("127.0.0.1", operator.webhook_port)).encode()
 
     def injected(name: str) -> bool:
-        created = core.create_namespaced_pod(namespace, pod(name))
-        return SIDECAR in [c.name for c in created.spec.containers]
+        created = core.create_namespaced_pod(namespace, prosody_pod(name, None))
+        return SIDECAR_NAME in [c.name for c in created.spec.containers]
 
     operator.install_identity()
     try:

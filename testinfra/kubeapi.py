@@ -1,0 +1,40 @@
+"""What the tests, the demo and the benchmarks all do with the Kubernetes API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from kubernetes import client
+
+from .procs import wait_until
+
+T = TypeVar("T")
+
+
+def or_none(call: Callable[[], T]) -> T | None:
+    """`call()`, or None when the object is not there (404): reads, and deletes that need not
+    find anything."""
+    try:
+        return call()
+    except client.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def create_namespace(api: client.ApiClient, name: str, timeout: float = 30.0) -> str:
+    """Create namespace `name` and wait for its default ServiceAccount: the ServiceAccount
+    admission plugin refuses pods until the controller has created it."""
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+
+    def has_default_account() -> bool:
+        return or_none(lambda: core.read_namespaced_service_account("default", name)) is not None
+
+    wait_until(has_default_account, timeout, f"the default ServiceAccount of {name}")
+    return name
+
+
+def namespace_gone(api: client.ApiClient, name: str) -> bool:
+    return or_none(lambda: client.CoreV1Api(api).read_namespace(name)) is None
