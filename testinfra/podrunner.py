@@ -503,6 +503,8 @@ class PodRunner:
                 _ip("-n", netns.name, "route", "add", f"{outside}/32", "dev", "eth0")
             for container in pod.spec.containers:
                 running.images[container.name] = container.image
+                # The sidecar by the name the operator gives it (its image is overridable per
+                # pod); the operator by its image (the chart's container name is generic).
                 if container.name == SIDECAR:
                     self._start_exporter(running, container)
                 elif image_name(container.image) == OPERATOR_IMAGE:
