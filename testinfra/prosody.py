@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .procs import Process, ProcessOwner, free_port, http_ok, require_program
 
+MODULES = ("http_openmetrics", "roster", "saslauth", "register", "ping")
+
 
 def build_prosody_config(
     workdir: Path,
@@ -15,10 +17,12 @@ def build_prosody_config(
     c2s_port: int,
     statistics_interval: str | int = "manual",
     extra_global: str = "",
+    modules: tuple[str, ...] = MODULES,
 ) -> str:
     interval = (
         f'"{statistics_interval}"' if isinstance(statistics_interval, str) else statistics_interval
     )
+    modules_enabled = ", ".join(f'"{module}"' for module in modules)
     return f'''
 -- Written by testinfra/prosody.py for one test run.
 pidfile = "{workdir}/prosody.pid"
@@ -27,7 +31,7 @@ daemonize = false
 run_as_root = true -- tests and CI run as root; Prosody refuses otherwise
 log = {{ info = "*console" }}
 plugin_paths = {{}}
-modules_enabled = {{ "http_openmetrics", "roster", "saslauth", "register", "ping" }}
+modules_enabled = {{ {modules_enabled} }}
 allow_registration = true
 authentication = "internal_hashed"
 c2s_require_encryption = false
@@ -51,6 +55,7 @@ class ProsodyServer(ProcessOwner):
     workdir: Path
     statistics_interval: str | int = "manual"
     extra_global: str = ""
+    modules: tuple[str, ...] = MODULES  # the global modules_enabled
     http_port: int = field(default_factory=free_port)
     c2s_port: int = field(default_factory=free_port)
     process: Process | None = None
@@ -73,6 +78,7 @@ class ProsodyServer(ProcessOwner):
                 c2s_port=self.c2s_port,
                 statistics_interval=self.statistics_interval,
                 extra_global=self.extra_global,
+                modules=self.modules,
             )
         )
         self.process = Process(

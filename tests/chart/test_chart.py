@@ -22,7 +22,7 @@ import yaml
 from prosody_operator import __version__, builders, handlers
 from prosody_operator.settings import ENV_PREFIX, OperatorSettings
 from testinfra.procs import require_program
-from tools import chart
+from tools import chart, dashboard, promql
 
 RELEASE, NAMESPACE = "test", "prosody"
 CERT_MANAGER_GROUP = "cert-manager.io"
@@ -811,3 +811,62 @@ def test_helm_test_may_read_only_the_operator_and_its_webhook_configuration() ->
     disabled = render(**{"test.enabled": False})
     assert [o for o in disabled if _is_test(o)] == []
     assert len(disabled) == len(objects) - len(test_objects)
+
+
+# --- The Grafana dashboard ------------------------------------------------------------------
+
+
+def test_dashboard_is_up_to_date() -> None:
+    assert dashboard.DASHBOARD.read_text() == dashboard.render(), "run `python -m tools.dashboard`"
+
+
+def test_dashboard_queries_follow_the_variables() -> None:
+    """Every series a panel reads is narrowed to the chosen namespaces, workloads and pods, and
+    each variable narrows the next (namespace -> workload -> pod -> host)."""
+    board = json.loads(dashboard.DASHBOARD.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert list(variables) == ["datasource", "namespace", "workload", "pod", "host"]
+    assert "$namespace" in variables["workload"]["query"]
+    assert "$workload" in variables["pod"]["query"]
+    assert "$pod" in variables["host"]["query"]
+    scoped = {
+        "namespace": ("=~", "$namespace"),
+        "service": ("=~", "($workload)-prosody-metrics"),
+        "pod": ("=~", "$pod"),
+    }
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    for panel in panels:
+        for target in panel["targets"]:
+            for selector in promql.selectors(target["expr"]):
+                for label, matcher in scoped.items():
+                    assert selector.matcher(label) == matcher, (panel["title"], label)
+
+
+def test_dashboard_rows_cover_prosody_and_keep_the_exporter_as_one_row() -> None:
+    board = json.loads(dashboard.DASHBOARD.read_text())
+    rows: dict[str, list[str]] = {}
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], [])
+        else:
+            current += [t["expr"] for t in panel["targets"]]
+    exporter_rows = [t for t, exprs in rows.items() if any("prosody_exporter_" in e for e in exprs)]
+    assert exporter_rows == ["prosody-exporter (the sidecar)"]
+    prosody = " ".join(e for t, exprs in rows.items() if t not in exporter_rows for e in exprs)
+    for family in (
+        "prosody_mod_c2s__connections",
+        "prosody_mod_c2s__encrypted_total",
+        "prosody_mod_s2s__connections_inbound",
+        "prosody_mod_s2s__connections_outbound",
+        "prosody_mod_s2s__encrypted_total",
+        "prosody_mod_s2s__authenticated_total",
+        "prosody_stats_collection_seconds_bucket",
+        "prosody_stats_processing_seconds_bucket",
+        "prosody_mod_bosh__active_sessions",
+        "prosody_mod_muc__live_room",
+        "prosody_mod_http_file_share__upload_bytes_count",
+        "prosody_dns_seconds_bucket",
+    ):
+        assert family in prosody, family
+    for label in ("type", "host", "ip_family"):
+        assert f"sum by ({label}) (prosody_mod_c2s__connections" in prosody, label
