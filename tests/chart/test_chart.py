@@ -813,6 +813,74 @@ def test_helm_test_may_read_only_the_operator_and_its_webhook_configuration() ->
     assert len(disabled) == len(objects) - len(test_objects)
 
 
+# --- Versions, CHANGELOG and Artifact Hub -------------------------------------------------------
+
+CHANGELOG = chart.REPO_ROOT / "CHANGELOG.md"
+CHANGE_KINDS = {"added", "changed", "deprecated", "removed", "fixed", "security"}
+
+
+def _chart_yaml() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((chart.CHART / "Chart.yaml").read_text())
+    return loaded
+
+
+def _changelog() -> dict[str, dict[str, list[str]]]:
+    """{version: {section: lines}} from CHANGELOG.md's `## version` and `### section` headings."""
+    versions: dict[str, dict[str, list[str]]] = {}
+    section: list[str] = []
+    for line in CHANGELOG.read_text().splitlines():
+        if line.startswith("## "):
+            sections: dict[str, list[str]] = {}
+            versions[line[3:].split()[0]] = sections
+        elif line.startswith("### "):
+            section = sections.setdefault(line[4:].strip(), [])
+        elif line.strip() and versions:
+            section.append(line)
+    return versions
+
+
+def test_chart_and_app_versions_move_together() -> None:
+    from prosody_exporter import __version__ as exporter_version
+
+    meta = _chart_yaml()
+    newest = next(iter(_changelog()))
+    assert meta["version"] == meta["appVersion"] == __version__ == exporter_version == newest
+
+
+def test_every_version_has_an_upgrade_note() -> None:
+    for version, sections in _changelog().items():
+        assert sections.get("Upgrading"), f"CHANGELOG.md {version}: no ### Upgrading note"
+        assert set(sections) - {"Upgrading"} <= {kind.title() for kind in CHANGE_KINDS}, version
+
+
+def test_artifact_hub_changes_are_this_versions_changelog() -> None:
+    meta = _chart_yaml()
+    changes = yaml.safe_load(meta["annotations"]["artifacthub.io/changes"])
+    entries = [
+        {"kind": section.lower(), "description": line.removeprefix("- ")}
+        for section, lines in _changelog()[meta["version"]].items()
+        if section != "Upgrading"
+        for line in lines
+    ]
+    assert changes == entries
+    assert {change["kind"] for change in changes} <= CHANGE_KINDS
+
+
+def test_artifact_hub_images_are_what_the_defaults_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    annotations = _chart_yaml()["annotations"]
+    images = {i["name"]: i["image"] for i in yaml.safe_load(annotations["artifacthub.io/images"])}
+    objects = render()
+    settings = operator_settings(env_of(objects), monkeypatch)
+    assert images == {
+        "prosody-operator": container(objects)["image"],
+        "prosody-exporter": settings.exporter_image,
+    }
+    assert annotations["artifacthub.io/operator"] == "true"
+    links = yaml.safe_load(annotations["artifacthub.io/links"])
+    assert links and all(link["url"].startswith("https://") for link in links)
+    assert annotations["artifacthub.io/license"]
+
+
 # --- The Grafana dashboard ------------------------------------------------------------------
 
 
