@@ -30,7 +30,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 {{- end -}}
 
-{{/* With serviceAccount.create=false the schema requires serviceAccount.name. */}}
+{{/* With serviceAccount.create=false, serviceaccount.yaml fails unless serviceAccount.name is set. */}}
 {{- define "prosody-operator.serviceAccountName" -}}
 {{- default (include "prosody-operator.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
