@@ -19,7 +19,6 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.common import GraphDrawStyle, StackingMode
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
-    VariableHide,
     VariableRefresh,
     VariableSort,
 )
@@ -101,6 +100,16 @@ def _quantile(q: float, family: str, selector: str, by: str = "") -> str:
     by_labels = f"le, {by}" if by else "le"
     return (
         f"histogram_quantile({q}, sum by ({by_labels}) (rate({family}_bucket{{{selector}}}{RATE})))"
+    )
+
+
+def _p50_p99(title: str, description: str, family: str) -> timeseries.Panel:
+    return graph(
+        title,
+        f"{description} Lines: the median and the 99th percentile.",
+        "s",
+        (_quantile(0.5, family, PODS), "p50"),
+        (_quantile(0.99, family, PODS), "p99"),
     )
 
 
@@ -368,20 +377,16 @@ def rows() -> list[tuple[str, list[stat.Panel | timeseries.Panel]]]:
         (
             "Statistics collection",
             [
-                graph(
+                _p50_p99(
                     "Collection time",
-                    "How long Prosody takes to collect its statistics (p50 and p99). With "
+                    "How long Prosody takes to collect its statistics. With "
                     'statistics_interval = "manual" each collection blocks its event loop.',
-                    "s",
-                    (_quantile(0.5, "prosody_stats_collection_seconds", PODS), "p50"),
-                    (_quantile(0.99, "prosody_stats_collection_seconds", PODS), "p99"),
+                    "prosody_stats_collection_seconds",
                 ),
-                graph(
+                _p50_p99(
                     "Processing time",
-                    "How long Prosody takes to process the collected statistics (p50, p99).",
-                    "s",
-                    (_quantile(0.5, "prosody_stats_processing_seconds", PODS), "p50"),
-                    (_quantile(0.99, "prosody_stats_processing_seconds", PODS), "p99"),
+                    "How long Prosody takes to process the collected statistics.",
+                    "prosody_stats_processing_seconds",
                 ),
                 graph(
                     "Collections",
@@ -525,7 +530,7 @@ def variables() -> Iterable[dashboard.QueryVariable | dashboard.DatasourceVariab
         "Host",
         f'label_values({{__name__=~"prosody_mod_.+", {PODS}}}, host)',
         ".*",
-    ).hide(VariableHide.DONT_HIDE)
+    )
 
 
 def build() -> dict[str, object]:
