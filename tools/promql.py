@@ -72,7 +72,8 @@ def grafana_query_selectors(query: str) -> list[Selector]:
 
 def family_names(selector: Selector, known: set[str]) -> set[str]:
     """The series names a selector reads among `known`: its name, or every known name its
-    `__name__` matchers accept."""
+    `__name__` matchers accept (anchored like PromQL's; Python's `re` reads the simple RE2
+    patterns a dashboard uses alike)."""
     if selector.name is not None:
         return {selector.name}
     names = set(known)
