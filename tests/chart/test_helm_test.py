@@ -4,11 +4,12 @@ operator.
 No kubelet runs here yet, so `helm test` cannot start its pod: testinfra.podrunner runs the
 operator's pod for real (its webhook behind the chart's Service, its caBundle applied at
 start-up), and the check runs as a local process with exactly the script and arguments of the
-release's test hook (`helm get hooks`), a token of the hook's ServiceAccount, the cluster's CA and
-the `kubernetes` Service's address, as its pod would have. One thing differs: ClusterIPs other
-than the `kubernetes` Service's are not served here (the API server, too, reaches the webhook at
-the pod's address), so `--address` is the operator pod's; TLS is still verified for the
-Service's name.
+release's test hook (`helm get hooks`), a token of the hook's ServiceAccount and the cluster's CA,
+as its pod would have. Two addresses differ, both chosen by arguments of the check: the API
+server's own (the `kubernetes` Service's ClusterIP is the same for every local control plane on
+this machine, so from the host it may reach another test run's), and the operator pod's for the
+webhook (ClusterIPs are not served here; the API server, too, reaches the webhook at the pod's
+address). TLS is still verified for the Service's name.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Installed:
             self.api,
             self.release.namespace,
             pod["spec"]["serviceAccountName"],
-            self.runner.api_server_url,
+            self.api.configuration.host,
             self.workdir / "sa",
         )
         argv = [
