@@ -102,8 +102,10 @@ def test_old_mod_prometheus_payload_is_served_converted(start_exporter):
     assert openmetrics.endswith("# EOF\n")
 
 
-def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter):
-    prosody = ProsodyServer(tmp_path / "prosody", statistics_interval="manual").start()
+def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter, prosody_version):
+    prosody = ProsodyServer(
+        tmp_path / "prosody", statistics_interval="manual", version=prosody_version
+    ).start()
     try:
         exporter = start_exporter(
             prosody.metrics_url, interval=0.3, settings={"stale_after_intervals": "5"}
