@@ -1,15 +1,20 @@
 """evaluate_prosody_config: table-driven cases, cross-checked against Prosody's own code.
 
-Every case runs through evaluate_prosody_config and, unless it is about the operator's sandbox or
-limits, through Prosody 0.12's real core/configmanager.lua and core/statsmanager.lua
+Every case runs in each dialect it applies to (Prosody 0.12 and 13; `on_13` holds what 13.0
+makes differently of it) through evaluate_prosody_config and, unless it is about the operator's
+sandbox or limits, through that version's real core/configmanager.lua and core/statsmanager.lua
 (data/prosody/oracle.lua, run by lua5.4 on the same files, written to disk, and the same
-environment): both must agree on whether the config loads, on the error's file, line and
-message, on `statistics`, the effective interval, modules_enabled and duplicate-option warnings.
-A few cases also go through `prosodyctl check config` and through a running Prosody.
+environment; Debian's 0.12.3 and 13.0.1 from `make prosody-13`): both must agree on whether the
+config loads, on the error's file, line and message, on `statistics`, the effective interval
+and the file and line it was set at, modules_enabled and Prosody's config warnings (duplicate
+options; 13.0's direct use of the Lua API). A few cases also go through each version's
+`prosodyctl check config` and through running Prosodies, which also serve /metrics where
+the evaluation says a sidecar finds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import shutil
@@ -18,7 +23,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -26,17 +31,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prosody_operator.prosody_config import (
+    DIALECTS,
+    Dialect,
     Finding,
     Interval,
+    MetricsLocation,
     StatisticsConfig,
     config_files_from_mount,
     evaluate_prosody_config,
     parse_interval_value,
 )
 from testinfra.procs import Process, free_port, require_program
+from testinfra.prosody import VERSIONS, installation
 
 DATA = Path(__file__).parent / "data" / "prosody"
-PROSODY_SOURCE = Path("/usr/lib/prosody")
 MAIN = "prosody.cfg.lua"
 DEFAULT = "default (60s once statistics are on)"
 OFF = "statistics are off"
@@ -77,6 +85,21 @@ def line_of(text: str, start: str) -> int:
 
 
 OFFICIAL_MODULES_LINE = line_of(OFFICIAL, "modules_enabled =")
+# Where the 0.12 image's config uses Lua's globals directly, which Prosody 13 warns about.
+OFFICIAL_BARE_GLOBALS = (
+    ("for _, module_name in ipairs", "ipairs"),
+    ("statistics_interval = tonumber", "tonumber"),
+    ("local pp = require", "require"),
+    ("for _, vhost in ipairs", "ipairs"),
+    ("for _, component_def in ipairs", "ipairs"),
+)
+
+
+def deprecated(name: str) -> str:
+    """Prosody 13's warning about a Lua global used without `Lua.`."""
+    return f"direct usage of the Lua API is deprecated - replace `{name}` with `Lua.{name}`"
+
+
 OFFICIAL_INTERVAL_LINE = line_of(OFFICIAL, "statistics_interval =")
 
 
@@ -93,6 +116,15 @@ class Case:
     # "same": Prosody's own code must agree; "both-fail": it must fail to load the config too;
     # "skip": about the operator's sandbox or limits, where Prosody would do something else.
     prosody: Literal["same", "both-fail", "skip"] = "same"
+    dialects: tuple[Dialect, ...] = DIALECTS
+    on_13: Mapping[str, Any] = field(default_factory=dict)  # fields 13.0 makes differently
+    # Files Prosody reads that the operator is not given (a Secret, say): unknown to it.
+    hidden: Mapping[str, str] = field(default_factory=dict)
+    metrics: MetricsLocation | Literal["any"] | None = "any"
+    unknown: tuple[str, ...] = ()
+
+    def expected(self, dialect: Dialect) -> Case:
+        return dataclasses.replace(self, **self.on_13) if dialect == "13" else self
 
 
 CASES = [
@@ -335,6 +367,12 @@ CASES = [
         provider="internal",
         interval=30.0,
         source=f"prosody.cfg.lua:{OFFICIAL_INTERVAL_LINE} (via ENV_PROSODY_STATISTICS_INTERVAL)",
+        on_13={  # Prosody 13 warns about the bare Lua globals of a 0.12 config
+            "findings": tuple(
+                (MAIN, line_of(OFFICIAL, start), deprecated(name))
+                for start, name in OFFICIAL_BARE_GLOBALS
+            )
+        },
     ),
     Case(
         "ENV_: official image config, manual",
@@ -343,6 +381,7 @@ CASES = [
         provider="internal",
         interval="manual",
         source=f"prosody.cfg.lua:{OFFICIAL_INTERVAL_LINE} (via ENV_PROSODY_STATISTICS_INTERVAL)",
+        dialects=("0.12",),
     ),
     Case(
         "ENV_: official image config without statistics variables",
@@ -352,6 +391,7 @@ CASES = [
             (MAIN, None, STATS_OFF),
             (MAIN, OFFICIAL_MODULES_LINE, NO_OPENMETRICS),
         ),
+        dialects=("0.12",),
     ),
     Case(
         "ENV_: official image config, interval from a conf.d file of a ConfigMap",
@@ -366,6 +406,7 @@ CASES = [
         provider="internal",
         interval=20.0,
         source="conf.d/metrics.cfg.lua:2",
+        dialects=("0.12",),
     ),
     Case(
         "ENV_: official image config, PROSODY_EXTRA_CONFIG",
@@ -373,6 +414,7 @@ CASES = [
         env={"PROSODY_EXTRA_CONFIG": "extra.lua", "PROSODY_ENABLE_MODULES": "http_openmetrics"},
         interval=25.0,
         source="extra.lua:1",
+        dialects=("0.12",),
     ),
     Case(
         "os.getenv reads the same environment",
@@ -381,6 +423,7 @@ CASES = [
         interval=12.0,
         source="prosody.cfg.lua:2",
         prosody="skip",  # Prosody's os.getenv is the real one; same value, no ENV_ read to name
+        on_13={"findings": ((MAIN, 2, deprecated("os")),)},
     ),
     # --- providers and the module -------------------------------------------------------------
     Case(
@@ -510,18 +553,26 @@ CASES = [
         {MAIN: cfg(OPENMETRICS, 'error("set PROSODY_DOMAIN")')},
         source=NOT_EVALUATED,
         findings=((MAIN, 2, CONFIG_ERROR + "set PROSODY_DOMAIN"),),
+        on_13={
+            "findings": (
+                (MAIN, 2, deprecated("error")),
+                (MAIN, 2, CONFIG_ERROR + "set PROSODY_DOMAIN"),
+            )
+        },
     ),
     Case(
-        "a Prosody 13 config (Lua escape) on Prosody 0.12",
+        "the Lua global: an error in 0.12, Lua's globals in 13",
         {MAIN: cfg(OPENMETRICS, 'statistics_interval = Lua.tonumber("30")')},
         source=NOT_EVALUATED,
         findings=((MAIN, 2, "attempt to index a nil value (global 'Lua')"),),
+        on_13={"interval": 30.0, "source": "prosody.cfg.lua:2", "findings": ()},
     ),
     Case(
         "FileContents does not exist in 0.12",
         {MAIN: cfg(OPENMETRICS, 'statistics = FileContents("stats.txt")')},
         source=NOT_EVALUATED,
         findings=((MAIN, 2, "attempt to call a nil value (global 'FileContents')"),),
+        dialects=("0.12",),
     ),
     Case(
         "Component name clashes with a VirtualHost",
@@ -577,6 +628,7 @@ CASES = [
         source=NOT_EVALUATED,
         findings=((MAIN, 3, LOOP),),
         prosody="skip",
+        on_13={"findings": ((MAIN, 3, deprecated("pcall")), (MAIN, 3, LOOP))},
     ),
     Case(
         "endless loop in a coroutine",
@@ -592,6 +644,7 @@ CASES = [
         source=NOT_EVALUATED,
         findings=((MAIN, 3, LOOP),),
         prosody="skip",
+        on_13={"findings": ((MAIN, 2, deprecated("coroutine")), (MAIN, 3, LOOP))},
     ),
     Case(
         "endless loop in load's reader",
@@ -599,6 +652,7 @@ CASES = [
         source=NOT_EVALUATED,
         findings=((MAIN, 2, LOOP),),
         prosody="skip",
+        on_13={"findings": ((MAIN, 2, deprecated("load")), (MAIN, 2, LOOP))},
     ),
     Case(
         "too much memory",
@@ -621,6 +675,7 @@ CASES = [
         env={"HOSTNAME": "prosody-0"},
         source=OFF,
         findings=((MAIN, None, STATS_OFF),),
+        on_13={"findings": ((MAIN, None, STATS_OFF), (MAIN, 2, deprecated("require")))},
     ),
     Case(
         "python is not reachable",
@@ -645,6 +700,13 @@ CASES = [
             (MAIN, None, STATS_OFF),
         ),
         prosody="skip",  # in Prosody this replaces the methods of every string: it breaks
+        on_13={
+            "findings": (
+                (MAIN, 2, deprecated("getmetatable")),
+                (MAIN, 4, "statistics_interval is set under VirtualHost 'example.com'"),
+                (MAIN, None, STATS_OFF),
+            )
+        },
     ),
 ]
 
@@ -696,19 +758,30 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_evaluate(case: Case, short_dir: Path) -> None:
-    result = evaluate_prosody_config(case.files, env=case.env)
+CASES_BY_DIALECT = [
+    pytest.param(case.expected(dialect), dialect, id=f"{case.id} [{dialect}]")
+    for case in CASES
+    for dialect in case.dialects
+]
 
+
+@pytest.mark.parametrize(("case", "dialect"), CASES_BY_DIALECT)
+def test_evaluate(case: Case, dialect: Dialect, short_dir: Path) -> None:
+    result = evaluate_prosody_config(case.files, env=case.env, dialect=dialect)
+
+    assert result.dialect == dialect
     assert (result.provider, result.interval) == (case.provider, case.interval)
     if case.source is not None:
         assert result.interval_source == case.source
     if case.modules is not None:
         assert result.modules_enabled == case.modules
+    if case.metrics != "any":
+        assert result.metrics == case.metrics
+    assert result.unknown_options == case.unknown
     assert_findings(result.findings, case.findings)
 
     if case.prosody != "skip":
-        assert_same_as_prosody(case, short_dir)
+        assert_same_as_prosody(case, dialect, short_dir)
 
 
 # --- Prosody's own reading of the same config ----------------------------------------------------
@@ -722,14 +795,14 @@ class ProsodyReading:
     statistics: str | None
     modules: frozenset[str]
     interval: Interval | None
+    set_at: Mapping[str, str]  # global option -> "file:line" it was last stored from
 
 
-def read_with_prosody(config_dir: Path, env: Mapping[str, str]) -> ProsodyReading:
+def read_with_prosody(config_dir: Path, env: Mapping[str, str], version: str) -> ProsodyReading:
     lua = require_program("lua5.4")
-    if not (PROSODY_SOURCE / "core" / "configmanager.lua").exists():
-        pytest.fail(f"Prosody's source is not in {PROSODY_SOURCE}: run `make system-packages`")
+    source_dir = installation(version).source_dir
     done = subprocess.run(
-        [lua, str(DATA / "oracle.lua"), str(config_dir / MAIN)],
+        [lua, str(DATA / "oracle.lua"), str(source_dir), str(config_dir / MAIN)],
         env=dict(env),
         capture_output=True,
         text=True,
@@ -741,6 +814,7 @@ def read_with_prosody(config_dir: Path, env: Mapping[str, str]) -> ProsodyReadin
     error, startup_error, statistics, timer, stats, manual = None, None, None, None, "off", False
     warnings: list[str] = []
     modules: set[str] = set()
+    set_at: dict[str, str] = {}
     for line in done.stdout.splitlines():
         kind, *fields = line.split("\t")
         if kind == "error":
@@ -757,31 +831,49 @@ def read_with_prosody(config_dir: Path, env: Mapping[str, str]) -> ProsodyReadin
             timer = float(fields[0])
         elif kind == "stats":
             stats, manual = fields[0], fields[1] == "manual"
+        elif kind == "set" and fields[0] == "*":
+            set_at[fields[1]] = fields[2]
     interval: Interval | None = None
     if stats == "on":
         interval = "manual" if manual else timer
     return ProsodyReading(
-        error, startup_error, tuple(warnings), statistics, frozenset(modules), interval
+        error, startup_error, tuple(warnings), statistics, frozenset(modules), interval, set_at
     )
 
 
-def write_config(files: Mapping[str, str], config_dir: Path) -> dict[str, str]:
-    """The files on disk, with /etc/prosody in them pointing at `config_dir` instead."""
+def write_config(
+    files: Mapping[str, str], config_dir: Path, env: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The files and env, with /etc/prosody in them pointing at `config_dir` instead, and the
+    files on disk."""
     moved = {}
-    (config_dir / "conf.d").mkdir(parents=True)  # Debian's package and the official image have it
+    (config_dir / "conf.d").mkdir(parents=True)  # Debian's package and the official images have it
     for name, text in files.items():
         text = text.replace("/etc/prosody", str(config_dir))
         path = config_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         moved[name] = text
-    return moved
+    return moved, {
+        name: value.replace("/etc/prosody", str(config_dir)) for name, value in env.items()
+    }
 
 
-def assert_same_as_prosody(case: Case, config_dir: Path) -> None:
-    files = write_config(case.files, config_dir)
-    ours = evaluate_prosody_config(files, env=case.env, config_dir=str(config_dir))
-    theirs = read_with_prosody(config_dir, case.env)
+def in_prosody_source(short_src: str, source_dir: Path) -> bool:
+    """Whether Lua's name for a chunk (shortened to "...<end>" when long) is Prosody's code."""
+    if short_src.startswith("..."):
+        return any(str(path).endswith(short_src[3:]) for path in source_dir.rglob("*.lua"))
+    return short_src.startswith(f"{source_dir}/")
+
+
+WARNINGS = ("Duplicate option", "direct usage of the Lua API is deprecated")
+
+
+def assert_same_as_prosody(case: Case, dialect: Dialect, config_dir: Path) -> None:
+    files, env = write_config({**case.files, **case.hidden}, config_dir, case.env)
+    given = {name: text for name, text in files.items() if name not in case.hidden}
+    ours = evaluate_prosody_config(given, env=env, config_dir=str(config_dir), dialect=dialect)
+    theirs = read_with_prosody(config_dir, env, dialect)
     our_error = next((f for f in ours.findings if f.message.startswith(CONFIG_ERROR)), None)
 
     if case.prosody == "both-fail":
@@ -794,28 +886,36 @@ def assert_same_as_prosody(case: Case, config_dir: Path) -> None:
             assert our_error.message == CONFIG_ERROR + theirs.error
             return
         source, line, message = position.groups()
-        if source.startswith(f"{PROSODY_SOURCE}/"):  # failed inside Prosody: we explain more
-            assert our_error.message.startswith(CONFIG_ERROR + message), our_error
-            return
+        if in_prosody_source(source, installation(dialect).source_dir):  # failed in Prosody's
+            assert our_error.message.startswith(CONFIG_ERROR + message), our_error  # code: we
+            return  # say more
         # Lua shortens long file names to "...<end of the name>"
         our_path = f"{config_dir}/{our_error.file}"
         assert our_path == source or (source.startswith("...") and our_path.endswith(source[3:]))
         assert (our_error.line, our_error.message) == (int(line), CONFIG_ERROR + message)
         return
     assert our_error is None, our_error
+    warnings = {
+        f"{config_dir}/{f.file}:{f.line}: {f.message}"
+        for f in ours.findings
+        if f.message.startswith(WARNINGS)
+    }
+    assert warnings == set(theirs.warnings)
     if theirs.startup_error is not None:
         assert ours.interval is None
         assert any("fails to start" in f.message for f in ours.findings), theirs.startup_error
         return
+    if "modules_enabled" not in ours.unknown_options:
+        assert ours.modules_enabled == theirs.modules
+    if ours.unknown_options:
+        assert case.hidden, "only what the operator is not given is unknown to it"
+    if {"statistics", "statistics_interval"} & set(ours.unknown_options):
+        return
     assert ours.provider == theirs.statistics
     assert ours.interval == theirs.interval
-    assert ours.modules_enabled == theirs.modules
-    duplicates = {
-        f"{config_dir}/{f.file}:{f.line}: {f.message}"
-        for f in ours.findings
-        if f.message.startswith("Duplicate option")
-    }
-    assert duplicates == set(theirs.warnings)
+    # The interval comes from the file and line Prosody stored statistics_interval from.
+    if set_at := re.match(r"(\S+:\d+)", ours.interval_source):
+        assert f"{config_dir}/{set_at[1]}" == theirs.set_at["statistics_interval"]
 
 
 # --- sandbox ----------------------------------------------------------------------------------
