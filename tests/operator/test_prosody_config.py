@@ -102,6 +102,28 @@ def deprecated(name: str) -> str:
 
 OFFICIAL_INTERVAL_LINE = line_of(OFFICIAL, "statistics_interval =")
 
+# The maintained image's (prosodyim/prosody) 13.0 config; see the file's header.
+MAINTAINED = data_files("maintained-13.0")[MAIN]
+MAINTAINED_ON = {
+    "PROSODY_STATISTICS": "internal",
+    "PROSODY_STATISTICS_INTERVAL": "30",
+    "PROSODY_ENABLE_MODULES": "http_openmetrics,mam",
+    "PROSODY_VIRTUAL_HOSTS": "example.org",
+}
+MAINTAINED_INTERVAL_LINE = line_of(MAINTAINED, "statistics_interval =")
+# Lua puts a table constructor's assignment on the constructor's last line.
+MAINTAINED_MODULES_LINE = line_of(MAINTAINED, "modules_enabled = {") + (
+    MAINTAINED.split("modules_enabled = {", 1)[1].split("\n}", 1)[0].count("\n") + 1
+)
+MAINTAINED_MODULES = frozenset(
+    "disco roster saslauth tls blocklist bookmarks carbons dialback limits pep private smacks "
+    "vcard4 vcard_legacy csi_simple invites invites_adhoc invites_register ping register time "
+    "uptime version admin_adhoc admin_shell".split()
+)
+LOCALHOST_METRICS = MetricsLocation("127.0.0.1", 5280, "/metrics", "Prosody's defaults")
+UNKNOWN = "unknown (see findings)"
+CANNOT_READ = "comes from a value the operator cannot read"
+
 
 @dataclass(frozen=True)
 class Case:
@@ -480,6 +502,7 @@ CASES = [
         source=DEFAULT,
         modules=frozenset({"ping"}),
         findings=((MAIN, 1, NO_OPENMETRICS),),
+        metrics=None,
     ),
     Case(
         "http_openmetrics with a mod_ prefix",
@@ -606,6 +629,495 @@ CASES = [
         source=NOT_EVALUATED,
         findings=((MAIN, None, "no such config file"),),
         prosody="skip",
+    ),
+    # --- Prosody 13.0: the maintained image and each new config feature ---------------------
+    Case(
+        "maintained image's 13.0 config, statistics from the environment",
+        {MAIN: MAINTAINED},
+        env=MAINTAINED_ON,
+        source=NOT_EVALUATED,
+        findings=((MAIN, line_of(MAINTAINED, "local _unpack"), "(global 'Lua')"),),
+        on_13={
+            "provider": "internal",
+            "interval": 30.0,
+            "source": f"prosody.cfg.lua:{MAINTAINED_INTERVAL_LINE} "
+            "(via ENV_PROSODY_STATISTICS_INTERVAL)",
+            "modules": MAINTAINED_MODULES | {"http_openmetrics", "mam"},
+            "metrics": LOCALHOST_METRICS,
+            "findings": (),
+        },
+    ),
+    Case(
+        "maintained image's 13.0 config, manual",
+        {MAIN: MAINTAINED},
+        env={**MAINTAINED_ON, "PROSODY_STATISTICS_INTERVAL": "manual"},
+        provider="internal",
+        interval="manual",
+        source=f"prosody.cfg.lua:{MAINTAINED_INTERVAL_LINE} (via ENV_PROSODY_STATISTICS_INTERVAL)",
+        dialects=("13",),
+    ),
+    Case(
+        "maintained image's 13.0 config without statistics variables",
+        {MAIN: MAINTAINED},
+        source=OFF,
+        modules=MAINTAINED_MODULES,
+        findings=((MAIN, None, STATS_OFF), (MAIN, MAINTAINED_MODULES_LINE, NO_OPENMETRICS)),
+        metrics=None,
+        dialects=("13",),
+    ),
+    Case(
+        "maintained image's 13.0 config, components, interval and module from conf.d",
+        {
+            MAIN: MAINTAINED,
+            **config_files_from_mount(
+                {
+                    "metrics.cfg.lua": cfg(
+                        'statistics = "internal"',
+                        "statistics_interval = 20",
+                        'modules_enabled:append{ "http_openmetrics" }',
+                    )
+                },
+                "/etc/prosody/conf.d",
+            ),
+        },
+        env={
+            "PROSODY_VIRTUAL_HOSTS": "example.org",
+            "PROSODY_COMPONENTS": "rooms.example.org:muc,upload.example.org:http_file_share",
+        },
+        provider="internal",
+        interval=20.0,
+        source="conf.d/metrics.cfg.lua:2",
+        modules=MAINTAINED_MODULES | {"http_openmetrics"},
+        metrics=LOCALHOST_METRICS,
+        findings=(
+            # the image's own config, under its http_file_share Component
+            (MAIN, line_of(MAINTAINED, "\t\thttp_file_share_expire_after"), deprecated("tonumber")),
+        ),
+        dialects=("13",),
+    ),
+    Case(
+        "a bare Lua global: 13 warns",
+        {MAIN: cfg(OPENMETRICS, 'statistics_interval = tonumber("30")')},
+        interval=30.0,
+        source="prosody.cfg.lua:2",
+        on_13={"findings": ((MAIN, 2, deprecated("tonumber")),)},
+    ),
+    Case(
+        "an option read back in its section: nil in 0.12, its value in 13",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'statistics = "internal"',
+                "statistics_interval = 30",
+                "statistics_interval = statistics_interval or 10",
+            )
+        },
+        provider="internal",
+        interval=10.0,
+        source="prosody.cfg.lua:4",
+        findings=((MAIN, 4, "Duplicate option 'statistics_interval'"),),
+        on_13={"interval": 30.0},
+    ),
+    Case(
+        "arithmetic on an option read back",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                "statistics_interval = 15",
+                "statistics_interval = statistics_interval * 2",
+            )
+        },
+        source=NOT_EVALUATED,
+        findings=(
+            (
+                MAIN,
+                3,
+                "attempt to perform arithmetic on a nil value (global 'statistics_interval')",
+            ),
+        ),
+        on_13={
+            "interval": 30.0,
+            "source": "prosody.cfg.lua:3",
+            "findings": ((MAIN, 3, "Duplicate option 'statistics_interval'"),),
+        },
+    ),
+    Case(
+        "a global option read back under a VirtualHost is nil",
+        {
+            MAIN: cfg(
+                'modules_enabled = { "ping" }',
+                'VirtualHost "example.com"',
+                'modules_enabled:append{ "http_openmetrics" }',
+            )
+        },
+        source=NOT_EVALUATED,
+        findings=((MAIN, 3, "attempt to index a nil value (global 'modules_enabled')"),),
+    ),
+    Case(
+        ":append adds to a list option",
+        {
+            MAIN: cfg(
+                'modules_enabled = { "ping" }',
+                'modules_enabled:append{ "http_openmetrics" }',
+                "statistics_interval = 30",
+            )
+        },
+        source=NOT_EVALUATED,
+        findings=((MAIN, 2, "attempt to index a nil value (global 'modules_enabled')"),),
+        on_13={
+            "interval": 30.0,
+            "source": "prosody.cfg.lua:3",
+            "modules": frozenset({"ping", "http_openmetrics"}),
+            "metrics": LOCALHOST_METRICS,
+            "findings": (),
+        },
+    ),
+    Case(
+        "call-append adds to a list option",
+        {
+            MAIN: cfg(
+                'modules_enabled = { "ping" }',
+                'modules_enabled { "http_openmetrics" }',
+                "statistics_interval = 30",
+            )
+        },
+        source=NOT_EVALUATED,
+        findings=((MAIN, 2, "attempt to call a nil value (global 'modules_enabled')"),),
+        on_13={
+            "interval": 30.0,
+            "source": "prosody.cfg.lua:3",
+            "modules": frozenset({"ping", "http_openmetrics"}),
+            "findings": (),
+        },
+    ),
+    Case(
+        ":append of keys merges them into a table option",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'statistics = "statsd"',
+                'statistics_config = { statsd_prefix = "prosody" }',
+                'statistics_config:append{ statsd_server = "127.0.0.1" }',
+            )
+        },
+        provider="statsd",
+        interval=60.0,
+        source=DEFAULT,
+        findings=((MAIN, 2, 'statistics = "statsd" sends the metrics to a statsd server'),),
+        dialects=("13",),
+    ),
+    Case(
+        ":values() iterates a list option",
+        {
+            MAIN: cfg(
+                'modules_enabled = { "http_openmetrics", "ping" }',
+                "local count = 0",
+                "for _ in modules_enabled:values() do count = count + 1 end",
+                "statistics_interval = count * 10",
+            )
+        },
+        interval=20.0,
+        source="prosody.cfg.lua:4",
+        dialects=("13",),
+    ),
+    Case(
+        "other operations on a list option are errors",
+        {MAIN: cfg(OPENMETRICS, 'modules_enabled:remove{ "http_openmetrics" }')},
+        source=NOT_EVALUATED,
+        findings=((MAIN, 2, "Unknown config option operation: 'remove'"),),
+        dialects=("13",),
+    ),
+    Case(
+        "a list option read back is not a list",
+        {MAIN: cfg(OPENMETRICS, "for _, name in Lua.ipairs(modules_enabled) do end")},
+        source=NOT_EVALUATED,
+        findings=((MAIN, 2, "Unknown config option operation: '1'"),),
+        dialects=("13",),
+    ),
+    Case(
+        "FileContents reads a file beside the config",
+        {
+            MAIN: cfg(OPENMETRICS, 'statistics_interval = Lua.tonumber(FileContents("interval"))'),
+            "interval": "30\n",
+        },
+        interval=30.0,
+        source="prosody.cfg.lua:2",
+        dialects=("13",),
+    ),
+    Case(
+        "FileLine is relative to the file that uses it",
+        {
+            MAIN: cfg(OPENMETRICS, 'Include "conf.d/*.cfg.lua"'),
+            "conf.d/stats.cfg.lua": cfg(
+                'statistics = FileLine("provider")', 'statistics_interval = "manual"'
+            ),
+            "conf.d/provider": "internal\nthe first line only\n",
+        },
+        provider="internal",
+        interval="manual",
+        source="conf.d/stats.cfg.lua:2",
+        dialects=("13",),
+    ),
+    Case(
+        "FileLines gives a list",
+        {
+            MAIN: cfg('modules_enabled = FileLines("modules")', "statistics_interval = 30"),
+            "modules": "http_openmetrics\nping",
+        },
+        interval=30.0,
+        source="prosody.cfg.lua:2",
+        modules=frozenset({"http_openmetrics", "ping"}),
+        dialects=("13",),
+    ),
+    Case(
+        "FileLine of a file the operator is not given decides the interval: unknown",
+        {MAIN: cfg(OPENMETRICS, 'statistics_interval = Lua.tonumber(FileLine("secret/interval"))')},
+        hidden={"secret/interval": "45\n"},
+        source=UNKNOWN,
+        unknown=("statistics_interval",),
+        findings=((MAIN, 2, CANNOT_READ),),
+        metrics=LOCALHOST_METRICS,
+        dialects=("13",),
+    ),
+    Case(
+        "FileContents of a file the operator is not given, not deciding anything",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'sql = { driver = "PostgreSQL", password = FileContents("secret/db") }',
+                "statistics_interval = 30",
+            )
+        },
+        hidden={"secret/db": "hunter2"},
+        interval=30.0,
+        source="prosody.cfg.lua:3",
+        dialects=("13",),
+    ),
+    Case(
+        "Credential from $CREDENTIALS_DIRECTORY decides the interval: unknown",
+        {MAIN: cfg(OPENMETRICS, 'statistics_interval = Lua.tonumber(Credential("interval"))')},
+        env={"CREDENTIALS_DIRECTORY": "/etc/prosody/credentials"},
+        hidden={"credentials/interval": "20"},
+        source=UNKNOWN,
+        unknown=("statistics_interval",),
+        findings=((MAIN, 2, CANNOT_READ),),
+        dialects=("13",),
+    ),
+    Case(
+        "Credential of a file the operator is given",
+        {
+            MAIN: cfg(OPENMETRICS, 'statistics_interval = Lua.tonumber(Credential("interval"))'),
+            "credentials/interval": "25",
+        },
+        env={"CREDENTIALS_DIRECTORY": "/etc/prosody/credentials"},
+        interval=25.0,
+        source="prosody.cfg.lua:2",
+        dialects=("13",),
+    ),
+    Case(
+        "Credential for a password: unknown, but it decides nothing",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'sql = { driver = "PostgreSQL", password = Credential("db") }',
+                "statistics_interval = 30",
+            )
+        },
+        env={"CREDENTIALS_DIRECTORY": "/etc/prosody/credentials"},
+        hidden={"credentials/db": "hunter2"},
+        interval=30.0,
+        source="prosody.cfg.lua:3",
+        dialects=("13",),
+    ),
+    Case(
+        "Credential without $CREDENTIALS_DIRECTORY stops Prosody",
+        {MAIN: cfg(OPENMETRICS, 'sql = { password = Credential("db") }')},
+        source=NOT_EVALUATED,
+        findings=((MAIN, 2, CONFIG_ERROR + "Credential() requires the $CREDENTIALS_DIRECTORY"),),
+        dialects=("13",),
+    ),
+    Case(
+        "an unknown HTTP port: where /metrics is is unknown",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'http_ports = { Lua.tonumber(FileLine("secret/port")) }',
+                "statistics_interval = 30",
+            )
+        },
+        hidden={"secret/port": "5290"},
+        interval=30.0,
+        source="prosody.cfg.lua:3",
+        unknown=("http_ports",),
+        findings=((MAIN, 2, CANNOT_READ),),
+        metrics=None,
+        dialects=("13",),
+    ),
+    Case(
+        "modules appended from a file the operator is not given",
+        {
+            MAIN: cfg(
+                'modules_enabled = { "ping" }',
+                'modules_enabled:append(FileLines("secret/modules"))',
+                "statistics_interval = 30",
+            )
+        },
+        hidden={"secret/modules": "http_openmetrics\n"},
+        interval=30.0,
+        source="prosody.cfg.lua:3",
+        modules=frozenset({"ping"}),
+        unknown=("modules_enabled",),
+        findings=((MAIN, 2, CANNOT_READ),),
+        metrics=None,
+        dialects=("13",),
+    ),
+    Case(
+        "an Include of a file name the operator cannot read",
+        {MAIN: cfg(OPENMETRICS, 'Include(FileLine("secret/include"))')},
+        hidden={"secret/include": "extra.cfg.lua"},
+        source=NOT_EVALUATED,
+        findings=((MAIN, 2, "the operator cannot evaluate the config: Include of a file name"),),
+        dialects=("13",),
+        prosody="skip",  # Prosody includes it
+    ),
+    Case(
+        "a warning in a file with a long path stops Prosody 13",
+        {
+            MAIN: cfg(OPENMETRICS, 'Include "conf.d/*.cfg.lua"'),
+            LONG_NAME: cfg('statistics_interval = tonumber("5")'),
+        },
+        interval=5.0,
+        source=f"{LONG_NAME}:1",
+        on_13={
+            "interval": None,
+            "source": NOT_EVALUATED,
+            "findings": ((LONG_NAME, 1, "bad argument #2 to 'format' (number expected, got nil)"),),
+        },
+    ),
+    # --- where /metrics is ------------------------------------------------------------------
+    Case(
+        "metrics: Prosody's defaults",
+        {MAIN: cfg(OPENMETRICS, "statistics_interval = 30")},
+        interval=30.0,
+        source="prosody.cfg.lua:2",
+        metrics=LOCALHOST_METRICS,
+    ),
+    Case(
+        "metrics: http_ports and http_interfaces",
+        {MAIN: cfg(OPENMETRICS, "http_ports = { 5285 }", 'http_interfaces = { "::1" }')},
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF),),
+        metrics=MetricsLocation(
+            "::1",
+            5285,
+            "/metrics",
+            "prosody.cfg.lua:2 (http_ports), prosody.cfg.lua:3 (http_interfaces)",
+        ),
+    ),
+    Case(
+        "metrics: local_interfaces when http_interfaces is not set; a port as a string",
+        {MAIN: cfg(OPENMETRICS, 'http_ports = "5286"', 'local_interfaces = { "::1" }')},
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF),),
+        metrics=MetricsLocation(
+            "::1",
+            5286,
+            "/metrics",
+            "prosody.cfg.lua:2 (http_ports), prosody.cfg.lua:3 (local_interfaces)",
+        ),
+    ),
+    Case(
+        "metrics: use_ipv4 = false leaves ::1",
+        {MAIN: cfg(OPENMETRICS, "use_ipv4 = false")},
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF),),
+        metrics=MetricsLocation("::1", 5280, "/metrics", "Prosody's defaults"),
+    ),
+    Case(
+        "metrics: all interfaces (*) include 127.0.0.1",
+        {MAIN: cfg(OPENMETRICS, 'http_interfaces = { "*" }')},
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF),),
+        metrics=MetricsLocation(
+            "127.0.0.1", 5280, "/metrics", "prosody.cfg.lua:2 (http_interfaces)"
+        ),
+    ),
+    Case(
+        "metrics: no HTTP port, HTTPS only",
+        {MAIN: cfg(OPENMETRICS, "http_ports = {}", "https_ports = { 5281 }")},
+        source=OFF,
+        findings=(
+            (MAIN, None, STATS_OFF),
+            (
+                MAIN,
+                2,
+                "http_ports opens no HTTP port, so the sidecar cannot collect /metrics (Prosody serves it over HTTPS",
+            ),
+        ),
+        metrics=None,
+    ),
+    Case(
+        "metrics: HTTP on a pod address only",
+        {MAIN: cfg(OPENMETRICS, 'http_interfaces = { "198.18.0.10" }')},
+        source=OFF,
+        findings=(
+            (MAIN, None, STATS_OFF),
+            (MAIN, 2, "198.18.0.10 (http_interfaces), not on loopback"),
+        ),
+        metrics=None,
+    ),
+    Case(
+        "metrics: the allowlist lets in ::1 only",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'http_interfaces = { "127.0.0.1", "::1" }',
+                'openmetrics_allow_ips = { "::1" }',
+            )
+        },
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF),),
+        metrics=MetricsLocation("::1", 5280, "/metrics", "prosody.cfg.lua:2 (http_interfaces)"),
+    ),
+    Case(
+        "metrics: the allowlist lets no loopback address in",
+        {MAIN: cfg(OPENMETRICS, 'openmetrics_allow_ips = { "198.18.0.1" }')},
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF), (MAIN, 2, "Prosody answers it 403")),
+        metrics=None,
+    ),
+    Case(
+        "metrics: openmetrics_allow_cidr lets loopback in",
+        {
+            MAIN: cfg(
+                OPENMETRICS, "openmetrics_allow_ips = {}", 'openmetrics_allow_cidr = "127.0.0.0/8"'
+            )
+        },
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF),),
+        metrics=LOCALHOST_METRICS,
+    ),
+    Case(
+        "metrics: http_paths.openmetrics",
+        {MAIN: cfg(OPENMETRICS, 'http_paths = { openmetrics = "prom/" }')},
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF),),
+        metrics=MetricsLocation("127.0.0.1", 5280, "/prom", "prosody.cfg.lua:2 (http_paths)"),
+    ),
+    Case(
+        "metrics: http_host and http_default_host do not move a global module's /metrics",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'http_host = "xmpp.example.com"',
+                'http_default_host = "xmpp.example.com"',
+                'VirtualHost "example.com"',
+                '    http_paths = { openmetrics = "/elsewhere" }',
+            )
+        },
+        source=OFF,
+        findings=((MAIN, None, STATS_OFF),),
+        metrics=LOCALHOST_METRICS,
     ),
     # --- limits and sandbox -----------------------------------------------------------------
     Case(

@@ -112,6 +112,7 @@ _NO_ENV: Final[Mapping[str, str]] = MappingProxyType({})
 # Markers the Lua side puts in error messages (see lua/driver.lua).
 _SANDBOX_MARKER: Final = "not available in the operator's sandbox"
 _LIMIT_MARKER: Final = "instruction limit reached"
+_UNREADABLE_MARKER: Final = "the operator cannot read"
 
 
 @dataclass(frozen=True)
@@ -399,7 +400,7 @@ def _interpret(
                 f"the operator stopped evaluating the config after {max_instructions} Lua "
                 "instructions: is there an endless loop? (Prosody would hang at startup)"
             )
-        elif _SANDBOX_MARKER in message:
+        elif _SANDBOX_MARKER in message or _UNREADABLE_MARKER in message:
             message = f"the operator cannot evaluate the config: {message}"
         elif "not enough memory" in message:
             message = (
