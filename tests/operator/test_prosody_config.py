@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 import pytest
@@ -41,6 +43,7 @@ from prosody_operator.prosody_config import (
     evaluate_prosody_config,
     parse_interval_value,
 )
+from prosody_operator.prosody_versions import sidecar_upstream_url
 from testinfra.procs import Process, free_port, require_program
 from testinfra.prosody import VERSIONS, installation
 
@@ -115,11 +118,12 @@ MAINTAINED_INTERVAL_LINE = line_of(MAINTAINED, "statistics_interval =")
 MAINTAINED_MODULES_LINE = line_of(MAINTAINED, "modules_enabled = {") + (
     MAINTAINED.split("modules_enabled = {", 1)[1].split("\n}", 1)[0].count("\n") + 1
 )
-MAINTAINED_MODULES = frozenset(
-    "disco roster saslauth tls blocklist bookmarks carbons dialback limits pep private smacks "
-    "vcard4 vcard_legacy csi_simple invites invites_adhoc invites_register ping register time "
-    "uptime version admin_adhoc admin_shell".split()
-)
+MAINTAINED_MODULES = frozenset({
+    "disco", "roster", "saslauth", "tls", "blocklist", "bookmarks", "carbons", "dialback",
+    "limits", "pep", "private", "smacks", "vcard4", "vcard_legacy", "csi_simple", "invites",
+    "invites_adhoc", "invites_register", "ping", "register", "time", "uptime", "version",
+    "admin_adhoc", "admin_shell",
+})  # fmt: skip
 LOCALHOST_METRICS = MetricsLocation("127.0.0.1", 5280, "/metrics", "Prosody's defaults")
 UNKNOWN = "unknown (see findings)"
 CANNOT_READ = "comes from a value the operator cannot read"
@@ -1051,7 +1055,8 @@ CASES = [
             (
                 MAIN,
                 2,
-                "http_ports opens no HTTP port, so the sidecar cannot collect /metrics (Prosody serves it over HTTPS",
+                "http_ports opens no HTTP port, so the sidecar cannot collect /metrics (Prosody "
+                "serves it over HTTPS",
             ),
         ),
         metrics=None,
@@ -1433,23 +1438,75 @@ def assert_same_as_prosody(case: Case, dialect: Dialect, config_dir: Path) -> No
 # --- sandbox ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("snippet", "message"), SANDBOX_ESCAPES, ids=[s for s, _ in SANDBOX_ESCAPES]
-)
-def test_sandbox(snippet: str, message: str | None, tmp_path: Path) -> None:
+# Prosody 13's `Lua` global is the sandbox's globals, nothing more.
+SANDBOX_ESCAPES_13 = [
+    ('Lua.os.execute("touch {marker}")', "os.execute " + SANDBOX),
+    ('Lua.io.open("{marker}", "w")', "io.open " + SANDBOX),
+    ('Lua.require "os".execute("touch {marker}")', 'require "os" ' + SANDBOX),
+    ('Lua.require "prosody.util.pposix".setuid(0)', "util.pposix.setuid " + SANDBOX),
+    ("Lua.debug.getregistry()", "debug.getregistry " + SANDBOX),
+    ('Lua.load("return os.execute")()("touch {marker}")', "os.execute " + SANDBOX),
+]
+ESCAPES_BY_DIALECT = [
+    *(pytest.param(dialect, *escape, id=f"{escape[0]} [{dialect}]")
+      for escape in SANDBOX_ESCAPES for dialect in DIALECTS),
+    *(pytest.param("13", *escape, id=f"{escape[0]} [13]") for escape in SANDBOX_ESCAPES_13),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("dialect", "snippet", "message"), ESCAPES_BY_DIALECT)
+def test_sandbox(dialect: Dialect, snippet: str, message: str | None, tmp_path: Path) -> None:
     marker = tmp_path / "escaped"
     config = cfg(OPENMETRICS, "statistics_interval = 30", snippet.replace("{marker}", str(marker)))
 
-    result = evaluate_prosody_config({MAIN: config})
+    result = evaluate_prosody_config({MAIN: config}, dialect=dialect)
 
     assert not marker.exists()
+    findings = [f for f in result.findings if not f.message.startswith(WARNINGS)]
     if message is None:
         assert result.interval == 30.0
-        assert result.findings == ()
+        assert findings == []
     else:
         assert result.interval is None
-        assert [(f.file, f.line) for f in result.findings] == [(MAIN, 3)]
-        assert message in result.findings[0].message
+        assert [(f.file, f.line) for f in findings] == [(MAIN, 3)]
+        assert message in findings[0].message
+
+
+DEEP = """
+local deep = {load}([[
+  local function deep(n)
+    if n == 0 then statistics_interval = 5 return end
+    deep(n - 1)
+  end
+  return deep
+]], "=deep", "t", _ENV)()
+for _ = 1, {repeat} do deep({depth}) end
+"""
+
+
+def deep_config(dialect: Dialect, depth: int, repeat: int) -> str:
+    """Sets statistics_interval from code that is not a config file, `depth` calls down."""
+    load = "Lua.load" if dialect == "13" else "load"
+    return OPENMETRICS + DEEP.format(load=load, depth=depth, repeat=repeat)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_where_an_option_is_set_is_looked_for_a_bounded_number_of_frames(dialect: Dialect) -> None:
+    """Each look at a frame walks the stack from the top (debug.getinfo), so an unbounded search
+    for the config line costs O(depth²): beyond 200 frames the line is not named."""
+    result = evaluate_prosody_config({MAIN: deep_config(dialect, 1000, 1)}, dialect=dialect)
+
+    assert (result.interval, result.interval_source) == (5.0, MAIN)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_looking_for_config_lines_is_charged_to_the_instruction_budget(dialect: Dialect) -> None:
+    """Deep searches cost instructions: 2,000 of them 150 frames down exhaust the budget that
+    the same code without them (~3 million instructions) stays within."""
+    result = evaluate_prosody_config({MAIN: deep_config(dialect, 150, 2_000)}, dialect=dialect)
+
+    assert result.interval is None
+    assert any(LOOP in f.message for f in result.findings), result.findings
 
 
 LUA_FRAGMENTS = [
@@ -1457,6 +1514,8 @@ LUA_FRAGMENTS = [
     "(", ")", "VirtualHost", "Component", '"example.com"', "Include", '"conf.d/*.cfg.lua"',
     '"x.cfg.lua"', "ENV_X", "local", "function", "end", "return", "if", "then", "..", "\n",
     "modules_enabled", "error", "pcall", "RunScript", "os.execute", "#", ",", ";", "[[",
+    "Lua", "Lua.tonumber", ":append", ":value()", "modules_enabled {", "FileLine", "FileLines",
+    "FileContents", "Credential", '"x"', "Lua.ipairs",
 ]  # fmt: skip
 
 
@@ -1468,9 +1527,10 @@ LUA_FRAGMENTS = [
     )
 )
 def test_never_raises(text: str) -> None:
-    result = evaluate_prosody_config({MAIN: text, "conf.d/x.cfg.lua": text})
-    assert isinstance(result, StatisticsConfig)
-    assert all(isinstance(f, Finding) for f in result.findings)
+    for dialect in DIALECTS:
+        result = evaluate_prosody_config({MAIN: text, "conf.d/x.cfg.lua": text}, dialect=dialect)
+        assert isinstance(result, StatisticsConfig)
+        assert all(isinstance(f, Finding) for f in result.findings)
 
 
 def test_files_are_given_by_relative_or_absolute_path() -> None:
@@ -1547,39 +1607,44 @@ def test_parse_interval_value_refuses(value: object) -> None:
 # --- prosodyctl check config and a running Prosody --------------------------------------------
 
 
-def prosodyctl_check(config: Path) -> str:
-    prosodyctl = require_program("prosodyctl")
+VERSION = pytest.mark.parametrize("version", VERSIONS)
+
+
+def prosodyctl_check(config: Path, version: str, env: Mapping[str, str] | None = None) -> str:
     done = subprocess.run(
-        [prosodyctl, "--config", str(config), "check", "config"],
+        [installation(version).prosodyctl, "--config", str(config), "check", "config"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=config.parent,
+        env={**os.environ, **(env or {})},
         check=False,
     )
     return done.stdout + done.stderr
 
 
-def prosody_settings(workdir: Path) -> str:
+def prosody_settings(workdir: Path, c2s_port: int | None = None) -> str:
     """Settings that let Prosody or prosodyctl run as root in a scratch directory."""
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     return cfg(
         f'pidfile = "{workdir}/prosody.pid"',
         f'data_path = "{workdir}/data"',
-        "daemonize = false",
         "run_as_root = true",
         'log = { info = "*console" }',
         "plugin_paths = {}",
         'modules_enabled = { "http_openmetrics", "tls" }',
-        "c2s_ports = {}",
+        f"c2s_ports = {{ {c2s_port or ''} }}",
+        'c2s_interfaces = { "127.0.0.1" }',
         "s2s_ports = {}",
         "component_ports = {}",
         "https_ports = {}",
-        'http_interfaces = { "127.0.0.1" }',
     )
 
 
-def test_prosodyctl_agrees_about_options_under_a_virtualhost(short_dir: Path) -> None:
+@VERSION
+def test_prosodyctl_agrees_about_options_under_a_virtualhost(
+    version: Dialect, short_dir: Path
+) -> None:
     settings_ = prosody_settings(short_dir)
     config = settings_ + cfg(
         'statistics = "internal"',
@@ -1590,8 +1655,8 @@ def test_prosodyctl_agrees_about_options_under_a_virtualhost(short_dir: Path) ->
     (short_dir / MAIN).write_text(config)
     first = len(settings_.splitlines()) + 3
 
-    ours = evaluate_prosody_config({MAIN: config}, config_dir=str(short_dir))
-    output = prosodyctl_check(short_dir / MAIN)
+    ours = evaluate_prosody_config({MAIN: config}, config_dir=str(short_dir), dialect=version)
+    output = prosodyctl_check(short_dir / MAIN, version)
 
     assert "You need to move the following option: statistics_interval" in output, output
     assert f"{short_dir}/{MAIN}:{first + 1}: Duplicate option 'statistics_interval'" in output
@@ -1605,71 +1670,130 @@ def test_prosodyctl_agrees_about_options_under_a_virtualhost(short_dir: Path) ->
     assert (ours.interval, ours.interval_source) == (60.0, DEFAULT)
 
 
-def test_prosodyctl_agrees_about_a_syntax_error(short_dir: Path) -> None:
+@VERSION
+def test_prosodyctl_agrees_about_a_syntax_error(version: Dialect, short_dir: Path) -> None:
     config = prosody_settings(short_dir) + cfg("statistics = ", 'VirtualHost "example.com"', "}")
     (short_dir / MAIN).write_text(config)
     bad_line = len(config.splitlines())
 
-    ours = evaluate_prosody_config({MAIN: config}, config_dir=str(short_dir))
-    output = prosodyctl_check(short_dir / MAIN)
+    ours = evaluate_prosody_config({MAIN: config}, config_dir=str(short_dir), dialect=version)
+    output = prosodyctl_check(short_dir / MAIN, version)
 
     assert f"Error: {short_dir}/{MAIN}:{bad_line}: unexpected symbol near '}}'" in output, output
     assert_findings(ours.findings, ((MAIN, bad_line, "unexpected symbol near '}'"),))
 
 
-def answers(url: str) -> bool:
-    return metrics_status(url) is not None
+@VERSION
+def test_prosodyctl_agrees_about_the_maintained_image_config(
+    version: Dialect, short_dir: Path
+) -> None:
+    """The maintained image's own 13.0 config, as it lays it out: /etc/prosody/prosody.cfg.lua,
+    an Include of conf.d, everything else from PROSODY_* env. 13.0 warns about the Lua globals it
+    still uses bare (under an http_file_share Component); 0.12 cannot read it at all."""
+    env = {**MAINTAINED_ON, "PROSODY_COMPONENTS": "upload.example.org:http_file_share"}
+    files, env = write_config(
+        {MAIN: MAINTAINED, "conf.d/paths.cfg.lua": prosody_settings(short_dir)}, short_dir, env
+    )
+
+    ours = evaluate_prosody_config(files, env=env, config_dir=str(short_dir), dialect=version)
+    output = prosodyctl_check(short_dir / MAIN, version, env)
+
+    if version == "0.12":
+        line = line_of(MAINTAINED, "local _unpack")
+        assert f"{short_dir}/{MAIN}:{line}: attempt to index a nil value (global 'Lua')" in output
+        assert_findings(ours.findings, ((MAIN, line, CONFIG_ERROR + "attempt to index"),))
+        return
+    line = line_of(MAINTAINED, "\t\thttp_file_share_expire_after")
+    warning = f"{short_dir}/{MAIN}:{line}: {deprecated('tonumber')}"
+    assert f"Configuration warning: {warning}" in output, output
+    assert "All checks passed" in output, output
+    assert_findings(ours.findings, ((MAIN, line, deprecated("tonumber")),))
+    assert (ours.interval, ours.interval_source) == (
+        30.0,
+        f"{MAIN}:{MAINTAINED_INTERVAL_LINE} (via ENV_PROSODY_STATISTICS_INTERVAL)",
+    )
 
 
-def metrics_status(url: str) -> tuple[int, str] | None:
+def metrics_status(url: str, **headers: str) -> tuple[int, str] | None:
     try:
-        response = httpx.get(url, timeout=1.0)
+        response = httpx.get(url, headers=headers, timeout=1.0)
     except httpx.HTTPError:
         return None
     return response.status_code, response.text
 
 
+def accepts_connections(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass(frozen=True)
+class Running:
+    ours: StatisticsConfig  # our reading of its config
+    http_port: int  # `{port}` in its config
+
+
 @pytest.fixture
-def running_prosodies(tmp_path: Path) -> Iterator[dict[str, tuple[StatisticsConfig, str]]]:
-    """One real Prosody per statistics setting, started together: our reading and its /metrics."""
-    binary = require_program("prosody")
-    settings_by_name = {
-        "numeric alone": cfg("statistics_interval = 30"),
-        "manual alone": cfg('statistics_interval = "manual"'),
-        "internal and manual": cfg('statistics = "internal"', 'statistics_interval = "manual"'),
-        "nothing": "",
-    }
-    started: dict[str, tuple[StatisticsConfig, str, Process]] = {}
-    try:
-        for name, statistics in settings_by_name.items():
-            workdir = tmp_path / name.replace(" ", "-")
-            port = free_port()
+def start_prosodies(
+    tmp_path: Path,
+) -> Iterator[Callable[[str, Mapping[str, str]], dict[str, Running]]]:
+    """Starts one real Prosody per named config (each with its own free ports; `{port}` in a
+    config is its HTTP port), all at once, and gives our reading of each."""
+    started: list[Process] = []
+
+    def start(version: str, configs: Mapping[str, str]) -> dict[str, Running]:
+        binary = installation(version).prosody
+        readings, waiting = {}, []
+        for name, extra in configs.items():
+            workdir = tmp_path / version / name.replace(" ", "-")
+            c2s_port, http_port = free_port(), free_port()
             config = (
-                prosody_settings(workdir)
-                + cfg(f"http_ports = {{ {port} }}", statistics)
+                prosody_settings(workdir, c2s_port)
+                + extra.replace("{port}", str(http_port))
                 + cfg('VirtualHost "localhost"')
             )
             (workdir / MAIN).write_text(config)
-            ours = evaluate_prosody_config({MAIN: config}, config_dir=str(workdir))
+            ours = evaluate_prosody_config(
+                {MAIN: config}, config_dir=str(workdir), dialect=cast(Dialect, version)
+            )
+            readings[name] = Running(ours, http_port)
             process = Process(
-                f"prosody ({name})",
+                f"prosody {version} ({name})",
                 [binary, "--config", str(workdir / MAIN)],
                 workdir / "prosody.log",
             )
-            started[name] = (ours, f"http://127.0.0.1:{port}/metrics", process)
-        for _, url, process in started.values():
-            process.wait_ready(functools.partial(answers, url), timeout=30)
-        yield {name: (ours, url) for name, (ours, url, _) in started.items()}
-    finally:
-        for _, _, process in started.values():
-            process.stop()
+            started.append(process)
+            waiting.append((process, c2s_port))
+        for process, c2s_port in waiting:  # c2s is up once Prosody has started its services
+            process.wait_ready(functools.partial(accepts_connections, c2s_port), timeout=30)
+        return readings
+
+    yield start
+    for process in started:
+        process.stop()
 
 
-def test_a_running_prosody_agrees(
-    running_prosodies: dict[str, tuple[StatisticsConfig, str]],
-) -> None:
-    for name, (ours, url) in running_prosodies.items():
-        status = metrics_status(url)
+STATISTICS_SETTINGS = {
+    "numeric alone": cfg("http_ports = { {port} }", "statistics_interval = 30"),
+    "manual alone": cfg("http_ports = { {port} }", 'statistics_interval = "manual"'),
+    "internal and manual": cfg(
+        "http_ports = { {port} }", 'statistics = "internal"', 'statistics_interval = "manual"'
+    ),
+    "nothing": cfg("http_ports = { {port} }"),
+}
+
+
+@VERSION
+def test_a_running_prosody_agrees(version: str, start_prosodies) -> None:
+    readings = {
+        name: running.ours
+        for name, running in start_prosodies(version, STATISTICS_SETTINGS).items()
+    }
+
+    for name, ours in readings.items():
+        assert ours.metrics is not None, name
+        status = metrics_status(sidecar_upstream_url(ours.metrics))
         assert status is not None
         code, body = status
         if ours.interval is None:
@@ -1678,10 +1802,87 @@ def test_a_running_prosody_agrees(
         else:
             assert code == 200, (name, code, body)
             assert body.endswith("# EOF\n"), name
-    readings = {name: ours.interval for name, (ours, _) in running_prosodies.items()}
-    assert readings == {
+    assert {name: ours.interval for name, ours in readings.items()} == {
         "numeric alone": 30.0,
         "manual alone": None,
         "internal and manual": "manual",
         "nothing": None,
     }
+
+
+STATS = cfg('statistics = "internal"', 'statistics_interval = "manual"')
+LOOPBACK_URLS = ("http://127.0.0.1:{port}/metrics", "http://[::1]:{port}/metrics")
+# Where the sidecar finds /metrics (address, path), or None where it cannot.
+METRICS_SETTINGS: dict[str, tuple[str, tuple[str, str] | None]] = {
+    "::1 only": (
+        cfg("http_ports = { {port} }", 'http_interfaces = { "::1" }'),
+        ("::1", "/metrics"),
+    ),
+    "local_interfaces": (
+        cfg("http_ports = { {port} }", 'local_interfaces = { "::1" }'),
+        ("::1", "/metrics"),
+    ),
+    "all interfaces": (
+        cfg("http_ports = { {port} }", 'http_interfaces = { "*" }'),
+        ("127.0.0.1", "/metrics"),
+    ),
+    "a path of its own": (
+        cfg("http_ports = { {port} }", 'http_paths = { openmetrics = "/prom/" }'),
+        ("127.0.0.1", "/prom"),
+    ),
+    "allowlist lets in ::1": (
+        cfg(
+            "http_ports = { {port} }",
+            'http_interfaces = { "127.0.0.1", "::1" }',
+            'openmetrics_allow_ips = { "::1" }',
+        ),
+        ("::1", "/metrics"),
+    ),
+    "allowlist by CIDR": (
+        cfg(
+            "http_ports = { {port} }",
+            "openmetrics_allow_ips = {}",
+            'openmetrics_allow_cidr = "127.0.0.0/8"',
+        ),
+        ("127.0.0.1", "/metrics"),
+    ),
+    "http_host": (
+        cfg(
+            "http_ports = { {port} }",
+            'http_host = "xmpp.example.com"',
+            'http_default_host = "xmpp.example.com"',
+        ),
+        ("127.0.0.1", "/metrics"),
+    ),
+    "allowlist without loopback": (
+        cfg("http_ports = { {port} }", 'openmetrics_allow_ips = { "198.18.0.1" }'),
+        None,
+    ),
+    "no HTTP port": (cfg("http_ports = {} -- not {port}"), None),
+}
+
+
+@VERSION
+def test_running_prosodies_serve_metrics_where_the_evaluation_says(
+    version: str, start_prosodies
+) -> None:
+    """Each real Prosody answers 200 at the URL the sidecar would get; where we say the sidecar
+    cannot collect, no loopback URL answers 200 (refused, 403 or 404)."""
+    configs = {name: STATS + settings for name, (settings, _) in METRICS_SETTINGS.items()}
+    started = start_prosodies(version, configs)
+
+    for name, (_, expected) in METRICS_SETTINGS.items():
+        ours = started[name].ours
+        assert ours.interval == "manual", name
+        if expected is None:
+            assert ours.metrics is None, (name, ours.metrics)
+            assert ours.findings, name
+            for url in LOOPBACK_URLS:
+                status = metrics_status(url.format(port=started[name].http_port))
+                assert status is None or status[0] != 200, (name, url, status)
+            continue
+        assert ours.metrics is not None, (name, ours.findings)
+        assert (ours.metrics.address, ours.metrics.path) == expected, name
+        status = metrics_status(sidecar_upstream_url(ours.metrics))
+        assert status is not None and status[0] == 200, (name, status)
+        assert status[1].endswith("# EOF\n"), name
