@@ -884,6 +884,38 @@ CASES = [
         dialects=("13",),
     ),
     Case(
+        "string functions on an unknown value give an unknown value",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'statistics = FileLine("secret/provider"):lower():gsub("%s", "")',
+                'statistics_interval = "manual"',
+            )
+        },
+        hidden={"secret/provider": " Internal\n"},
+        source=UNKNOWN,
+        unknown=("statistics",),
+        findings=((MAIN, 2, CANNOT_READ),),
+        dialects=("13",),
+    ),
+    Case(
+        "a path concatenated with an unknown value: where /metrics is is unknown",
+        {
+            MAIN: cfg(
+                OPENMETRICS,
+                'http_paths = { openmetrics = "/" .. Lua.tostring(FileLine("secret/path")) }',
+                "statistics_interval = 30",
+            )
+        },
+        hidden={"secret/path": "prom"},
+        interval=30.0,
+        source="prosody.cfg.lua:3",
+        unknown=("http_paths",),
+        findings=((MAIN, 2, CANNOT_READ),),
+        metrics=None,
+        dialects=("13",),
+    ),
+    Case(
         "FileContents of a file the operator is not given, not deciding anything",
         {
             MAIN: cfg(

@@ -437,7 +437,10 @@ local function describe(v)
 		local server = rawget(v, "statsd_server")
 		d.statsd_server = server ~= nil and server ~= false
 		local openmetrics = rawget(v, "openmetrics") -- http_paths.openmetrics
-		if openmetrics ~= nil then d.openmetrics = describe(openmetrics) end
+		if openmetrics ~= nil then
+			d.openmetrics = describe(openmetrics)
+			d.unknown = d.unknown or d.openmetrics.origin
+		end
 	end
 	return d
 end
