@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -1918,3 +1919,11 @@ def test_running_prosodies_serve_metrics_where_the_evaluation_says(
         status = metrics_status(sidecar_upstream_url(ours.metrics))
         assert status is not None and status[0] == 200, (name, status)
         assert status[1].endswith("# EOF\n"), name
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_the_result_is_plain_picklable_data(dialect: Dialect) -> None:
+    """So that the evaluation can run in another process and its results be cached."""
+    result = evaluate_prosody_config({MAIN: MAINTAINED}, env=MAINTAINED_ON, dialect=dialect)
+
+    assert pickle.loads(pickle.dumps(result)) == result

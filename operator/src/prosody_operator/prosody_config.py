@@ -479,8 +479,9 @@ def _unknown_findings(
         found.append(
             Finding(
                 *where(name),
-                f"{name} comes from a value the operator cannot read ({origin}), and it decides "
-                f"{decides}: set {decides} where the operator can read it, or with an annotation",
+                f"{name} comes from a value the operator cannot read ({origin}), so {decides} "
+                "is unknown: set it in a file the operator is given (a ConfigMap), or override "
+                "it with an annotation",
             )
         )
     return found

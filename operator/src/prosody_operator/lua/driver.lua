@@ -8,8 +8,8 @@ local type, pairs, ipairs, next, select, tostring, tonumber, error, pcall, xpcal
       type, pairs, ipairs, next, select, tostring, tonumber, error, pcall, xpcall
 local rawget, rawset, rawlen, setmetatable, getmetatable =
       rawget, rawset, rawlen, setmetatable, getmetatable
-local s_format, s_match, s_gsub, s_sub, s_find, s_lower, s_gmatch =
-      string.format, string.match, string.gsub, string.sub, string.find, string.lower, string.gmatch
+local s_format, s_match, s_gsub, s_sub, s_lower, s_gmatch =
+      string.format, string.match, string.gsub, string.sub, string.lower, string.gmatch
 local t_concat, t_sort = table.concat, table.sort
 local d_getinfo, d_sethook = debug.getinfo, debug.sethook
 local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
@@ -120,28 +120,29 @@ local function normalize(path) -- absolute path without ".", ".." or repeated sl
 	return "/" .. t_concat(parts, "/")
 end
 
--- util/paths.lua (the same in 0.12.3 and 13.0.1)
+-- util/paths.lua (the same in 0.12.3 and 13.0.1), for path_sep "/"
 local function resolve_relative_path(parent_path, path)
 	if path then
-		parent_path = (s_gsub(parent_path, "%/+$", ""))
-		path = (s_gsub(path, "^%.%/+", ""))
-		if s_sub(path, 1, 1) ~= "/" then
-			return parent_path .. "/" .. path
+		-- Some normalization
+		parent_path = parent_path:gsub("%/+$", "");
+		path = path:gsub("^%.%/+", "");
+		if path:sub(1,1) ~= "/" then
+			return parent_path.."/"..path;
 		end
 	end
-	return path
+	return path;
 end
 
 local function glob_to_pattern(glob)
-	return "^" .. (s_gsub(glob, "[%p*?]", function(c)
+	return "^"..glob:gsub("[%p*?]", function (c)
 		if c == "*" then
-			return ".*"
+			return ".*";
 		elseif c == "?" then
-			return "."
+			return ".";
 		else
-			return "%" .. c
+			return "%"..c;
 		end
-	end)) .. "$"
+	end).."$";
 end
 
 -- nameprep without util.encodings is what configmanager falls back to (lowercase).
