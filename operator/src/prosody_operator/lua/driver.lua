@@ -282,6 +282,7 @@ end
 
 local function passing_unknowns(f)
 	return function(...)
+		if next(unknown_origin) == nil then return f(...) end -- the common case: none exist
 		local origin = unknown_among(...)
 		if origin then return unknown(origin) end
 		return f(...)
