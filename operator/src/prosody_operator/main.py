@@ -1,4 +1,5 @@
-"""`prosody-operator`: check the settings, then run the kopf operator cluster-wide."""
+"""`prosody-operator`: check the settings and the Kubernetes credentials, then run the kopf
+operator cluster-wide."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import logging
 import sys
 
 import kopf
+import kubernetes
 from pydantic import ValidationError
 
+from .kube import load_config
 from .settings import ENV_PREFIX, OperatorSettings
 
 
@@ -23,6 +26,16 @@ def main() -> None:
                 file=sys.stderr,
             )
         sys.exit(2)
+    try:
+        load_config()
+    except kubernetes.config.ConfigException as error:
+        # Without this, kopf would retry its startup handler forever, a traceback each time.
+        print(
+            f"prosody-operator: no Kubernetes API to talk to: not in a pod with a service "
+            f"account token, and no kubeconfig ({error})",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     from . import handlers  # noqa: F401 - registers the handlers with kopf
 
     kopf.configure(verbose=False)
