@@ -57,7 +57,7 @@ bench-exporter: install ## Benchmark the sidecar against Prosody scraped directl
 bench-operator: install cluster-bins ## Benchmark the webhook and the reconciler against the local control plane.
 	$(PY) -m bench.operator $(ARGS)
 
-cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator, Prometheus 3 into .cache/bin.
+cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator, Prometheus 3, actionlint into .cache/bin.
 	$(PY) -m testinfra.controlplane build
 
 images: install ## Build the operator, sidecar and test Prosody images with buildah into .cache/images (OCI archives).
