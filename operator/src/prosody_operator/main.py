@@ -7,10 +7,9 @@ import logging
 import sys
 
 import kopf
-import kubernetes
 from pydantic import ValidationError
 
-from .kube import load_config
+from .kube import NoCredentials, load_config
 from .settings import ENV_PREFIX, OperatorSettings
 
 
@@ -28,13 +27,9 @@ def main() -> None:
         sys.exit(2)
     try:
         load_config()
-    except kubernetes.config.ConfigException as error:
+    except NoCredentials as error:
         # Without this, kopf would retry its startup handler forever, a traceback each time.
-        print(
-            f"prosody-operator: no Kubernetes API to talk to: not in a pod with a service "
-            f"account token, and no kubeconfig ({error})",
-            file=sys.stderr,
-        )
+        print(f"prosody-operator: no Kubernetes API to talk to: {error}", file=sys.stderr)
         sys.exit(1)
     from . import handlers  # noqa: F401 - registers the handlers with kopf
 
