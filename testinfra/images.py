@@ -420,6 +420,8 @@ def load_into_podman(image: Image) -> None:
         run(
             podman("load", "--quiet", "--input", str(image.archive)), f"podman load {image.archive}"
         )
+        # The image this one replaced under the same name, if any.
+        run(podman("image", "prune", "--force"), "podman image prune")
 
 
 @dataclass(frozen=True)

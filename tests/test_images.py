@@ -208,6 +208,11 @@ def probe(
     return result
 
 
+def assert_one_line(stderr: str, naming: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and naming in lines[0], stderr
+
+
 def test_exporter_help_runs_confined() -> None:
     code, out, err = run(EXPORTER, ["--help"])
     assert code == 0, err
@@ -218,8 +223,7 @@ def test_exporter_invalid_setting_exits_2_with_one_line() -> None:
     confinement = Confinement(env=(("PROSODY_EXPORTER_INTERVAL", "soon"),))
     code, _, err = run(EXPORTER, [], confinement)
     assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "PROSODY_EXPORTER_INTERVAL" in lines[0], err
+    assert_one_line(err, "PROSODY_EXPORTER_INTERVAL")
 
 
 def test_exporter_serves_on_a_read_only_root_as_65532() -> None:
@@ -246,16 +250,14 @@ def test_operator_without_a_cluster_exits_1_with_one_line() -> None:
     startup handler forever."""
     code, _, err = run(OPERATOR, [])
     assert code == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "no Kubernetes API" in lines[0], err
+    assert_one_line(err, "no Kubernetes API")
 
 
 def test_operator_invalid_setting_exits_2_with_one_line() -> None:
     confinement = Confinement(env=(("PROSODY_OPERATOR_MANUAL_INTERVAL", "0"),))
     code, _, err = run(OPERATOR, [], confinement)
     assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "PROSODY_OPERATOR_MANUAL_INTERVAL" in lines[0], err
+    assert_one_line(err, "PROSODY_OPERATOR_MANUAL_INTERVAL")
 
 
 @pytest.mark.parametrize(
