@@ -161,18 +161,22 @@ def test_no_copy_of_the_build_hosts_ca_bundle_inside(image: Image) -> None:
 # --- the images run, confined -------------------------------------------------------------------
 
 # Run inside a container (its python3) instead of the entrypoint: starts the image's command,
-# waits for it to answer on `probe` (an http:// URL, or tcp:PORT), tries to write to each of
+# waits for it to answer on `probe` (an http:// URL, or xmpp:PORT: Prosody's stream header, which
+# it sends only once its event loop runs, signal handlers set), tries to write to each of
 # `paths`, stops it with SIGTERM and prints what happened as JSON.
 PROBE = r"""
 import json, os, signal, socket, subprocess, sys, time, urllib.error, urllib.request
 command, probe, paths = json.loads(sys.argv[1])
+HEADER = ("<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' "
+          "xmlns:stream='http://etherx.jabber.org/streams'>")
 server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 answer, deadline = None, time.monotonic() + 60
 while answer is None and server.poll() is None and time.monotonic() < deadline:
     try:
-        if probe.startswith("tcp:"):
-            socket.create_connection(("127.0.0.1", int(probe[4:])), timeout=2).close()
-            answer = "connected"
+        if probe.startswith("xmpp:"):
+            with socket.create_connection(("127.0.0.1", int(probe[5:])), timeout=2) as client:
+                client.sendall(HEADER.encode())
+                answer = client.recv(4096).decode(errors="replace")
         else:
             answer = urllib.request.urlopen(probe, timeout=2).status
     except urllib.error.HTTPError as error:
@@ -275,9 +279,9 @@ def test_prosody_image_runs_its_version_as_101(image: Image, version: str) -> No
     assert "etc/prosody/prosody.cfg.lua" in files
     assert 'Include "conf.d/*.cfg.lua"' in files["etc/prosody/prosody.cfg.lua"].decode()
     confinement = Confinement(user=None, read_only=False)
-    result = probe(image, config["Cmd"], "tcp:5222", ["/var/lib/prosody", "/etc"], confinement)
+    result = probe(image, config["Cmd"], "xmpp:5222", ["/var/lib/prosody", "/etc"], confinement)
     assert result["uid"] == 101
-    assert result["answer"] == "connected", result["output"]
+    assert "<stream:stream" in str(result["answer"]), result["output"]
     assert f"Prosody version {version}" in str(result["output"])
     assert result["writable"] == {"/var/lib/prosody": True, "/etc": False}
     assert "Shutdown complete" in str(result["output"])
