@@ -7,8 +7,8 @@
   python:3.11-slim-bookworm instead, the Dockerfiles' default BASE: the same Debian and Python).
 - `prosody-exporter` and `prosody-operator` from exporter/Dockerfile and operator/Dockerfile,
   tagged as the chart refers to them by default (its image repositories, its appVersion).
-- Prosody 0.12.3 (bookworm) and 13.0.1 (bookworm-backports) from testinfra/prosody-image, for the
-  end-to-end pods.
+- Prosody 0.12 (bookworm's 0.12.3) and 13.0 (bookworm-backports' 13.0.1) from
+  testinfra/prosody-image, for the end-to-end pods.
 
 Each image is saved as an OCI archive, .cache/images/<name>.oci.tar, for `ctr images import` (or
 `podman load`). It is rebuilt only when its fingerprint (Dockerfile, the files it copies, build
@@ -110,19 +110,22 @@ def product_images() -> tuple[Image, ...]:
 
 
 PROSODY_DOCKERFILE = PROSODY_CONTEXT / "Dockerfile"
+# Tagged by release series, like the official image: a Debian or backports update of the package
+# (a new revision, or 13.0.2 replacing 13.0.1 in backports, which keeps only the newest) still
+# builds, and a new series fails the build.
 PROSODY_0_12 = Image(
     "prosody-0.12",
-    "localhost/prosody:0.12.3",
+    "localhost/prosody:0.12",
     PROSODY_DOCKERFILE,
     PROSODY_CONTEXT,
-    (("PROSODY_VERSION", "0.12.3"),),
+    (("PROSODY_SERIES", "0.12"),),
 )
 PROSODY_13 = Image(
     "prosody-13",
-    "localhost/prosody:13.0.1",
+    "localhost/prosody:13.0",
     PROSODY_DOCKERFILE,
     PROSODY_CONTEXT,
-    (("PROSODY_VERSION", "13.0.1"), ("SUITE", "bookworm-backports")),
+    (("PROSODY_SERIES", "13.0"), ("SUITE", "bookworm-backports")),
 )
 
 

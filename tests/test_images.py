@@ -265,11 +265,11 @@ def test_operator_invalid_setting_exits_2_with_one_line() -> None:
 
 
 @pytest.mark.parametrize(
-    ("image", "version"),
-    [(images.PROSODY_0_12, "0.12.3"), (images.PROSODY_13, "13.0.1")],
+    ("image", "series"),
+    [(images.PROSODY_0_12, "0.12"), (images.PROSODY_13, "13.0")],
     ids=["0.12", "13"],
 )
-def test_prosody_image_runs_its_version_as_101(image: Image, version: str) -> None:
+def test_prosody_image_runs_its_version_as_101(image: Image, series: str) -> None:
     """Laid out like the official image; the pods run it as its own user (runAsUser 101) with
     a writable data directory, without capabilities."""
     config = images.archive_config(built(image))["config"]
@@ -282,7 +282,7 @@ def test_prosody_image_runs_its_version_as_101(image: Image, version: str) -> No
     result = probe(image, config["Cmd"], "xmpp:5222", ["/var/lib/prosody", "/etc"], confinement)
     assert result["uid"] == 101
     assert "<stream:stream" in str(result["answer"]), result["output"]
-    assert f"Prosody version {version}" in str(result["output"])
+    assert f"Prosody version {series}." in str(result["output"])
     assert result["writable"] == {"/var/lib/prosody": True, "/etc": False}
     assert "Shutdown complete" in str(result["output"])
     assert result["exit"] == 0, result["output"]
