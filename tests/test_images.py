@@ -18,6 +18,7 @@ import pytest
 from testinfra import images
 from testinfra.images import Confinement, Image
 from testinfra.procs import MissingPrerequisite
+from tools import chart
 
 REPO = Path(__file__).resolve().parent.parent
 PIN = re.compile(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s;#]+)")
@@ -120,8 +121,8 @@ def test_image_holds_exactly_the_pinned_distributions(image: Image) -> None:
 def test_image_config_is_what_the_chart_relies_on(
     image: Image, entrypoint: list[str], ports: set[str]
 ) -> None:
-    """The chart runs these with runAsNonRoot (a numeric USER), the image's own entrypoint (it
-    sets only args and env) and containerPorts matching the exposed ones."""
+    """The chart runs these with runAsNonRoot (verifiable only with a numeric USER) and the
+    image's own entrypoint (it sets only env); EXPOSE documents the default ports."""
     config = images.archive_config(built(image))["config"]
     assert config["User"] == "65532:65532"
     assert config["Entrypoint"] == entrypoint
@@ -129,12 +130,18 @@ def test_image_config_is_what_the_chart_relies_on(
     assert not any(variable.startswith(("PIP_CERT=", "SSL_CERT")) for variable in config["Env"])
 
 
-def test_archives_carry_the_tags_the_chart_uses_by_default() -> None:
-    """A node imports the archives by these names, and the chart's default values name them."""
-    references = images.chart_image_references()
-    for image in images.product_images():
-        assert image.reference == references[image.name]
-        assert images.archive_references(built(image)) == [image.reference]
+def test_archives_carry_the_images_a_default_helm_install_runs() -> None:
+    """A node imports the archives under the names they carry: those the chart, rendered by helm
+    with its default values, gives the operator's container and the sidecar it injects."""
+    try:
+        objects = chart.render_objects("prosody-operator", "prosody-operator")
+    except MissingPrerequisite as error:
+        pytest.fail(str(error), pytrace=False)
+    deployment = next(item for item in objects if item["kind"] == "Deployment")
+    operator = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in operator["env"]}
+    assert images.archive_references(built(OPERATOR)) == [operator["image"]]
+    assert images.archive_references(built(EXPORTER)) == [env["PROSODY_OPERATOR_EXPORTER_IMAGE"]]
 
 
 @pytest.mark.parametrize("image", PRODUCTS, ids=lambda image: image.name)
