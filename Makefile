@@ -8,17 +8,18 @@ VENV := $(CACHE)/venv
 PY := $(VENV)/bin/python
 export PATH := $(CACHE)/bin:$(VENV)/bin:$(PATH)
 
-# Debian packages the tests and the demo run for real.
-APT_PACKAGES := prosody prometheus etcd-server iproute2
+# Debian packages the tests and the demo run for real; the image builds (mmdebstrap, buildah) and
+# the containers the image tests start (podman on runc).
+APT_PACKAGES := prosody prometheus etcd-server iproute2 mmdebstrap buildah podman runc
 
-.PHONY: help install system-packages prosody-13 venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down manifests clean
+.PHONY: help install system-packages prosody-13 venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down manifests images clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 install: system-packages prosody-13 venv ## Install everything the tests and the demo need (apt + Prosody 13 + pinned Python venv).
 
-system-packages: ## Install Prosody, Prometheus, etcd and iproute2 from Debian if missing.
+system-packages: ## Install Prosody, Prometheus, etcd, iproute2 and the image tools from Debian if missing.
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
@@ -76,7 +77,7 @@ lint: venv ## ruff + mypy.
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: install cluster-bins ## Run the whole test suite (installs what it needs first).
+test: install cluster-bins images ## Run the whole test suite (installs what it needs first).
 	$(PY) -m pytest
 
 demo: install cluster-bins ## Run the main job: the whole chain on a local cluster, printing what Prometheus sees.
@@ -93,8 +94,11 @@ bench-exporter: install ## Benchmark the sidecar against Prosody scraped directl
 bench-operator: install cluster-bins ## Benchmark the webhook and the reconciler against the local control plane.
 	$(PY) -m bench.operator $(ARGS)
 
-cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator, Prometheus 3 into .cache/bin.
+cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator, Prometheus 3, actionlint into .cache/bin.
 	$(PY) -m testinfra.controlplane build
+
+images: install ## Build the operator, sidecar and test Prosody images with buildah into .cache/images (OCI archives).
+	$(PY) -m testinfra.images build
 
 cluster: install cluster-bins ## Start a local control plane (etcd + kube-apiserver + controller-manager).
 	$(PY) -m testinfra.controlplane up

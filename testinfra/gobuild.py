@@ -28,6 +28,7 @@ FALLBACK_GO = Path("/usr/local/go/bin/go")
 KUBERNETES_MODULE = "k8s.io/kubernetes"
 HELM_MODULE = "helm.sh/helm/v3"
 PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
+ACTIONLINT_MODULE = "github.com/rhysd/actionlint"
 # The CRDs upstream publishes (the same files as its bundle.yaml), shipped inside the module.
 CRD_SUBDIR = "example/prometheus-operator-crd"
 
@@ -85,6 +86,8 @@ def version_ldflags(binary: GoBinary) -> list[str]:
         return helm_version_ldflags(binary)
     if binary.module == PROMETHEUS_OPERATOR_MODULE:
         return [f"-X github.com/prometheus/common/version.Version={binary.version[1:]}"]
+    if binary.module == ACTIONLINT_MODULE:
+        return [f"-X {ACTIONLINT_MODULE}.version={binary.version}"]
     return []
 
 
@@ -135,6 +138,13 @@ BINARIES = (
         "github.com/prometheus-operator/prometheus-operator/cmd/operator",
     ),
     PROMETHEUS,
+    # Checks .github/workflows (tests/test_release.py).
+    GoBinary(
+        "actionlint",
+        GO_MODULES_DIR / "actionlint",
+        ACTIONLINT_MODULE,
+        f"{ACTIONLINT_MODULE}/cmd/actionlint",
+    ),
 )
 
 
