@@ -21,6 +21,7 @@ class ExporterProcess(ProcessOwner):
     listen_host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     netns: str | None = None
+    command: list[str] | None = None  # instead of the console script (bench/stallprobe.py)
     process: Process | None = None
 
     @property
@@ -42,7 +43,7 @@ class ExporterProcess(ProcessOwner):
     def start(self, wait_for_ready: bool = True, timeout: float = 30.0) -> ExporterProcess:
         self.process = Process(
             "prosody-exporter",
-            [exporter_command()],
+            self.command or [exporter_command()],
             self.workdir / f"exporter-{self.port}.log",
             env=self.env(),
             netns=self.netns,
