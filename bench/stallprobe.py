@@ -4,8 +4,8 @@ Runs `prosody_exporter.main.main()` unchanged, plus:
 - a ticker on the event loop that asks to wake every TICK seconds and records how late it woke
   (a late tick is a stall: one callback, a GC pause or a queue of ready callbacks held the loop);
 - `gc.callbacks`, recording each collection's generation and duration (any thread).
-When it shuts down (SIGTERM) it writes both to the JSON file named by $STALLPROBE_OUT, then exits as usual.
-Used by `python -m bench.exporter --stalls`; never part of the product.
+When it shuts down (SIGTERM) it writes both to the JSON file named by $STALLPROBE_OUT.
+Used by `make bench-exporter` for its collections-and-the-tail table; never part of the product.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from .procs import Process, ProcessOwner, free_port, http_ok, venv_command
 
 
@@ -52,3 +55,13 @@ class ExporterProcess(ProcessOwner):
         if self.netns is None:
             self.process.wait_ready(lambda: http_ok(self.base_url + path), timeout)
         return self
+
+    def sample_value(self, name: str, **labels: str) -> float | None:
+        """One sample of its /metrics (from loopback, Prometheus text); None when absent."""
+        response = httpx.get(self.base_url + "/metrics", timeout=5)
+        assert response.status_code == 200, response.text
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None

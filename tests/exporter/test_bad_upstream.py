@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from testinfra.procs import wait_until
 from testinfra.prosody import ProsodyServer
@@ -26,17 +25,8 @@ def scrape(exporter, **headers: str) -> httpx.Response:
     return response
 
 
-def samples(exporter) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = scrape(exporter).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def value(exporter, name: str, **labels: str) -> float | None:
-    return samples(exporter).get((name, tuple(sorted(labels.items()))))
+    return exporter.sample_value(name, **labels)
 
 
 def errors(exporter, reason: str) -> float:

@@ -137,7 +137,12 @@ def render_exposition(body: str) -> tuple[dict[Format, RenderedBody], int]:
         families += 1
         for fmt, parts in rendered.items():
             parts.append(render((family,), fmt))
-    return {fmt: RenderedBody.of(b"".join(parts)) for fmt, parts in rendered.items()}, families
+    bodies = {}
+    for fmt, parts in rendered.items():
+        raw = b"".join(parts)
+        parts.clear()
+        bodies[fmt] = RenderedBody.of(raw)
+    return bodies, families
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,10 @@ class Settings(BaseSettings):
     )
     upstream_timeout: float = Field(5.0, gt=0, description="Seconds one collection may take.")
     max_body_bytes: int = Field(
-        16 * 1024 * 1024, gt=0, description="Largest upstream body accepted, in bytes."
+        512 * 1024,
+        gt=0,
+        description="Largest upstream body accepted, in bytes (after decoding); the sidecar's "
+        "default memory limit is measured with a body this large.",
     )
     interval: float = Field(
         30.0, gt=0, description="Seconds between collections (Prosody's statistics_interval)."

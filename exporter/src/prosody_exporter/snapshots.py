@@ -36,8 +36,11 @@ class Snapshot:
 
 
 def build_snapshot(body: bytearray, collected_at: float, previous: Snapshot | None) -> Snapshot:
-    """Runs in the worker thread. Prosody with a numeric statistics_interval serves the same body
-    until its next collection, so most collections reuse the previous rendering."""
+    """Runs in the worker thread, and empties `body` once read.
+
+    Prosody with a numeric statistics_interval serves the same body until its next collection,
+    so most collections reuse the previous rendering.
+    """
     digest = hashlib.blake2b(body, digest_size=16).digest()
     if previous is not None and previous.digest == digest:
         return dataclasses.replace(previous, collected_at=collected_at)
@@ -45,6 +48,8 @@ def build_snapshot(body: bytearray, collected_at: float, previous: Snapshot | No
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         raise UpstreamError(ErrorReason.PARSE, f"body is not UTF-8: {error}") from error
+    finally:
+        body.clear()  # its memory goes now, not when the caller lets go of it
     try:
         bodies, families = render_exposition(text)
     except ExpositionError as error:

@@ -26,6 +26,7 @@ _HEADERS = {
     "User-Agent": f"prosody-exporter/{__version__}",
 }
 ERROR_BODY_BYTES = 256  # of an error answer, kept for the log line
+INFLATE_SLICE = 1 << 16  # bytes inflated at a time from a compressed body
 _INFLATED = frozenset({"gzip", "x-gzip", "deflate"})  # zlib reads all three (wbits 32 + 15)
 
 
@@ -56,13 +57,17 @@ class BoundedBody:
         self.data = bytearray()
 
     def add(self, chunk: bytes) -> None:
-        room = self._limit - len(self.data)
-        if self._inflate is not None:
-            # Never more than one byte past the limit from one chunk, however well it compresses.
-            chunk = self._inflate.decompress(chunk, room + 1)
-        if len(chunk) > room:
+        if self._inflate is None:
+            self._append(chunk)
+            return
+        while chunk:  # in slices, however well it compresses
+            self._append(self._inflate.decompress(chunk, INFLATE_SLICE))
+            chunk = self._inflate.unconsumed_tail
+
+    def _append(self, data: bytes) -> None:
+        if len(data) > self._limit - len(self.data):
             raise UpstreamError(ErrorReason.TOO_LARGE, f"body larger than {self._limit} bytes")
-        self.data += chunk
+        self.data += data
 
     def finish(self) -> bytearray:
         if self._inflate is not None and not self._inflate.eof:
