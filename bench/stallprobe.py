@@ -45,6 +45,7 @@ async def ticker() -> None:
 class ProbedServer(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
+        collections.clear()  # start-up's own collection (before gc.freeze) is not serving
         self._ticker = asyncio.get_running_loop().create_task(ticker())
 
     async def shutdown(self, sockets: Any = None) -> None:

@@ -55,6 +55,7 @@ class Answer:
     delay: float = 0.0  # seconds before answering
     repeat: int = 1  # the body is sent this many times (large bodies without holding them)
     headers: dict[str, str] = field(default_factory=dict)
+    content_length: bool = True  # False: the body ends when the connection closes
 
 
 @dataclass
@@ -76,7 +77,8 @@ class StandInProsody:
                     time.sleep(answer.delay)
                 self.send_response(answer.status)
                 self.send_header("Content-Type", answer.content_type)
-                self.send_header("Content-Length", str(len(answer.body) * answer.repeat))
+                if answer.content_length:
+                    self.send_header("Content-Length", str(len(answer.body) * answer.repeat))
                 for name, value in answer.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
