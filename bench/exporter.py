@@ -305,11 +305,18 @@ def show_ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+def drain(prosody_url: str) -> None:
+    """Wait until Prosody has answered what a run left queued: it answers requests one at a time,
+    also those whose client is gone, and nginx's next cache refresh would wait behind them."""
+    httpx.get(prosody_url, headers=PROMETHEUS_HEADERS, trust_env=False, timeout=120)
+
+
 def compare(urls: dict[str, str], connections: int, args: argparse.Namespace) -> dict[str, Any]:
     """Direct, nginx and the sidecar back to back, so all see the same background load."""
-    loads = {
-        name: run_wrk(url, connections, args.duration, args.script) for name, url in urls.items()
-    }
+    loads = {}
+    for name, url in urls.items():
+        loads[name] = run_wrk(url, connections, args.duration, args.script)
+        drain(urls["direct"])
     d, n, s = loads["direct"], loads["nginx"], loads["sidecar"]
     return {
         "connections": connections,
@@ -347,6 +354,7 @@ def bench_payload(payload: Payload, args: argparse.Namespace) -> dict[str, Any]:
         sizes = body_sizes(urls["direct"], urls["nginx"], urls["sidecar"])
         for url in urls.values():
             run_wrk(url, 10, args.warmup, args.script)
+            drain(urls["direct"])
         runs = []
         for connections in CONNECTIONS:
             runs.append(compare(urls, connections, args))
