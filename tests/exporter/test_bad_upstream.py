@@ -148,3 +148,16 @@ def test_json_logs(start_exporter):
     entries = [json.loads(line) for line in lines]  # every line is JSON
     down = [e for e in entries if e["message"].startswith("upstream down")]
     assert len(down) == 1 and down[0]["level"] == "warning" and "HTTP 500" in down[0]["message"]
+
+
+def test_metrics_answers_head_and_refuses_other_methods(start_exporter):
+    """GET /metrics is answered in front of FastAPI; HEAD and the rest still go through it."""
+    with StandInProsody(Answer(body=(DATA / "prosody-0.12.txt").read_bytes())) as standin:
+        exporter = start_exporter(standin.url)
+        get = httpx.get(exporter.base_url + "/metrics", headers={"Accept-Encoding": "identity"})
+        head = httpx.head(exporter.base_url + "/metrics", headers={"Accept-Encoding": "identity"})
+        post = httpx.post(exporter.base_url + "/metrics")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert abs(int(head.headers["content-length"]) - len(get.content)) < 100  # own metrics move
+    assert post.status_code == 405

@@ -217,13 +217,15 @@ def create_app(settings: Settings, upstream: Upstream | None = None) -> Exporter
     policy = AccessPolicy(settings.allow_cidrs, settings.trusted_proxy_cidrs)
     exporter = Exporter(api, policy, metrics, MetricsResponses(keeper, metrics))
 
-    @api.get("/metrics")
     async def metrics_head(request: Request) -> Response:
-        """HEAD /metrics (Starlette answers HEAD for a GET route); GET is answered in front."""
+        """HEAD /metrics; a GET is answered in front."""
         headers, content = exporter.metrics_response(request.scope["headers"])
         response = Response(content)
         response.raw_headers = headers
         return response
+
+    # A plain Starlette route, as GET /metrics always was: it answers HEAD too, and 405 otherwise.
+    api.router.add_route("/metrics", metrics_head, methods=["GET"])
 
     @api.get("/healthz")
     async def healthz() -> Response:
