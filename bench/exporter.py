@@ -636,9 +636,14 @@ def attacks() -> list[Attack]:
         ),
         Attack(
             "gzip bomb",
-            "1 MiB of gzip inflating to 1 GiB, Content-Encoding: gzip",
+            "1 MiB of gzip inflating to 1 GiB, Content-Encoding: gzip, no Content-Length",
             0,
-            upstream=Answer(body=gzip_bomb(1 << 30), headers={"Content-Encoding": "gzip"}),
+            upstream=Answer(
+                body=gzip_bomb(1 << 30),
+                headers={"Content-Encoding": "gzip"},
+                content_length=False,
+                pause_after_headers=0.2,
+            ),
         ),
         Attack(
             "huge error body",

@@ -56,6 +56,7 @@ class Answer:
     repeat: int = 1  # the body is sent this many times (large bodies without holding them)
     headers: dict[str, str] = field(default_factory=dict)
     content_length: bool = True  # False: the body ends when the connection closes
+    pause_after_headers: float = 0.0  # seconds, so that the body arrives in full reads
 
 
 @dataclass
@@ -82,6 +83,7 @@ class StandInProsody:
                 for name, value in answer.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
+                time.sleep(answer.pause_after_headers)
                 standin.body_bytes_sent = 0
                 # The exporter may have given up waiting or reading, as it should.
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):

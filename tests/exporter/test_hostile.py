@@ -154,7 +154,14 @@ def test_a_gzip_body_sent_anyway_is_read(start_exporter):
 
 
 def test_a_gzip_bomb_is_inflated_only_to_max_body_bytes(start_exporter):
-    answer = Answer(body=gzip_bomb(1 << 30), headers={"Content-Encoding": "gzip"})
+    # No Content-Length (1 MiB would be refused unread), and a pause so that the body arrives in
+    # full 64 KiB reads: each inflates to 64 MiB when inflated whole.
+    answer = Answer(
+        body=gzip_bomb(1 << 30),
+        headers={"Content-Encoding": "gzip"},
+        content_length=False,
+        pause_after_headers=0.2,
+    )
     with StandInProsody(answer) as standin:
         exporter = start_exporter(standin.url, wait_for_ready=False, interval=0.5)
         wait_until(lambda: errors(exporter, "too_large") >= 2, 30, "too_large errors")
