@@ -46,7 +46,7 @@ Results go to stdout as tables and to .cache/results/bench-exporter.json, whose 
 - memory: idle_kib {sidecar, nginx} (VmRSS; nginx summed over its processes), imports: list of
   {module, rss_kib, added_kib}.
 - attacks: name, detail, connections, outcome (what the sidecar did), peak_kib (VmHWM),
-  rss_after_kib; memory_limit: {worst_peak_kib, recommended_mi, default (the operator's
+  rss_after_kib; memory_limit: {worst_peak_kib, recommended_mi, default_mi (the operator's
   sidecar_memory_limit)}.
 - targets: name, goal, measured (text), passed (bool).
 """
@@ -82,9 +82,8 @@ from bench.report import (
 )
 from bench.report import machine as machine_basics
 from prosody_exporter.settings import Settings as ExporterSettings
-from prosody_operator.settings import OperatorSettings
 from testinfra import hostile
-from testinfra.exporter import ExporterProcess
+from testinfra.exporter import ExporterProcess, default_memory_limit_mib
 from testinfra.layout import CACHE_DIR
 from testinfra.procs import MissingPrerequisite, require_program
 from testinfra.prosody import ProsodyServer
@@ -736,18 +735,12 @@ def run_attack(attack: Attack, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def mebibytes(quantity: str) -> int:
-    if not quantity.endswith("Mi"):
-        raise ValueError(f"{quantity}: expected a Mi quantity")
-    return int(quantity.removesuffix("Mi"))
-
-
 def memory_limit(attack_results: list[dict[str, Any]]) -> dict[str, Any]:
     worst = max(result["peak_kib"] for result in attack_results)
     return {
         "worst_peak_kib": worst,
         "recommended_mi": math.ceil(worst * MEMORY_LIMIT_FACTOR / 1024),
-        "default": OperatorSettings.model_fields["sidecar_memory_limit"].default,
+        "default_mi": default_memory_limit_mib(),
     }
 
 
@@ -826,10 +819,10 @@ def idle_memory_target(idle: dict[str, int]) -> dict[str, Any]:
 
 
 def memory_limit_target(limit: dict[str, Any]) -> dict[str, Any]:
-    default = mebibytes(limit["default"])
+    default = limit["default_mi"]
     measured = (
         f"worst peak {limit['worst_peak_kib'] / 1024:.1f} MiB x {MEMORY_LIMIT_FACTOR:g}"
-        f" = {limit['recommended_mi']}Mi; default {limit['default']}"
+        f" = {limit['recommended_mi']}Mi; default {default}Mi"
     )
     goal = f"default limit >= worst attack peak x {MEMORY_LIMIT_FACTOR:g}"
     return target("memory limit", goal, measured, default >= limit["recommended_mi"])
@@ -1079,7 +1072,8 @@ def report(document: dict[str, Any], args: argparse.Namespace) -> None:
     limit = document["memory_limit"]
     print(
         f"worst peak {limit['worst_peak_kib'] / 1024:.1f} MiB x {MEMORY_LIMIT_FACTOR:g}:"
-        f" memory limit {limit['recommended_mi']}Mi (the operator's default: {limit['default']})"
+        f" memory limit {limit['recommended_mi']}Mi"
+        f" (the operator's default: {limit['default_mi']}Mi)"
     )
     print("\nTargets:")
     print(targets_table(document["targets"]))

@@ -8,11 +8,21 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from prosody_operator.settings import OperatorSettings
+
 from .procs import Process, ProcessOwner, free_port, http_ok, venv_command
 
 
 def exporter_command() -> str:
     return venv_command("prosody-exporter")
+
+
+def default_memory_limit_mib() -> int:
+    """The sidecar's memory limit as the operator injects it by default, in MiB."""
+    quantity = str(OperatorSettings.model_fields["sidecar_memory_limit"].default)
+    if not quantity.endswith("Mi"):
+        raise ValueError(f"sidecar_memory_limit {quantity!r}: expected a Mi quantity")
+    return int(quantity.removesuffix("Mi"))
 
 
 @dataclass

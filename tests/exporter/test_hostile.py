@@ -17,8 +17,8 @@ import pytest
 from prosody_exporter.server import MAX_HEAD_BYTES, MAX_PIPELINED
 from prosody_exporter.settings import Settings as ExporterSettings
 from prosody_exporter.upstream import ERROR_BODY_BYTES
-from prosody_operator.settings import OperatorSettings
 from testinfra import hostile
+from testinfra.exporter import default_memory_limit_mib
 from testinfra.procs import wait_until
 from testinfra.standin import (
     PROSODY_LIKE_LINE,
@@ -33,12 +33,7 @@ DATA = Path(__file__).parent / "data"
 DENIED = {"allow_cidrs": "198.18.0.0/15"}  # loopback, where these clients are, is not allowed
 
 
-def mebibytes(quantity: str) -> int:
-    assert quantity.endswith("Mi"), quantity
-    return int(quantity.removesuffix("Mi")) << 20
-
-
-MEMORY_LIMIT = mebibytes(OperatorSettings.model_fields["sidecar_memory_limit"].default)
+MEMORY_LIMIT = default_memory_limit_mib() << 20
 
 
 def peak_rss(exporter) -> int:
