@@ -470,14 +470,16 @@ def count_during_scrapes(prosody_url: str, url: str, k: int, seconds: float) -> 
         threading.Thread(target=scrape_periodically, args=(url, seconds, tally, lock))
         for _ in range(k)
     ]
-    before = collection_count(prosody_url)
+    # The window runs from the first count to the last: a loaded Prosody may take a while to
+    # answer either, and the sidecar's collections go on meanwhile.
     started = time.monotonic()
+    before = collection_count(prosody_url)
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(seconds + 10)
-    window = time.monotonic() - started
     after = collection_count(prosody_url)
+    window = time.monotonic() - started
     # `after` counts its own read's collection; `before` already counted its own.
     return {
         "scrapers": k,
