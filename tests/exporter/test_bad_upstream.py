@@ -96,9 +96,9 @@ def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter):
     prosody = ProsodyServer(tmp_path / "prosody", statistics_interval="manual").start()
     try:
         exporter = start_exporter(
-            # Stale after 6 s: room for the checks below on a loaded machine.
             prosody.metrics_url,
             interval=0.3,
+            # Stale after 6 s: room for the checks below on a loaded machine.
             settings={"stale_after_intervals": "20"},
         )
         collection = "prosody_stats_collection_seconds_count"
