@@ -32,7 +32,7 @@ from .upstream import Upstream
 # reveal nothing but "ok", so they stay open. Everything else is behind the allowlist.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # Decisions and negotiations are remembered per distinct header value; a client sending endless
-# distinct values only empties the memo now and then.
+# distinct values only empties the memo now and then (at most 256 request heads' worth of text).
 MEMO_SIZE = 256
 
 Headers = list[tuple[bytes, bytes]]
@@ -156,11 +156,11 @@ class Exporter:
         return self._responses.get(fmt, gzip)
 
     def _negotiate(self, headers: Headers) -> tuple[Format, bool]:
-        accept = accept_encoding = None
+        accept = accept_encoding = None  # the first of each, as Starlette's headers.get() gives
         for name, value in headers:
-            if name == b"accept":
+            if name == b"accept" and accept is None:
                 accept = value.decode("latin-1")
-            elif name == b"accept-encoding":
+            elif name == b"accept-encoding" and accept_encoding is None:
                 accept_encoding = value.decode("latin-1")
         key = (accept, accept_encoding)
         negotiated = self._negotiated.get(key)
