@@ -96,10 +96,7 @@ def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter):
     prosody = ProsodyServer(tmp_path / "prosody", statistics_interval="manual").start()
     try:
         exporter = start_exporter(
-            prosody.metrics_url,
-            interval=0.3,
-            # Stale after 6 s: room for the checks below on a loaded machine.
-            settings={"stale_after_intervals": "20"},
+            prosody.metrics_url, interval=0.3, settings={"stale_after_intervals": "5"}
         )
         collection = "prosody_stats_collection_seconds_count"
         assert value(exporter, collection) is not None
@@ -108,7 +105,7 @@ def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter):
         assert value(exporter, "prosody_exporter_up") == 0
         # Until the snapshot is stale, the last good Prosody series are still served ...
         assert value(exporter, collection) is not None
-        wait_until(lambda: ready(exporter) == 503, 20, "the snapshot to go stale")
+        wait_until(lambda: ready(exporter) == 503, 10, "the snapshot to go stale")
         # ... then only the exporter's own metrics, so Prometheus marks Prosody's series stale.
         assert value(exporter, collection) is None
         assert value(exporter, "prosody_exporter_snapshot_stale") == 1
