@@ -262,7 +262,7 @@ def test_env_sets_every_setting_the_chart_decides(monkeypatch: pytest.MonkeyPatc
     settings = operator_settings(env, monkeypatch)
     assert settings.exporter_image == "ghcr.io/prosody-operator/prosody-exporter:0.1.0"
     assert (settings.sidecar_cpu_request, settings.sidecar_memory_request) == ("10m", "32Mi")
-    assert (settings.sidecar_cpu_limit, settings.sidecar_memory_limit) == ("", "64Mi")
+    assert (settings.sidecar_cpu_limit, settings.sidecar_memory_limit) == ("", "104Mi")
 
 
 def test_sidecar_resources_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
