@@ -25,11 +25,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prosody_operator.prosody import ConfigMount
 from prosody_operator.prosody_config import (
     Finding,
     Interval,
     StatisticsConfig,
-    config_files_from_mount,
     evaluate_prosody_config,
     parse_interval_value,
 )
@@ -357,9 +357,8 @@ CASES = [
         "ENV_: official image config, interval from a conf.d file of a ConfigMap",
         {
             MAIN: OFFICIAL,
-            **config_files_from_mount(
-                {"metrics.cfg.lua": cfg('statistics = "internal"', "statistics_interval = 20")},
-                "/etc/prosody/conf.d",
+            **ConfigMount("metrics", "/etc/prosody/conf.d").files(
+                {"metrics.cfg.lua": cfg('statistics = "internal"', "statistics_interval = 20")}
             ),
         },
         env={"PROSODY_ENABLE_MODULES": "http_openmetrics"},
@@ -885,20 +884,6 @@ def test_config_dir_elsewhere() -> None:
     result = evaluate_prosody_config(files, config_dir="/opt/prosody/etc/")
 
     assert (result.interval, result.interval_source) == (7.0, "conf.d/stats.cfg.lua:1")
-
-
-@pytest.mark.parametrize(
-    ("mount_path", "expected"),
-    [
-        ("/etc/prosody/conf.d", {"conf.d/a.cfg.lua": "a", "conf.d/b.cfg.lua": "b"}),
-        ("conf.d/", {"conf.d/a.cfg.lua": "a", "conf.d/b.cfg.lua": "b"}),
-        ("/etc/prosody", {"a.cfg.lua": "a", "b.cfg.lua": "b"}),
-        ("/srv/prosody", {"/srv/prosody/a.cfg.lua": "a", "/srv/prosody/b.cfg.lua": "b"}),
-    ],
-)
-def test_config_files_from_mount(mount_path: str, expected: dict[str, str]) -> None:
-    data = {"a.cfg.lua": "a", "b.cfg.lua": "b"}
-    assert config_files_from_mount(data, mount_path) == expected
 
 
 def test_relative_config_dir_is_refused() -> None:
