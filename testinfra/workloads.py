@@ -7,9 +7,10 @@ from typing import Any
 INJECT = "prosody-operator.io/inject"
 
 
-def prosody_config(interval: str, modules: tuple[str, ...] = ()) -> str:
+def prosody_config(interval: str, *, modules: tuple[str, ...] = (), extra: str = "") -> str:
     """A user's prosody.cfg.lua, as a ConfigMap holds it: metrics on, statistics_interval
-    `interval` (a Lua value: `30`, `"manual"`), one VirtualHost a test client can log in to."""
+    `interval` (a Lua value: `30`, `"manual"`), more `modules` and `extra` global settings, and
+    one VirtualHost a test client can log in to."""
     enabled = ", ".join(
         f'"{m}"' for m in ("http_openmetrics", "roster", "saslauth", "ping", *modules)
     )
@@ -20,6 +21,7 @@ c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
 statistics = "internal"
 statistics_interval = {interval}
+{extra}
 VirtualHost "localhost"
 """
 
