@@ -99,16 +99,16 @@ class Controller:
             if summary is not None:
                 owner, workload_annotations = summary.ref, summary.annotations
         configmaps = {}
-        wanted = candidate(metadata, spec, workload_annotations, namespace_labels)
-        if wanted.wanted:
-            names = wanted.configmaps(spec)
+        prosody = candidate(metadata, spec, workload_annotations, namespace_labels)
+        if prosody.wanted:
+            names = prosody.configmaps(spec)
             for name in names:
                 data = Indexes.first(indexes.configmaps, (namespace, name))
                 if data is not None:
                     configmaps[name] = data
             configmaps.update(self.kube.configmap_data(namespace, names - configmaps.keys()))
         cidrs = [cidr for cidrs in indexes.node_pod_cidrs.get(None, ()) for cidr in cidrs]
-        if wanted.wanted and not cidrs:
+        if prosody.wanted and not cidrs:
             cidrs = self.kube.node_pod_cidrs()
         return observation.Admission(
             pod,
@@ -145,16 +145,16 @@ class Controller:
         candidate and owns nothing."""
         ref = ObjectRef.of(workload)
         namespace_labels = self._namespace_labels(ref.namespace, indexes)
-        wanted = workload_candidate(workload, namespace_labels)
+        prosody = workload_candidate(workload, namespace_labels)
         owned: dict[str, Obj] = {}
-        if wanted.wanted or Indexes.first(indexes.owners, ref.key):
+        if prosody.wanted or Indexes.first(indexes.owners, ref.key):
             name = builders.metrics_object_name(ref.name)
             owned = self.kube.metrics_objects(ref.namespace, name)
-        if not wanted.wanted:
+        if not prosody.wanted:
             return observation.Workload(workload, namespace_labels, owned=owned)
         template = workload["spec"].get("template") or {}
         configmaps = self.kube.configmap_data(
-            ref.namespace, wanted.configmaps(template.get("spec") or {})
+            ref.namespace, prosody.configmaps(template.get("spec") or {})
         )
         selector = label_selector(workload["spec"].get("selector") or {})
         pods = self.kube.pods(ref.namespace, selector) if selector else []

@@ -159,7 +159,7 @@ def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict
 
 
 def _workload_summary(body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], Any]:
-    summary = summarize(_plain(body))
+    summary = summarize(body)
     return {summary.ref.key: summary}
 
 
