@@ -31,7 +31,7 @@ log = logging.getLogger("prosody_operator")
 # Seconds between two reads of the webhook's certificate files (three small files).
 CERTIFICATE_CHECK_INTERVAL = 10.0
 CONFIGURATION_RETRY = 5.0  # seconds between two attempts to apply the webhook configuration
-OWNED = {"app.kubernetes.io/managed-by": "prosody-operator"}
+OWNED = builders.MANAGED_BY  # the label on every object the operator makes
 
 
 def _controller(memo: Any) -> Controller:
