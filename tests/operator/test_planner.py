@@ -521,6 +521,14 @@ ADMISSION = {
     "opted-in namespace, Prosody pod: injected": (
         admission(new_pod(), namespace_labels=OPTED), {"PROSODY_EXPORTER_INTERVAL": "60s"}, {},
     ),
+    "opted-in namespace, the maintained Prosody image in a container of another name": (
+        admission(
+            new_pod(containers=[{"name": "xmpp", "image": "docker.io/prosodyim/prosody:13.0"}]),
+            namespace_labels=OPTED,
+        ),
+        {"PROSODY_EXPORTER_INTERVAL": "60s"},
+        {},
+    ),
     "opted-in namespace, jitsi's Prosody image: injected": (
         admission(new_pod(containers=[JITSI]), namespace_labels=OPTED),
         {"PROSODY_EXPORTER_INTERVAL": "60s"},

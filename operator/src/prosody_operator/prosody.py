@@ -16,9 +16,9 @@ from .prosody_config import Finding, StatisticsConfig, evaluate_prosody_config
 
 PROSODY_CONFIG_DIR = "/etc/prosody"
 MAIN_CONFIG = "prosody.cfg.lua"
-# A container is recognised as Prosody by its name, or by its image's last path segment:
-# prosody/prosody (the Prosody project's image), jitsi/prosody and ghcr.io/jitsi/prosody (Jitsi's),
-# and any mirror of them that keeps the name.
+# A container is recognised as Prosody by its name, or by its image's last path segment: the
+# Prosody project's prosodyim/prosody (maintained) and prosody/prosody (legacy), Jitsi's
+# jitsi/prosody and ghcr.io/jitsi/prosody, and any mirror of them that keeps the name.
 PROSODY_NAME = "prosody"
 
 Obj = dict[str, Any]
