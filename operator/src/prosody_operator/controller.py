@@ -177,9 +177,10 @@ class Controller:
             return  # the namespace goes, and everything in it
         for live in plan.delete:
             self.kube.delete(live)
-        self.events.report(plan.workload, plan.events, settles=RECONCILE_REASONS)
         if plan.restart:
             self.kube.restart_rollout(plan.workload)
+        # Last: the Events say what was done.
+        self.events.report(plan.workload, plan.events, settles=RECONCILE_REASONS)
 
     # --- the webhook configuration -------------------------------------------------------
 
