@@ -10,191 +10,40 @@ the Service and ServiceMonitor; prometheus-operator v0.85 generates the scrape
 configuration from the ServiceMonitor; Prometheus (built from its Go module) runs that
 configuration, discovers the pods with kubernetes_sd through the API server, and scrapes them.
 
-Two Deployments share one setup (module-scoped, ~20 s):
+Two Deployments, on the chain of conftest.py:
 * `xmpp`: statistics_interval = 3, so the ServiceMonitor and the sidecar use 3 s;
 * `manual`: statistics_interval = "manual", so the sidecar is Prosody's only scraper, every
-  MANUAL_INTERVAL seconds, whatever the number of Prometheus replicas.
-Three Prometheus processes run the generated configuration: replicas 0 and 1 of the Prometheus
-resource `k8s`, on the pod network, and one outside the pod network (198.19.x), which the
-sidecar's default allowlist (the Node's podCIDRs) refuses. The last test edits the xmpp
-ConfigMap and restarts its rollout: the new interval reaches the generated configuration, the
-running Prometheus (reloaded) and the new pod's sidecar.
+  `chain.manual_interval` seconds, whatever the number of Prometheus replicas.
+The last test edits the xmpp ConfigMap and restarts its rollout: the new interval reaches the
+generated configuration, the running Prometheus (reloaded) and the new pod's sidecar.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 
 from testinfra import e2e
-from testinfra.kubeapi import create_namespace, or_none
-from testinfra.operator import ChartRelease
-from testinfra.podrunner import INJECT_LABEL, SIDECAR, PodRunner
+from testinfra.podrunner import SIDECAR
 from testinfra.procs import wait_until
-from testinfra.workloads import prosody_deployment
+from testinfra.workloads import prosody_config, prosody_deployment
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(1800)]
 
-LABELS = {"release": "e2e"}  # on the ServiceMonitors, and what the Prometheus selects
-MANUAL_INTERVAL = 2  # seconds: the chart's sidecar.manualInterval
 STATISTICS_INTERVAL = 3  # seconds: statistics_interval in the xmpp ConfigMap
-PROMETHEUS = "k8s"
 
 
-def prosody_config(interval: str) -> str:
-    """A user's prosody.cfg.lua, as a ConfigMap holds it."""
-    return f"""
-modules_enabled = {{ "http_openmetrics", "roster", "saslauth", "ping" }}
-authentication = "internal_hashed"
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
-statistics = "internal"
-statistics_interval = {interval}
-VirtualHost "localhost"
-"""
-
-
-@dataclass
-class Chain:
-    api: client.ApiClient
-    namespace: str
-    release: ChartRelease
-    runner: PodRunner
-    prometheus: list[e2e.PrometheusFromOperator]  # replicas 0 and 1, on the pod network
-    outsider: e2e.PrometheusFromOperator  # the same configuration, outside the pod network
-
-    def pod(self, app: str) -> Any:
-        pods = self.runner.running_pods(self.namespace, f"{app}-")
-        assert len(pods) == 1, f"pods of {app}: {[p.name for p in pods]}"
-        return pods[0]
-
-    def service_monitor(self, app: str) -> dict[str, Any]:
-        found: dict[str, Any] = client.CustomObjectsApi(self.api).get_namespaced_custom_object(  # type: ignore[assignment]
-            "monitoring.coreos.com",
-            "v1",
-            self.namespace,
-            "servicemonitors",
-            f"{app}-prosody-metrics",
-        )
-        return found
-
-    def job(self, app: str) -> str:
-        return f"serviceMonitor/{self.namespace}/{app}-prosody-metrics/0"
-
-    def generated_job(self, app: str) -> dict[str, Any] | None:
-        text = e2e.generated_config(self.api, self.namespace, PROMETHEUS)
-        jobs = (yaml.safe_load(text) or {}).get("scrape_configs") or [] if text else []
-        return next((j for j in jobs if j["job_name"] == self.job(app)), None)
-
-    def running_job(self, app: str, replica: int = 0) -> dict[str, Any]:
-        """The job as the running Prometheus reports its configuration."""
-        running = yaml.safe_load(self.prometheus[replica].running_config())
-        jobs = {j["job_name"]: j for j in running.get("scrape_configs") or []}
-        found: dict[str, Any] = jobs.get(self.job(app), {})
-        return found
-
-    def target(self, prometheus: e2e.PrometheusFromOperator, app: str, health: str) -> Any:
-        found: list[dict[str, Any]] = []
-
-        def has_target() -> bool:
-            found[:] = [
-                t
-                for t in prometheus.targets()
-                if t["scrapePool"] == self.job(app) and t["health"] == health
-            ]
-            return bool(found)
-
-        wait_until(has_target, 60, f"{app} target {health} in {prometheus.url}", 0.5)
-        return found[0]
-
-
-@pytest.fixture(scope="module")
-def e2e_namespace(k8s_client: client.ApiClient) -> Iterator[str]:
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
-    try:
-        yield create_namespace(k8s_client, name)
-    finally:
-        or_none(lambda: client.CoreV1Api(k8s_client).delete_namespace(name))
-
-
-@pytest.fixture(scope="module")
-def chain(
-    k8s_client: client.ApiClient, e2e_namespace: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Chain]:
-    e2e.prometheus_binary()  # built once (minutes when cold), before anything starts
-    work: Path = tmp_path_factory.mktemp("e2e")
-    namespace, core = e2e_namespace, client.CoreV1Api(k8s_client)
-    with ExitStack() as stack:
-        release = ChartRelease(
-            k8s_client,
-            values={"serviceMonitor.labels": LABELS, "sidecar.manualInterval": MANUAL_INTERVAL},
-        )
-        # The runner registers its Node first: the sidecar's allowlist is the Nodes' podCIDRs.
-        runner = stack.enter_context(
-            PodRunner(
-                k8s_client,
-                work / "pods",
-                [namespace, release.namespace],
-                label_selectors=(INJECT_LABEL, release.selector),
-            )
-        )
-        stack.callback(release.uninstall)
-        release.install()
-        prometheus_operator = stack.enter_context(
-            e2e.PrometheusOperator(work / "prometheus-operator", [namespace])
-        )
-        for app, interval in (("xmpp", str(STATISTICS_INTERVAL)), ("manual", '"manual"')):
-            core.create_namespaced_config_map(
-                namespace,
-                client.V1ConfigMap(
-                    metadata=client.V1ObjectMeta(name=f"{app}-config"),
-                    data={"prosody.cfg.lua": prosody_config(interval)},
-                ),
-            )
-            client.AppsV1Api(k8s_client).create_namespaced_deployment(
-                namespace, prosody_deployment(app, f"{app}-config")
-            )
-        e2e.create_prometheus(
-            k8s_client,
-            namespace,
-            PROMETHEUS,
-            controller_id=prometheus_operator.controller_id,
-            service_monitor_labels=LABELS,
-            replicas=2,
-        )
-        files = e2e.service_account_files(
-            k8s_client, namespace, f"prometheus-{PROMETHEUS}", runner.api_server_url, work / "sa"
+@pytest.fixture(scope="module", autouse=True)
+def deployments(chain):
+    for app, interval in (("xmpp", str(STATISTICS_INTERVAL)), ("manual", '"manual"')):
+        chain.deploy(
+            f"{app}-config", prosody_config(interval), prosody_deployment(app, f"{app}-config")
         )
 
-        def prometheus(role: str, netns: Any, replica: int) -> e2e.PrometheusFromOperator:
-            return stack.enter_context(
-                e2e.PrometheusFromOperator(
-                    k8s_client, work / role, namespace, PROMETHEUS, netns, files, replica
-                )
-            )
 
-        outside = str(runner.network.network_address + (1 << 16) + 250)  # 198.19.x.250
-        yield Chain(
-            k8s_client,
-            namespace,
-            release,
-            runner,
-            [prometheus(f"prom{i}", runner.attach(f"prom{i}", 250 + i), i) for i in (0, 1)],
-            prometheus("outsider", runner.attach_outside("outsider", f"{outside}/32"), 0),
-        )
-        runner.check()
-
-
-def test_the_helm_installed_operator_injects_through_the_charts_service(chain: Chain):
+def test_the_helm_installed_operator_injects_through_the_charts_service(chain):
     """The operator runs in the pod `helm install` made; the API server reaches its webhook at
     the endpoint of the chart's Service (the configuration names no URL), and it injected."""
     (operator,) = chain.runner.running_pods(chain.release.namespace)
@@ -221,7 +70,7 @@ def test_the_helm_installed_operator_injects_through_the_charts_service(chain: C
         assert pod.metadata.annotations["prosody-operator.io/status"]
 
 
-def test_prometheus_scrapes_prosody_through_the_sidecar(chain: Chain):
+def test_prometheus_scrapes_prosody_through_the_sidecar(chain):
     for prometheus in chain.prometheus:
         target = chain.target(prometheus, "xmpp", "up")
         pod = chain.pod("xmpp")
@@ -234,7 +83,7 @@ def test_prometheus_scrapes_prosody_through_the_sidecar(chain: Chain):
         assert prometheus.query(f'prosody_exporter_up{{pod="{pod.name}"}}')[0]["value"][1] == "1"
 
 
-def test_scrape_interval_is_prosodys_statistics_interval(chain: Chain):
+def test_scrape_interval_is_prosodys_statistics_interval(chain):
     monitor = chain.service_monitor("xmpp")
     assert monitor["spec"]["endpoints"][0]["interval"] == f"{STATISTICS_INTERVAL}s"
     job = chain.generated_job("xmpp")
@@ -244,7 +93,7 @@ def test_scrape_interval_is_prosodys_statistics_interval(chain: Chain):
     assert chain.running_job("xmpp")["scrape_interval"] == f"{STATISTICS_INTERVAL}s"
 
 
-def test_xmpp_session_shows_in_c2s_connections(chain: Chain):
+def test_xmpp_session_shows_in_c2s_connections(chain):
     pod = chain.pod("xmpp")
     e2e.register_in_pod(pod.prosody_config, "alice", "alice-password")
     session = e2e.PodXmppSession(pod.netns, "alice", "alice-password").open()
@@ -256,17 +105,17 @@ def test_xmpp_session_shows_in_c2s_connections(chain: Chain):
         session.close()
 
 
-def test_prometheus_outside_the_pod_network_is_refused(chain: Chain):
+def test_prometheus_outside_the_pod_network_is_refused(chain):
     target = chain.target(chain.outsider, "xmpp", "down")
     assert "403" in target["lastError"], target["lastError"]
     # The same configuration, scraping from the pod network, succeeds.
     chain.target(chain.prometheus[0], "xmpp", "up")
 
 
-def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
+def test_manual_mode_two_replicas_one_collection_per_interval(chain):
     pod = chain.pod("manual")
     assert chain.service_monitor("manual")["spec"]["endpoints"][0]["interval"] == (
-        f"{MANUAL_INTERVAL}s"
+        f"{chain.manual_interval}s"
     )
     for prometheus in chain.prometheus:
         chain.target(prometheus, "manual", "up")
@@ -277,7 +126,7 @@ def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
         values = [float(r["value"][1]) for r in chain.prometheus[0].query(promql)]
         return max(values)
 
-    window = 10 * MANUAL_INTERVAL
+    window = 10 * chain.manual_interval
     first = collections()
     started = time.monotonic()
     time.sleep(window)
@@ -285,11 +134,11 @@ def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
     elapsed = time.monotonic() - started
     # Prosody collects on every request in manual mode: with both replicas scraping it
     # directly it would collect twice per interval. Through the sidecar: once.
-    expected = elapsed / MANUAL_INTERVAL
+    expected = elapsed / chain.manual_interval
     assert expected - 3 <= done <= expected + 3, (done, expected)
 
 
-def test_changing_the_configmap_interval_reaches_prometheus_and_the_restarted_pod(chain: Chain):
+def test_changing_the_configmap_interval_reaches_prometheus_and_the_restarted_pod(chain):
     """Last: it edits the xmpp ConfigMap and restarts the xmpp rollout."""
     new = STATISTICS_INTERVAL + 2
     client.CoreV1Api(chain.api).patch_namespaced_config_map(

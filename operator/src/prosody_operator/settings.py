@@ -82,7 +82,7 @@ class OperatorSettings(BaseSettings):
     sidecar_memory_limit: str = Field("104Mi", description="Sidecar memory limit.")
     restart_on_drift: bool = Field(
         False,
-        description="Restart the rollout of a Deployment whose running pods lack the sidecar.",
+        description="Restart the rollout of a workload whose running pods lack the sidecar.",
     )
     health_port: int = Field(8080, ge=1, le=65535, description="Liveness endpoint port.")
     webhook_host: str = Field("0.0.0.0", description="Address the admission webhook listens on.")
