@@ -126,15 +126,21 @@ def test_the_check_fails_when_the_ca_bundle_does_not_verify_the_webhook(
     admission = client.AdmissionregistrationV1Api(installed.api)
     name = installed.release.webhook_configuration
     config = admission.read_mutating_webhook_configuration(name)
-    bundle = config.webhooks[0].client_config.ca_bundle
     other = base64.b64encode(controlplane.ca_cert_path().read_bytes()).decode()
-    patch = {"webhooks": [{"name": config.webhooks[0].name, "clientConfig": {"caBundle": other}}]}
-    admission.patch_mutating_webhook_configuration(name, patch)
+
+    def with_bundle(bundle: str | None = None) -> dict[str, Any]:
+        """Every webhook's caBundle set to `bundle`, or back to what it was."""
+        webhooks = [
+            {"name": w.name, "clientConfig": {"caBundle": bundle or w.client_config.ca_bundle}}
+            for w in config.webhooks
+        ]
+        return {"webhooks": webhooks}
+
+    admission.patch_mutating_webhook_configuration(name, with_bundle(other))
     try:
         done = installed.check(timeout=4)
     finally:
-        patch["webhooks"][0]["clientConfig"]["caBundle"] = bundle
-        admission.patch_mutating_webhook_configuration(name, patch)
+        admission.patch_mutating_webhook_configuration(name, with_bundle())
     assert done.returncode == 1
     assert "the caBundle does not verify its certificate" in done.stdout, done.stdout
 
