@@ -228,16 +228,10 @@ def owned_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) ->
 
 
 kopf.on.event("", "v1", "services", id="owned-service-changed", labels=OWNED)(owned_changed)
-kopf.on.event(
-    MONITORING_GROUP,
-    MONITORING_VERSION,
-    "servicemonitors",
-    id="owned-monitor-changed",
-    labels=OWNED,
-)(owned_changed)
-kopf.on.event(
-    MONITORING_GROUP, MONITORING_VERSION, "podmonitors", id="owned-podmonitor-changed", labels=OWNED
-)(owned_changed)
+for _plural in MONITOR_PLURALS.values():
+    kopf.on.event(
+        MONITORING_GROUP, MONITORING_VERSION, _plural, id=f"owned-{_plural}-changed", labels=OWNED
+    )(owned_changed)
 
 
 @kopf.on.event("", "v1", "configmaps", id="configmap-changed")

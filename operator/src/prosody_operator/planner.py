@@ -43,8 +43,6 @@ RECONCILE_REASONS = frozenset(
 )
 # The sidecar's allowlist when no pod network is known: loopback only.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
-# Every kind of object the operator makes for a workload (all named <workload>-prosody-metrics).
-OWNED_KINDS = ("Service", "ServiceMonitor", "PodMonitor")
 MONITOR_BUILDERS = {
     "ServiceMonitor": builders.build_service_monitor,
     "PodMonitor": builders.build_pod_monitor,

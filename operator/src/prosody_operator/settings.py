@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -55,7 +56,7 @@ def _parse_labels(value: Any) -> Any:
 MonitorKind = Literal["ServiceMonitor", "PodMonitor"]
 STRICT = ConfigDict(extra="forbid", strict=True)
 LabelName = Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]
-Id = Annotated[int, Field(ge=0)]
+UnixId = Annotated[int, Field(ge=0)]
 
 
 @with_config(STRICT)
@@ -101,8 +102,8 @@ class SecurityContext(TypedDict, total=False):
     """A container's securityContext (core/v1 SecurityContext, Linux fields)."""
 
     runAsNonRoot: bool
-    runAsUser: Id
-    runAsGroup: Id
+    runAsUser: UnixId
+    runAsGroup: UnixId
     readOnlyRootFilesystem: bool
     allowPrivilegeEscalation: bool
     privileged: bool
@@ -216,7 +217,7 @@ class OperatorSettings(BaseSettings):
         "to injected pods (for a Prometheus without the Operator).",
     )
     sidecar_security_context: Annotated[SecurityContext, NoDecode] = Field(
-        default_factory=lambda: SecurityContext(**RESTRICTED_SIDECAR),
+        default_factory=lambda: copy.deepcopy(RESTRICTED_SIDECAR),
         description="JSON securityContext of the sidecar container (default: passes Pod "
         "Security restricted, user 65532).",
     )
