@@ -8,17 +8,20 @@ VENV := $(CACHE)/venv
 PY := $(VENV)/bin/python
 export PATH := $(CACHE)/bin:$(VENV)/bin:$(PATH)
 
-# Debian packages the tests and the demo run for real.
-APT_PACKAGES := prosody prometheus etcd-server iproute2
+# Debian packages the tests and the demo run for real: Prosody, Prometheus, etcd, and the test
+# node's container runtime (containerd, runc, CNI plugins, iptables for kube-proxy) and image
+# tools (buildah; gcc and libc6-dev for the static pause binary).
+APT_PACKAGES := prosody prometheus etcd-server iproute2 containerd runc containernetworking-plugins \
+	iptables buildah gcc libc6-dev
 
-.PHONY: help install system-packages venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down manifests clean
+.PHONY: help install system-packages venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down node node-down manifests clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 install: system-packages venv ## Install everything the tests and the demo need (apt + pinned Python venv).
 
-system-packages: ## Install Prosody, Prometheus, etcd and iproute2 from Debian if missing.
+system-packages: ## Install the Debian packages above (Prosody, Prometheus, etcd, containerd, ...) if missing.
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
@@ -45,7 +48,8 @@ test: install cluster-bins ## Run the whole test suite (installs what it needs f
 demo: install cluster-bins ## Run the main job: the whole chain on a local cluster, printing what Prometheus sees.
 	$(PY) -m demo $(ARGS)
 
-demo-down: ## Stop what a demo left behind (the control plane, if it was started outside the demo) and its files.
+demo-down: ## Stop what a demo left behind (the node and control plane, if started outside the demo) and its files.
+	$(PY) -m testinfra.node down
 	$(PY) -m testinfra.controlplane down
 	rm -rf $(CACHE)/demo
 
@@ -56,14 +60,21 @@ bench-exporter: install ## Benchmark the sidecar against Prosody scraped directl
 bench-operator: install cluster-bins ## Benchmark the webhook and the reconciler against the local control plane.
 	$(PY) -m bench.operator $(ARGS)
 
-cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator, Prometheus 3 into .cache/bin.
+cluster-bins: ## Build the Kubernetes binaries (one go build), helm, prometheus-operator, Prometheus 3 into .cache/bin.
 	$(PY) -m testinfra.controlplane build
 
-cluster: install cluster-bins ## Start a local control plane (etcd + kube-apiserver + controller-manager).
+cluster: install cluster-bins ## Start a local control plane (etcd, kube-apiserver, controller-manager, scheduler).
 	$(PY) -m testinfra.controlplane up
 
-cluster-down: ## Stop the local control plane and remove its state.
+cluster-down: ## Stop the node (if up) and the local control plane, and remove their state.
+	$(PY) -m testinfra.node down
 	$(PY) -m testinfra.controlplane down
+
+node: cluster ## Start the test node (kubelet, containerd, kube-proxy) with the images in .cache/images.
+	$(PY) -m testinfra.node up
+
+node-down: ## Stop the test node and undo what it changed on the host.
+	$(PY) -m testinfra.node down
 
 manifests: venv cluster-bins ## Regenerate manifests/prosody-operator.yaml from the chart (its default values).
 	$(PY) -m tools.chart manifests

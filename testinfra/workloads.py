@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 INJECT = "prosody-operator.io/inject"
+# The official image, for tests whose pods never run; on the test node, pods run the Prosody
+# image built here (testinfra.e2e.prosody_image).
+PROSODY_IMAGE = "prosody/prosody:0.12"
 
 
-def prosody_pod_spec(configmap: str | None, env: dict[str, str] | None = None) -> dict[str, Any]:
+def prosody_pod_spec(
+    configmap: str | None, env: dict[str, str] | None = None, image: str = PROSODY_IMAGE
+) -> dict[str, Any]:
     """A Prosody pod spec, its config from a ConfigMap mounted at /etc/prosody, compliant with
     Pod Security "restricted"."""
     container: dict[str, Any] = {
         "name": "prosody",
-        "image": "prosody/prosody:0.12",
+        "image": image,
         "ports": [{"name": "c2s", "containerPort": 5222}],
         "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
         "securityContext": {
@@ -54,6 +59,7 @@ def prosody_deployment(
     *,
     annotations: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
+    image: str = PROSODY_IMAGE,
 ) -> dict[str, Any]:
     """An annotated Prosody Deployment (see prosody_pod_spec)."""
     return {
@@ -68,7 +74,7 @@ def prosody_deployment(
                     "labels": {"app": name, INJECT: "true"},
                     "annotations": {INJECT: "true", **(annotations or {})},
                 },
-                "spec": prosody_pod_spec(configmap, env),
+                "spec": prosody_pod_spec(configmap, env, image),
             },
         },
     }

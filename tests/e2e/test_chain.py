@@ -1,49 +1,51 @@
 """End to end, for real: prosody-operator -> pods -> prometheus-operator -> Prometheus scrapes
 Prosody through the sidecar.
 
-Everything is the real thing: the chart is installed with `helm install`; testinfra.podrunner
-binds the pods to its Node and runs them in network namespaces on a bridge — the operator's pod
-as the real prosody-operator, Prosody pods as Debian's Prosody and the real prosody-exporter —
-reporting them Running so the controller-manager fills the Endpoints; the API server calls the
-operator's webhook through the chart's Service, and the operator injects the sidecar and makes
-the Service and ServiceMonitor; prometheus-operator v0.85 generates the scrape
-configuration from the ServiceMonitor; Prometheus (built from its Go module) runs that
-configuration, discovers the pods with kubernetes_sd through the API server, and scrapes them.
+Everything is the real thing, on the test node (testinfra/node.py: kubelet, containerd, kube-proxy):
+the chart is installed with `helm install` and its operator runs from the operator image built
+from operator/Dockerfile; Prosody pods run the Prosody image built from Debian's package; the API
+server calls the operator's webhook through the chart's Service, and the operator injects the
+sidecar (the image built from exporter/Dockerfile, under the securityContext and memory limit the
+operator writes) and makes the Service and ServiceMonitor; prometheus-operator v0.85 generates the
+scrape configuration and a StatefulSet whose Prometheus pods (v3.5, with the config-reloader)
+discover the pods with kubernetes_sd through the `kubernetes` Service and scrape them at their
+pod IPs.
 
-Two Deployments share one setup (module-scoped, ~20 s):
+Two Deployments share one setup (module-scoped):
 * `xmpp`: statistics_interval = 3, so the ServiceMonitor and the sidecar use 3 s;
 * `manual`: statistics_interval = "manual", so the sidecar is Prosody's only scraper, every
   MANUAL_INTERVAL seconds, whatever the number of Prometheus replicas.
-Three Prometheus processes run the generated configuration: replicas 0 and 1 of the Prometheus
-resource `k8s`, on the pod network, and one outside the pod network (198.19.x), which the
-sidecar's default allowlist (the Node's podCIDRs) refuses. The last test edits the xmpp
+Two Prometheus replicas run the generated configuration. The host, outside the pod network (the
+sidecar's default allowlist is the Nodes' podCIDRs), is refused. The last test edits the xmpp
 ConfigMap and restarts its rollout: the new interval reaches the generated configuration, the
-running Prometheus (reloaded) and the new pod's sidecar.
+running Prometheus (reloaded by its config-reloader) and the new pod's sidecar.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from kubernetes import client
 
 from testinfra import e2e
 from testinfra.kubeapi import create_namespace, or_none
+from testinfra.node import Node
 from testinfra.operator import ChartRelease
-from testinfra.podrunner import INJECT_LABEL, SIDECAR, PodRunner
 from testinfra.procs import wait_until
 from testinfra.workloads import prosody_deployment
 
-pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 
+SIDECAR = "prosody-exporter"
 LABELS = {"release": "e2e"}  # on the ServiceMonitors, and what the Prometheus selects
 MANUAL_INTERVAL = 2  # seconds: the chart's sidecar.manualInterval
 STATISTICS_INTERVAL = 3  # seconds: statistics_interval in the xmpp ConfigMap
@@ -68,14 +70,12 @@ class Chain:
     api: client.ApiClient
     namespace: str
     release: ChartRelease
-    runner: PodRunner
-    prometheus: list[e2e.PrometheusFromOperator]  # replicas 0 and 1, on the pod network
-    outsider: e2e.PrometheusFromOperator  # the same configuration, outside the pod network
+    node: Node
+    prometheus: list[e2e.PrometheusPod]  # replicas 0 and 1
 
-    def pod(self, app: str) -> Any:
-        pods = self.runner.running_pods(self.namespace, f"{app}-")
-        assert len(pods) == 1, f"pods of {app}: {[p.name for p in pods]}"
-        return pods[0]
+    def pod(self, app: str) -> client.V1Pod:
+        """The one Ready pod of Deployment `app`."""
+        return e2e.wait_for_ready_pod(self.api, self.namespace, f"app={app}")
 
     def service_monitor(self, app: str) -> dict[str, Any]:
         found: dict[str, Any] = client.CustomObjectsApi(self.api).get_namespaced_custom_object(  # type: ignore[assignment]
@@ -102,19 +102,8 @@ class Chain:
         found: dict[str, Any] = jobs.get(self.job(app), {})
         return found
 
-    def target(self, prometheus: e2e.PrometheusFromOperator, app: str, health: str) -> Any:
-        found: list[dict[str, Any]] = []
-
-        def has_target() -> bool:
-            found[:] = [
-                t
-                for t in prometheus.targets()
-                if t["scrapePool"] == self.job(app) and t["health"] == health
-            ]
-            return bool(found)
-
-        wait_until(has_target, 60, f"{app} target {health} in {prometheus.url}", 0.5)
-        return found[0]
+    def target(self, prometheus: e2e.PrometheusPod, app: str, health: str) -> Any:
+        return prometheus.wait_for_target(self.job(app), health)
 
 
 @pytest.fixture(scope="module")
@@ -128,30 +117,27 @@ def e2e_namespace(k8s_client: client.ApiClient) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def chain(
-    k8s_client: client.ApiClient, e2e_namespace: str, tmp_path_factory: pytest.TempPathFactory
+    k8s_client: client.ApiClient,
+    node: Node,
+    e2e_namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Chain]:
-    e2e.prometheus_binary()  # built once (minutes when cold), before anything starts
-    work: Path = tmp_path_factory.mktemp("e2e")
     namespace, core = e2e_namespace, client.CoreV1Api(k8s_client)
     with ExitStack() as stack:
         release = ChartRelease(
             k8s_client,
-            values={"serviceMonitor.labels": LABELS, "sidecar.manualInterval": MANUAL_INTERVAL},
-        )
-        # The runner registers its Node first: the sidecar's allowlist is the Nodes' podCIDRs.
-        runner = stack.enter_context(
-            PodRunner(
-                k8s_client,
-                work / "pods",
-                [namespace, release.namespace],
-                label_selectors=(INJECT_LABEL, release.selector),
-            )
+            values={
+                "serviceMonitor.labels": LABELS,
+                "sidecar.manualInterval": MANUAL_INTERVAL,
+                **e2e.chart_image_values(node),
+            },
         )
         stack.callback(release.uninstall)
         release.install()
         prometheus_operator = stack.enter_context(
-            e2e.PrometheusOperator(work / "prometheus-operator", [namespace])
+            e2e.PrometheusOperator(tmp_path_factory.mktemp("prometheus-operator"), [namespace])
         )
+        image = e2e.prosody_image(node)
         for app, interval in (("xmpp", str(STATISTICS_INTERVAL)), ("manual", '"manual"')):
             core.create_namespaced_config_map(
                 namespace,
@@ -161,7 +147,7 @@ def chain(
                 ),
             )
             client.AppsV1Api(k8s_client).create_namespaced_deployment(
-                namespace, prosody_deployment(app, f"{app}-config")
+                namespace, prosody_deployment(app, f"{app}-config", image=image)
             )
         e2e.create_prometheus(
             k8s_client,
@@ -171,34 +157,27 @@ def chain(
             service_monitor_labels=LABELS,
             replicas=2,
         )
-        files = e2e.service_account_files(
-            k8s_client, namespace, f"prometheus-{PROMETHEUS}", runner.api_server_url, work / "sa"
-        )
-
-        def prometheus(role: str, netns: Any, replica: int) -> e2e.PrometheusFromOperator:
-            return stack.enter_context(
-                e2e.PrometheusFromOperator(
-                    k8s_client, work / role, namespace, PROMETHEUS, netns, files, replica
-                )
-            )
-
-        outside = str(runner.network.network_address + (1 << 16) + 250)  # 198.19.x.250
         yield Chain(
             k8s_client,
             namespace,
             release,
-            runner,
-            [prometheus(f"prom{i}", runner.attach(f"prom{i}", 250 + i), i) for i in (0, 1)],
-            prometheus("outsider", runner.attach_outside("outsider", f"{outside}/32"), 0),
+            node,
+            [e2e.PrometheusPod(k8s_client, namespace, PROMETHEUS, i).wait_ready() for i in (0, 1)],
         )
-        runner.check()
+
+
+def container_status(pod: client.V1Pod, name: str) -> client.V1ContainerStatus:
+    return next(s for s in pod.status.container_statuses if s.name == name)
 
 
 def test_the_helm_installed_operator_injects_through_the_charts_service(chain: Chain):
-    """The operator runs in the pod `helm install` made; the API server reaches its webhook at
-    the endpoint of the chart's Service (the configuration names no URL), and it injected."""
-    (operator,) = chain.runner.running_pods(chain.release.namespace)
-    assert operator.processes["operator"].running()
+    """The operator runs in the pod `helm install` made, from the image built here; the API
+    server reaches its webhook at the endpoint of the chart's Service (the configuration names
+    no URL), and it injected."""
+    operator = e2e.wait_for_ready_pod(chain.api, chain.release.namespace, chain.release.selector)
+    status = container_status(operator, "operator")
+    assert status.state.running and status.restart_count == 0
+    assert status.image == e2e.loaded_image(chain.node, "prosody-operator")
     config = client.AdmissionregistrationV1Api(chain.api).read_mutating_webhook_configuration(
         chain.release.webhook_configuration
     )
@@ -208,30 +187,72 @@ def test_the_helm_installed_operator_injects_through_the_charts_service(chain: C
     slices = client.DiscoveryV1Api(chain.api).list_namespaced_endpoint_slice(
         chain.release.namespace, label_selector=f"kubernetes.io/service-name={webhook.service.name}"
     )
-    assert [a for s in slices.items for e in s.endpoints for a in e.addresses] == [operator.ip]
-    apps = ("xmpp", "manual")
-
-    def running() -> bool:
-        return all(chain.runner.running_pods(chain.namespace, f"{app}-") for app in apps)
-
-    wait_until(running, 60, "the Prosody pods to run")
-    for app in apps:
-        pod = client.CoreV1Api(chain.api).read_namespaced_pod(chain.pod(app).name, chain.namespace)
+    assert [a for s in slices.items for e in s.endpoints for a in e.addresses] == [
+        operator.status.pod_ip
+    ]
+    for app in ("xmpp", "manual"):
+        pod = chain.pod(app)
         assert [c.name for c in pod.spec.containers] == ["prosody", SIDECAR]
         assert pod.metadata.annotations["prosody-operator.io/status"]
+        for name in ("prosody", SIDECAR):
+            assert container_status(pod, name).state.running, name
+
+
+# What the sidecar's own process reports about itself, run in its container with `kubectl exec`
+# (which the kubelet starts under the container's securityContext, in its cgroup).
+SELF_REPORT = """
+import json, os
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines())
+try:
+    open("/written-at-run-time", "w")
+    root = "writable"
+except OSError as error:
+    root = error.strerror
+limit = open("/sys/fs/cgroup/memory/memory.limit_in_bytes").read().strip()
+print(json.dumps({
+    "uid": os.getuid(), "gid": os.getgid(), "capabilities": status["CapEff"].strip(),
+    "seccomp": status["Seccomp"].strip(), "no_new_privs": status["NoNewPrivs"].strip(),
+    "root": root, "memory_limit": int(limit),
+}))
+"""
+
+
+def test_the_sidecar_runs_under_the_injected_security_context_and_memory_limit(chain: Chain):
+    """What the operator wrote is what the kubelet and runc enforce: uid 65532, no capabilities,
+    seccomp filtering (RuntimeDefault), no privilege escalation, a read-only root filesystem and
+    the chart's 64Mi memory limit."""
+    pod = chain.pod("xmpp")
+    sidecar = next(c for c in pod.spec.containers if c.name == SIDECAR)
+    assert sidecar.resources.limits["memory"] == "64Mi"
+    assert container_status(pod, SIDECAR).image == e2e.loaded_image(chain.node, SIDECAR)
+    argv = ["python3", "-c", SELF_REPORT]
+    report = json.loads(
+        e2e.exec_in_pod(chain.api, chain.namespace, pod.metadata.name, SIDECAR, argv)
+    )
+    assert report == {
+        "uid": 65532,
+        "gid": 65532,
+        "capabilities": "0000000000000000",
+        "seccomp": "2",  # filter mode
+        "no_new_privs": "1",
+        "root": "Read-only file system",
+        "memory_limit": 64 * 1024 * 1024,
+    }
 
 
 def test_prometheus_scrapes_prosody_through_the_sidecar(chain: Chain):
+    pod = chain.pod("xmpp")
+    name = pod.metadata.name
     for prometheus in chain.prometheus:
         target = chain.target(prometheus, "xmpp", "up")
-        pod = chain.pod("xmpp")
-        assert target["labels"]["pod"] == pod.name
-        assert target["scrapeUrl"] == f"http://{pod.ip}:9755/metrics"  # the sidecar's port
+        assert target["labels"]["pod"] == name
+        # At the pod's IP, on the sidecar's port: Prometheus runs in a pod of the pod network.
+        assert target["scrapeUrl"] == f"http://{pod.status.pod_ip}:9755/metrics"
         series = prometheus.wait_for_series(
-            f'prosody_stats_collection_seconds_count{{pod="{pod.name}"}}'
+            f'prosody_stats_collection_seconds_count{{pod="{name}"}}'
         )
         assert series[0]["metric"]["namespace"] == chain.namespace
-        assert prometheus.query(f'prosody_exporter_up{{pod="{pod.name}"}}')[0]["value"][1] == "1"
+        assert prometheus.query(f'prosody_exporter_up{{pod="{name}"}}')[0]["value"][1] == "1"
 
 
 def test_scrape_interval_is_prosodys_statistics_interval(chain: Chain):
@@ -246,21 +267,25 @@ def test_scrape_interval_is_prosodys_statistics_interval(chain: Chain):
 
 def test_xmpp_session_shows_in_c2s_connections(chain: Chain):
     pod = chain.pod("xmpp")
-    e2e.register_in_pod(pod.prosody_config, "alice", "alice-password")
-    session = e2e.PodXmppSession(pod.netns, "alice", "alice-password").open()
+    e2e.register_in_pod(chain.api, chain.namespace, pod.metadata.name, "alice", "alice-password")
+    session = e2e.PodXmppSession(pod.status.pod_ip, "alice", "alice-password").open()
     try:
         chain.prometheus[0].wait_for_series(
-            f'sum(prosody_mod_c2s__connections{{pod="{pod.name}"}}) >= 1', timeout=60
+            f'sum(prosody_mod_c2s__connections{{pod="{pod.metadata.name}"}}) >= 1', timeout=60
         )
     finally:
         session.close()
 
 
-def test_prometheus_outside_the_pod_network_is_refused(chain: Chain):
-    target = chain.target(chain.outsider, "xmpp", "down")
-    assert "403" in target["lastError"], target["lastError"]
-    # The same configuration, scraping from the pod network, succeeds.
-    chain.target(chain.prometheus[0], "xmpp", "up")
+def test_a_scraper_outside_the_pod_network_is_refused(chain: Chain):
+    """The host's address on its link to the node is outside the Nodes' podCIDRs: 403, while
+    the Prometheus pods, on the pod network, scrape the same URL."""
+    pod = chain.pod("xmpp")
+    url = f"http://{pod.status.pod_ip}:9755/metrics"
+    response = httpx.get(url, timeout=10, trust_env=False)
+    assert response.status_code == 403, response.text
+    target = chain.target(chain.prometheus[0], "xmpp", "up")
+    assert target["scrapeUrl"] == url
 
 
 def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
@@ -270,7 +295,7 @@ def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
     )
     for prometheus in chain.prometheus:
         chain.target(prometheus, "manual", "up")
-    promql = f'prosody_stats_collection_seconds_count{{pod="{pod.name}"}}'
+    promql = f'prosody_stats_collection_seconds_count{{pod="{pod.metadata.name}"}}'
     chain.prometheus[0].wait_for_series(promql)
 
     def collections() -> float:
@@ -300,48 +325,39 @@ def test_changing_the_configmap_interval_reaches_prometheus_and_the_restarted_po
         60,
         f"prometheus-operator's configuration with scrape_interval {new}s",
     )
-
+    # The config-reloader sidecar sees the new Secret (as the kubelet updates the volume) and
+    # has Prometheus reload it.
     wait_until(
         lambda: chain.running_job("xmpp").get("scrape_interval") == f"{new}s",
-        30,
+        120,
         "Prometheus to reload the new configuration",
     )
 
     # The Event says to restart the rollout; the new pod's sidecar then collects at the new
     # interval, and Prometheus scrapes the new pod (the old one is stopped and deleted).
-    old_pod = chain.pod("xmpp").name
+    old_pod = chain.pod("xmpp").metadata.name
     restarted = {"kubectl.kubernetes.io/restartedAt": str(time.time())}
     client.AppsV1Api(chain.api).patch_namespaced_deployment(
         "xmpp",
         chain.namespace,
         {"spec": {"template": {"metadata": {"annotations": restarted}}}},
     )
-
-    def replaced() -> bool:
-        names = [p.name for p in chain.runner.running_pods(chain.namespace, "xmpp-")]
-        return len(names) == 1 and names[0] != old_pod
-
-    wait_until(replaced, 60, "the restarted xmpp pod to replace the old one")
-    pod = chain.pod("xmpp")
     core = client.CoreV1Api(chain.api)
-    sidecar = next(
-        c
-        for c in core.read_namespaced_pod(pod.name, chain.namespace).spec.containers
-        if c.name == "prosody-exporter"
+    wait_until(
+        lambda: or_none(lambda: core.read_namespaced_pod(old_pod, chain.namespace)) is None,
+        120,
+        f"{old_pod} to be stopped and deleted",
     )
+    pod = chain.pod("xmpp")
+    sidecar = next(c for c in pod.spec.containers if c.name == SIDECAR)
     assert {e.name: e.value for e in sidecar.env}["PROSODY_EXPORTER_INTERVAL"] == f"{new}s"
-    wait_until(
-        lambda: (
-            not core.list_namespaced_pod(
-                chain.namespace, field_selector=f"metadata.name={old_pod}"
-            ).items
-        ),
-        30,
-        f"{old_pod} to be deleted",
-    )
-    wait_until(
-        lambda: chain.target(chain.prometheus[0], "xmpp", "up")["labels"]["pod"] == pod.name,
-        60,
-        f"Prometheus to scrape {pod.name}",
-    )
-    chain.runner.check()
+
+    def scraped() -> bool:
+        return any(
+            t["scrapePool"] == chain.job("xmpp")
+            and t["health"] == "up"
+            and t["labels"]["pod"] == pod.metadata.name
+            for t in chain.prometheus[0].targets()
+        )
+
+    wait_until(scraped, 90, f"Prometheus to scrape {pod.metadata.name}")
