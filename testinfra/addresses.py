@@ -17,7 +17,9 @@ KUBERNETES_SERVICE_IP = str(SERVICE_CIDR[1])
 POD_CIDR_POOL = ipaddress.IPv4Network("198.18.96.0/19")  # slot k: its k-th /24
 NODE_LINK_POOL = ipaddress.IPv4Network("198.18.95.0/24")  # slot k: its k-th /30
 SLOTS = 32
-# Where the node serves the API server to pods: the `kubernetes` Service's endpoint.
+# Where every node serves the API server to its pods, on its own loopback interface: the
+# `kubernetes` Service's endpoint, the same for all nodes (each reaches only its own).
+NODE_API_IP = "198.18.94.1"
 NODE_API_PORT = 6443
 
 

@@ -6,12 +6,13 @@ namespace it was made in) and connects to the API server from the host's, forwar
 ways — TLS stays end to end, between the client and the API server:
 
     python -m testinfra.apiforwarder --netns /run/netns/NAME --to 127.0.0.1:PORT \\
-        127.0.0.1:PORT NODE_IP:6443
+        127.0.0.1:PORT 198.18.94.1:6443
 
 * `127.0.0.1:PORT` in the node: the kubelet and kube-proxy use the admin kubeconfig's URL, whose
   address the API server's certificate names;
-* `NODE_IP:6443`: the endpoint of the `kubernetes` Service, which kube-proxy sends pods to (they
-  connect to its ClusterIP, which the certificate names too).
+* `198.18.94.1:6443` (an address of the node's loopback interface): the endpoint of the
+  `kubernetes` Service, which kube-proxy sends pods to (they connect to its ClusterIP, which the
+  certificate names too).
 
 Nothing listens in the host's namespace. A thread per direction per connection, at most
 MAX_CONNECTIONS at once. testinfra/node.py starts it with the node and stops it with the node.
@@ -28,6 +29,7 @@ import threading
 from collections.abc import Iterator
 
 MAX_CONNECTIONS = 256
+FORWARDING = "forwarding"  # printed once every listening socket is open
 CLONE_NEWNET = 0x40000000
 
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = [threading.Thread(target=forwarder.serve, args=(s,), daemon=True) for s in servers]
     for thread in threads:
         thread.start()
-    print(f"forwarding {args.listen} in {args.netns} to {args.to}", flush=True)
+    print(f"{FORWARDING} {args.listen} in {args.netns} to {args.to}", flush=True)
     for thread in threads:
         thread.join()
     return os.EX_SOFTWARE  # a server socket failed

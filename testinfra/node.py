@@ -40,7 +40,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,7 +52,8 @@ import yaml
 from kubernetes import client, config
 
 from . import controlplane, daemons, infraimages
-from .addresses import NODE_API_PORT, SERVICE_CIDR, SLOTS, NodeAddresses
+from .addresses import NODE_API_IP, NODE_API_PORT, SERVICE_CIDR, SLOTS, NodeAddresses
+from .apiforwarder import FORWARDING
 from .daemons import Component
 from .layout import BIN_DIR, CACHE_DIR, REPO_ROOT
 from .procs import MissingPrerequisite, require_program
@@ -149,6 +149,7 @@ class Slot:
         net = self.addresses
         run([ip, "netns", "add", self.name])
         run([ip, "-n", self.name, "link", "set", "lo", "up"])
+        run([ip, "-n", self.name, "addr", "add", f"{NODE_API_IP}/32", "dev", "lo"])
         run([
             ip, "link", "add", self.name, "type", "veth", "peer", "name", "eth0",
             "netns", self.name,
@@ -506,9 +507,7 @@ class Node:
         with self.api() as api:
             self.register(api, slot)
             forwarder = self.forwarder(slot)
-            self.wait(
-                forwarder, self.launch(forwarder), lambda: tcp_open(net.node_ip, NODE_API_PORT)
-            )
+            self.wait(forwarder, self.launch(forwarder), lambda: FORWARDING in log_of(forwarder))
             kubelet, proxy = (
                 self.kubelet(slot, holder, binaries),
                 self.kube_proxy(slot, holder, binaries),
@@ -630,7 +629,7 @@ class Node:
 
     def register(self, api: client.ApiClient, slot: Slot) -> None:
         """The Node with its pod network (the kubelet keeps spec as found), and the `kubernetes`
-        Service's endpoint: the API forwarder at the node's address."""
+        Service's endpoint: the API forwarder, at the address every node has for it."""
         core = client.CoreV1Api(api)
         with contextlib.suppress(client.ApiException):
             core.delete_node(self.name)
@@ -641,7 +640,7 @@ class Node:
                 spec=client.V1NodeSpec(pod_cidr=cidr, pod_cidrs=[cidr]),
             )
         )
-        node_ip, port = slot.addresses.node_ip, NODE_API_PORT
+        address, port = NODE_API_IP, NODE_API_PORT
         metadata = {"name": "kubernetes", "namespace": "default"}
         apply = {"field_manager": "testinfra", "force": True, "_content_type": APPLY}
         endpoints = {
@@ -650,7 +649,7 @@ class Node:
             "metadata": metadata,
             "subsets": [
                 {
-                    "addresses": [{"ip": node_ip}],
+                    "addresses": [{"ip": address}],
                     "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
                 }
             ],
@@ -669,7 +668,7 @@ class Node:
                 },
             },
             "addressType": "IPv4",
-            "endpoints": [{"addresses": [node_ip], "conditions": {"ready": True}}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
             "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
         }
         discovery = client.DiscoveryV1Api(api)
@@ -686,7 +685,7 @@ class Node:
                 f"--netns={slot.netns_path}",
                 f"--to=127.0.0.1:{api_port}",
                 f"127.0.0.1:{api_port}",
-                f"{slot.addresses.node_ip}:{NODE_API_PORT}",
+                f"{NODE_API_IP}:{NODE_API_PORT}",
             ),
             self.directory,
             ("sh", "-c", slot.join_cgroups() + 'exec "$@"', "sh"),
@@ -758,12 +757,11 @@ def node_ready(node: client.V1Node) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
 
-def tcp_open(host: str, port: int) -> bool:
+def log_of(component: Component) -> str:
     try:
-        socket.create_connection((host, port), timeout=1.0).close()
-    except OSError:
-        return False
-    return True
+        return component.log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def http_ok(url: str) -> bool:
