@@ -129,15 +129,18 @@ def ensure_built(image: InfraImage, binary: Path) -> Path:
     return image.archive
 
 
-def build_all() -> list[Path]:
-    """The archives of every infrastructure image, built where missing or stale."""
-    for name in ("prometheus3", "prometheus-config-reloader"):
-        if not (BIN_DIR / name).exists():
-            raise MissingPrerequisite(f"{BIN_DIR / name} is missing: run `make cluster-bins`")
+def build_all(*, prometheus: bool = True) -> list[Path]:
+    """The archives of the infrastructure images (the pause image alone without `prometheus`),
+    built where missing or stale."""
     with tempfile.TemporaryDirectory() as scratch:
-        pause = compile_pause(Path(scratch))
-        archives = [ensure_built(PAUSE, pause)]
-    archives.append(ensure_built(PROMETHEUS_IMAGE, BIN_DIR / "prometheus3"))
-    archives.append(ensure_built(CONFIG_RELOADER_IMAGE, BIN_DIR / "prometheus-config-reloader"))
+        archives = [ensure_built(PAUSE, compile_pause(Path(scratch)))]
+    if prometheus:
+        for image, name in (
+            (PROMETHEUS_IMAGE, "prometheus3"),
+            (CONFIG_RELOADER_IMAGE, "prometheus-config-reloader"),
+        ):
+            if not (BIN_DIR / name).exists():
+                raise MissingPrerequisite(f"{BIN_DIR / name} is missing: run `make cluster-bins`")
+            archives.append(ensure_built(image, BIN_DIR / name))
     shutil.rmtree(BUILDAH_DIR / "run", ignore_errors=True)
     return archives
