@@ -14,12 +14,12 @@ export PATH := $(CACHE)/bin:$(VENV)/bin:$(PATH)
 APT_PACKAGES := prosody prometheus etcd-server iproute2 containerd runc containernetworking-plugins \
 	iptables buildah gcc libc6-dev
 
-.PHONY: help install system-packages venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down node node-down manifests clean
+.PHONY: help install system-packages prosody-13 venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down node node-down manifests clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-install: system-packages venv ## Install everything the tests and the demo need (apt + pinned Python venv).
+install: system-packages prosody-13 venv ## Install everything the tests and the demo need (apt + Prosody 13 + pinned Python venv).
 
 system-packages: ## Install the Debian packages above (Prosody, Prometheus, etcd, containerd, ...) if missing.
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -27,6 +27,43 @@ system-packages: ## Install the Debian packages above (Prosody, Prometheus, etcd
 	  echo "apt-get install$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# Prosody 13.0 beside Debian's 0.12.3: bookworm-backports' package, downloaded with a private apt
+# sources list (the machine's own sources are left alone) and unpacked into .cache/prosody-13;
+# its launchers' CFG_* paths point at that tree (unpatched they would load 0.12's code from
+# /usr/lib/prosody). Its Depends equal 0.12's, which system-packages installs.
+PROSODY13 := $(CACHE)/prosody-13
+PROSODY13_SERIES := 13.0
+PROSODY13_APT := $(CACHE)/prosody-13-apt
+APT_PRIVATE := -o Dir::Etc::SourceList=$(PROSODY13_APT)/sources.list -o Dir::Etc::SourceParts=/dev/null \
+	-o Dir::State::Lists=$(PROSODY13_APT)/lists -o Dir::Cache=$(PROSODY13_APT)/cache \
+	-o APT::Sandbox::User=root
+
+prosody-13: system-packages $(PROSODY13)/.installed ## Install Prosody 13.0 (bookworm-backports) into .cache/prosody-13, beside Debian's 0.12.
+
+$(PROSODY13)/.installed:
+	rm -rf $(PROSODY13) $(PROSODY13_APT)
+	mkdir -p $(PROSODY13_APT)/lists/partial $(PROSODY13_APT)/cache/archives/partial
+	echo "deb http://deb.debian.org/debian bookworm-backports main" > $(PROSODY13_APT)/sources.list
+	apt-get $(APT_PRIVATE) -qq update
+	cd $(PROSODY13_APT) && apt-get $(APT_PRIVATE) -qq download prosody/bookworm-backports
+	version=$$(dpkg-deb -f $(PROSODY13_APT)/prosody_*.deb Version); \
+	case "$$version" in $(PROSODY13_SERIES).*) ;; \
+	  *) echo "bookworm-backports has prosody $$version, not $(PROSODY13_SERIES).x: the config dialect and the tests are for $(PROSODY13_SERIES)" >&2; exit 1;; esac; \
+	dpkg -x $(PROSODY13_APT)/prosody_*.deb $(PROSODY13); \
+	sed -i -e "s|^CFG_SOURCEDIR=.*|CFG_SOURCEDIR='$(PROSODY13)/usr/lib/prosody';|" \
+	  -e "s|^CFG_CONFIGDIR=.*|CFG_CONFIGDIR='$(PROSODY13)/etc/prosody';|" \
+	  -e "s|^CFG_PLUGINDIR=.*|CFG_PLUGINDIR='$(PROSODY13)/usr/lib/prosody/modules/';|" \
+	  -e "s|^CFG_DATADIR=.*|CFG_DATADIR='$(PROSODY13)/var/lib/prosody';|" \
+	  $(PROSODY13)/usr/bin/prosody $(PROSODY13)/usr/bin/prosodyctl; \
+	mkdir -p $(PROSODY13)/var/lib/prosody; \
+	for launcher in prosody prosodyctl; do \
+	  [ "$$(grep -c "^CFG_[A-Z]*='$(PROSODY13)/" $(PROSODY13)/usr/bin/$$launcher)" = 4 ] \
+	    || { echo "$(PROSODY13)/usr/bin/$$launcher: its CFG_* paths were not rewritten" >&2; exit 1; }; \
+	done; \
+	echo "$$version" > $@
+	rm -rf $(PROSODY13_APT)
+	@echo "Prosody $$(cat $@) in $(PROSODY13)"
 
 venv: $(VENV)/.installed ## Create the pinned Python virtualenv in .cache/venv.
 

@@ -13,7 +13,6 @@ import sys
 import slixmpp
 
 from .layout import REPO_ROOT
-from .procs import require_program
 from .prosody import ProsodyServer
 
 SESSION_STARTED = "session started"
@@ -21,7 +20,7 @@ SESSION_STARTED = "session started"
 
 def register_account(prosody: ProsodyServer, user: str, password: str) -> None:
     """Create the account the way an admin would, with prosodyctl."""
-    argv = [require_program("prosodyctl"), "--config", str(prosody.config_path), "register"]
+    argv = [prosody.installation.prosodyctl, "--config", str(prosody.config_path), "register"]
     subprocess.run(
         [*argv, user, "localhost", password], check=True, capture_output=True, timeout=60
     )

@@ -8,13 +8,21 @@ from pathlib import Path
 import pytest
 
 from testinfra.exporter import ExporterProcess
-from testinfra.prosody import ProsodyServer
+from testinfra.prosody import VERSIONS, ProsodyServer
+
+
+@pytest.fixture(params=VERSIONS, ids=[f"prosody-{version}" for version in VERSIONS])
+def prosody_version(request: pytest.FixtureRequest) -> str:
+    """Each test that runs a real Prosody runs once per supported version."""
+    return str(request.param)
 
 
 @pytest.fixture
-def prosody(tmp_path: Path) -> Iterator[ProsodyServer]:
-    """Prosody 0.12 in "manual" mode: every request to its /metrics runs a collection."""
-    with ProsodyServer(tmp_path / "prosody", statistics_interval="manual") as server:
+def prosody(tmp_path: Path, prosody_version: str) -> Iterator[ProsodyServer]:
+    """Prosody in "manual" mode: every request to its /metrics runs a collection."""
+    with ProsodyServer(
+        tmp_path / "prosody", statistics_interval="manual", version=prosody_version
+    ) as server:
         yield server
 
 

@@ -6,10 +6,11 @@
                                    to-denied  198.19.1.1/24     <-veth->  eth0 198.19.1.2/24
                                               2001:db8:2::1/64                 2001:db8:2::2/64
 
-In the pod namespace: a real Prosody on 127.0.0.1, and two real exporters listening on "::"
-(dual-stack), both allowing only the allowed client's networks. The second one also trusts the
-allowed client's own addresses as a proxy. Nothing is faked in-process: every request is made by
-a client process inside its namespace, so the exporter sees the kernel's peer address.
+In the pod namespace: a real Prosody on 127.0.0.1 (each supported version in turn), and two real
+exporters listening on "::" (dual-stack), both allowing only the allowed client's networks. The
+second one also trusts the allowed client's own addresses as a proxy. Nothing is faked in-process:
+every request is made by a client process inside its namespace, so the exporter sees the kernel's
+peer address.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from testinfra.exporter import ExporterProcess
 from testinfra.netns import HttpResult, Namespace, NetnsLab, check_interface
-from testinfra.procs import MissingPrerequisite, Process, require_program, wait_until
-from testinfra.prosody import build_prosody_config
+from testinfra.procs import MissingPrerequisite, Process, wait_until
+from testinfra.prosody import VERSIONS, build_prosody_config, installation
 
 pytestmark = pytest.mark.netns
 
@@ -59,8 +60,8 @@ class Lab:
         return f"http://{host}:{port}{path}" if version == 4 else f"http://[{host}]:{port}{path}"
 
 
-def start_prosody(pod: Namespace, workdir: Path) -> Process:
-    binary = require_program("prosody")
+def start_prosody(pod: Namespace, workdir: Path, version: str) -> Process:
+    binary = installation(version).prosody
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     config = workdir / "prosody.cfg.lua"
     config.write_text(
@@ -72,7 +73,10 @@ def start_prosody(pod: Namespace, workdir: Path) -> Process:
         )
     )
     process = Process(
-        "prosody", [binary, "--config", str(config)], workdir / "prosody.log", netns=pod.name
+        f"prosody {version}",
+        [binary, "--config", str(config)],
+        workdir / "prosody.log",
+        netns=pod.name,
     )
     url = f"http://127.0.0.1:{PROSODY_HTTP_PORT}/metrics"
     try:
@@ -116,8 +120,8 @@ def build_topology(netns: NetnsLab) -> Lab:
     return Lab(pod, allowed, denied)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"prosody-{version}" for version in VERSIONS])
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     workdir = tmp_path_factory.mktemp("netns")
     with ExitStack() as stack:
         missing = None
@@ -127,7 +131,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             missing = str(error)
         if missing:
             pytest.fail(missing, pytrace=False)
-        prosody = start_prosody(topology.pod, workdir / "prosody")
+        prosody = start_prosody(topology.pod, workdir / "prosody", request.param)
         stack.callback(prosody.stop)  # runs before the namespaces go
         yield topology
 

@@ -102,11 +102,14 @@ def test_old_mod_prometheus_payload_is_served_converted(start_exporter):
     assert openmetrics.endswith("# EOF\n")
 
 
-def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter):
-    prosody = ProsodyServer(tmp_path / "prosody", statistics_interval="manual").start()
+def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter, prosody_version):
+    prosody = ProsodyServer(
+        tmp_path / "prosody", statistics_interval="manual", version=prosody_version
+    ).start()
     try:
+        # Stale after 6 s: room for stopping Prosody and seeing it gone on a busy machine.
         exporter = start_exporter(
-            prosody.metrics_url, interval=0.3, settings={"stale_after_intervals": "5"}
+            prosody.metrics_url, interval=0.3, settings={"stale_after_intervals": "20"}
         )
         collection = "prosody_stats_collection_seconds_count"
         assert value(exporter, collection) is not None
@@ -115,7 +118,7 @@ def test_prosody_stopped_mid_run_then_back(tmp_path, start_exporter):
         assert value(exporter, "prosody_exporter_up") == 0
         # Until the snapshot is stale, the last good Prosody series are still served ...
         assert value(exporter, collection) is not None
-        wait_until(lambda: ready(exporter) == 503, 10, "the snapshot to go stale")
+        wait_until(lambda: ready(exporter) == 503, 30, "the snapshot to go stale")
         # ... then only the exporter's own metrics, so Prometheus marks Prosody's series stale.
         assert value(exporter, collection) is None
         assert value(exporter, "prosody_exporter_snapshot_stale") == 1

@@ -1,4 +1,5 @@
-"""The exporter against a real Prosody 0.12 and a real Prometheus, all started here on loopback."""
+"""The exporter against a real Prosody (0.12 and 13) and a real Prometheus, all started here on
+loopback."""
 
 from __future__ import annotations
 
@@ -91,9 +92,11 @@ def test_scraping_prosody_directly_collects_once_per_request(prosody):
     assert after - before == requests + 1
 
 
-def test_numeric_statistics_interval(tmp_path, start_exporter):
+def test_numeric_statistics_interval(tmp_path, start_exporter, prosody_version):
     """With Prosody collecting on its own timer, the exporter serves Prosody's values unchanged."""
-    with ProsodyServer(tmp_path / "prosody", statistics_interval=2) as prosody:
+    with ProsodyServer(
+        tmp_path / "prosody", statistics_interval=2, version=prosody_version
+    ) as prosody:
         exporter = start_exporter(prosody.metrics_url, interval=0.5)
         direct = httpx.get(prosody.metrics_url).text
         served = httpx.get(exporter.base_url + "/metrics", headers=OM).text

@@ -1,42 +1,61 @@
-"""Prosody's statistics settings, learnt by evaluating its real config the way Prosody does (pure).
+"""Prosody's statistics settings and where its /metrics is, learnt by evaluating its real config
+the way Prosody does (pure).
 
 Prosody's config is a Lua program. `evaluate_prosody_config` runs it in an embedded Lua 5.4
-(lupa) inside a port of Prosody 0.12.3's own config environment (core/configmanager.lua):
-settings before any `VirtualHost`/`Component` are global, later ones belong to that host;
-`Include` (globs too) loads another file, which starts in the global section; `ENV_FOO` reads
-the environment variable FOO. It then applies core/statsmanager.lua's rules to the global
-`statistics` / `statistics_interval`, and reports what `prosodyctl check config` or Prosody's
-startup would warn about (and what stops /metrics from working) as `Finding`s. Config errors
-become Findings too, never exceptions.
+(lupa) inside a port of the config environment of the Prosody version the pod runs (its
+`dialect`): Prosody 0.12.3's or 13.0.1's core/configmanager.lua, in lua/configmanager-0.12.lua
+and lua/configmanager-13.lua, run by lua/driver.lua. In both, settings before any
+`VirtualHost`/`Component` are global, later ones belong to that host; `Include` (globs too) loads
+another file, which starts in the global section; `ENV_FOO` reads the environment variable FOO.
+13.0 adds the `Lua` global (bare globals still work, with a deprecation warning), options that
+read back as set earlier in the same section (lists as proxies with `:append{}` and call-append),
+`FileContents`/`FileLine`/`FileLines` (relative to the file using them) and `Credential(name)`
+(from $CREDENTIALS_DIRECTORY). It then applies core/statsmanager.lua's rules to the global
+`statistics` / `statistics_interval`, works out where mod_http_openmetrics serves /metrics for a
+sidecar in the pod (core/portmanager.lua's and mod_http.lua's rules), and reports what
+`prosodyctl check config` or Prosody's startup would warn about (and what stops /metrics from
+working) as `Finding`s. Config errors become Findings too, never exceptions.
 
 Files are a virtual filesystem: `files` maps a path to the file's contents. A relative path is
 relative to `config_dir` (Prosody's config directory, /etc/prosody in Debian's package and the
-official image); an absolute path is taken as is. So with `config_dir="/etc/prosody"` the keys
+official images); an absolute path is taken as is. So with `config_dir="/etc/prosody"` the keys
 "conf.d/stats.cfg.lua" and "/etc/prosody/conf.d/stats.cfg.lua" name the same file. An
 `Include` is resolved exactly like Prosody does (relative to the directory of the including
 file) and then looked up by that absolute path; a glob (`*`, `?`) applies to the last path
 component only and matches the files given for that directory, in sorted order (Prosody uses
-directory order, which is unsorted); a glob that matches none of them is fine (Prosody 0.12 fails
-if the directory itself is missing, which the operator cannot see). A missing file named without
+directory order, which is unsorted); a glob that matches none of them is fine (Prosody fails if
+the directory itself is missing, which the operator cannot see). A missing file named without
 a glob is a config error, as in Prosody. A ConfigMap's keys cannot contain "/":
 `config_files_from_mount` turns a ConfigMap mounted at e.g. /etc/prosody/conf.d into such
 paths. Findings name files by their path relative to `config_dir` (absolute when outside it).
 
+What 13.0 reads with `File*` or `Credential` from a file not among `files` (a Secret, say) is
+*unknown* to the operator: arithmetic, concatenation and string functions on it give unknowns,
+and a list it is added to has unknown items. An unknown matters only where it decides the
+interval or where /metrics is; then the result says so (`unknown_options`, a Finding), and the
+interval or the metrics location is None. An unknown used as a condition is not tracked.
+
 The sandbox: the config sees Lua's base functions, string/table/math/utf8/coroutine, os.time/
 clock/date/difftime/getenv (getenv reads `env`), the globals Prosody defines before reading its
-config (CFG_*, prosody.paths, log) and a stub of util.pposix (uname, used by the official image's
-config). io, debug, package, dofile, loadfile, require (other than util.pposix), os.execute and
-the rest of os raise an error naming the sandbox; RunScript is not run, only reported. Evaluation
-stops after `max_instructions` Lua VM instructions and `max_memory` bytes. Not bounded: time
-spent inside a single C function, e.g. a pathological `string.find` pattern.
+config (CFG_*, prosody, hosts, log) and a stub of util.pposix (uname, used by the official
+images' configs). io, debug, package, dofile, loadfile, require (other than util.pposix),
+os.execute and the rest of os raise an error naming the sandbox; RunScript is not run, only
+reported. Evaluation stops after `max_instructions` Lua VM instructions and `max_memory` bytes.
+Not bounded: time spent inside a single C function, e.g. a pathological `string.find` pattern.
+
+The evaluation is a pure function of (files, main, env, config_dir, dialect) and its result is
+plain, picklable data.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
@@ -48,6 +67,10 @@ DEFAULT_STATISTICS_INTERVAL: Final = 60.0  # core/statsmanager.lua, when only `s
 MANUAL: Final = "manual"
 INTERNAL_PROVIDER: Final = "internal"
 OPENMETRICS_MODULE: Final = "http_openmetrics"
+NOT_EVALUATED: Final = "config not evaluated (see findings)"
+
+Dialect = Literal["0.12", "13"]
+DIALECTS: Final[tuple[Dialect, ...]] = ("0.12", "13")
 
 # Prosody configs are small: the official image's runs a few thousand instructions.
 MAX_INSTRUCTIONS: Final = 10_000_000
@@ -56,7 +79,8 @@ MAX_MEMORY: Final = 64 * 1024 * 1024
 Interval = float | Literal["manual"]
 
 # Options Prosody reads only from the global section (prosodyctl check config's
-# known_global_options, restricted to those that decide whether /metrics works and who may read it).
+# known_global_options and its *_ports / *_interfaces rule, restricted to those that decide
+# whether /metrics works, where it is and who may read it).
 GLOBAL_ONLY_OPTIONS: Final = (
     "statistics",
     "statistics_interval",
@@ -66,16 +90,29 @@ GLOBAL_ONLY_OPTIONS: Final = (
     "trusted_proxies",
     "http_ports",
     "http_interfaces",
+    "http_interface",
     "https_ports",
     "https_interfaces",
+    "https_interface",
+    "local_interfaces",
+    "interfaces",
+    "interface",
+    "use_ipv4",
+    "use_ipv6",
 )
-_TRACKED_OPTIONS: Final = (*GLOBAL_ONLY_OPTIONS, "modules_enabled", "modules_disabled")
+_TRACKED_OPTIONS: Final = (
+    *GLOBAL_ONLY_OPTIONS,
+    "modules_enabled",
+    "modules_disabled",
+    "http_paths",
+)
 
 _NO_ENV: Final[Mapping[str, str]] = MappingProxyType({})
 
-# Markers the Lua side puts in error messages (see _DRIVER).
+# Markers the Lua side puts in error messages (see lua/driver.lua).
 _SANDBOX_MARKER: Final = "not available in the operator's sandbox"
 _LIMIT_MARKER: Final = "instruction limit reached"
+_UNREADABLE_MARKER: Final = "the operator cannot read"
 
 
 @dataclass(frozen=True)
@@ -92,14 +129,31 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class MetricsLocation:
+    """Where Prosody serves /metrics for a sidecar in its pod: plain HTTP on a loopback address
+    that mod_http_openmetrics lets in (the sidecar connects from that same address)."""
+
+    address: str  # "127.0.0.1" or "::1"
+    port: int
+    path: str  # "/metrics" unless http_paths.openmetrics says otherwise
+    source: str  # where the deciding settings were set, or "Prosody's defaults"
+
+
+@dataclass(frozen=True)
 class StatisticsConfig:
     provider: str | None  # value of `statistics` in the global section, or None
     # Effective statistics_interval: seconds, "manual", or None when statistics are off (or the
-    # config could not be evaluated: then the findings say why).
+    # config could not be evaluated, or the interval is unknown: then the findings say why).
     interval: Interval | None
     interval_source: str  # "prosody.cfg.lua:12", "default (60s once statistics are on)", ...
     modules_enabled: frozenset[str]  # global modules_enabled
     findings: tuple[Finding, ...]
+    # Where the sidecar collects /metrics; None when it cannot (the findings say why).
+    metrics: MetricsLocation | None = None
+    dialect: Dialect = "0.12"  # the Prosody version whose config environment evaluated it
+    # Options deciding the interval or the metrics location whose values the operator cannot
+    # read (13.0's File*/Credential of files it is not given).
+    unknown_options: tuple[str, ...] = ()
 
 
 def evaluate_prosody_config(
@@ -108,10 +162,14 @@ def evaluate_prosody_config(
     env: Mapping[str, str] = _NO_ENV,
     config_dir: str = DEFAULT_CONFIG_DIR,
     *,
+    dialect: Dialect = "0.12",
     max_instructions: int = MAX_INSTRUCTIONS,
     max_memory: int = MAX_MEMORY,
 ) -> StatisticsConfig:
-    """Evaluate Prosody 0.12's config `main` among `files`, with `env` as the container's env."""
+    """Evaluate the config `main` among `files` as Prosody `dialect` ("0.12" or "13") does,
+    with `env` as the container's env."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}, not {dialect!r}")
     if not config_dir.startswith("/"):
         raise ValueError(f"config_dir must be an absolute path, not {config_dir!r}")
     config_dir = _normalize(config_dir)
@@ -120,15 +178,19 @@ def evaluate_prosody_config(
     main_name = _display(main_path, config_dir)
     if main_path not in by_path:
         return _not_evaluated(
+            dialect,
             Finding(main_name, None, "no such config file: Prosody cannot start without it"),
         )
     try:
-        result = _run_driver(by_path, main_path, env, config_dir, max_instructions, max_memory)
+        result = _run_driver(
+            dialect, by_path, main_path, env, config_dir, max_instructions, max_memory
+        )
     except (lua54.LuaError, MemoryError) as error:  # e.g. no memory left for the result
         return _not_evaluated(
-            Finding(main_name, None, f"the operator could not evaluate the config: {error}")
+            dialect,
+            Finding(main_name, None, f"the operator could not evaluate the config: {error}"),
         )
-    return _interpret(result, main_name, max_instructions, max_memory)
+    return _interpret(result, dialect, main_name, max_instructions, max_memory)
 
 
 def config_files_from_mount(
@@ -205,7 +267,21 @@ def _deny_attribute(obj: object, name: object, is_setting: bool) -> object:
     raise AttributeError("not available")
 
 
+@functools.cache
+def _lua_source(name: str) -> bytes:
+    """One of the Lua files shipped in the package (lua/*.lua)."""
+    return (resources.files(__package__) / "lua" / name).read_bytes()
+
+
+def _compile(lua: Any, name: str) -> Any:
+    chunk = lua.globals()[b"load"](_lua_source(name), f"=(operator {name[:-4]})".encode(), b"t")
+    if isinstance(chunk, tuple):  # (nil, message): cannot happen, the Lua files are fixed code
+        raise RuntimeError(f"lua/{name} does not compile: {_text(chunk[1])}")
+    return chunk
+
+
 def _run_driver(
+    dialect: Dialect,
     files: Mapping[str, str],
     main_path: str,
     env: Mapping[str, str],
@@ -220,12 +296,10 @@ def _run_driver(
         attribute_filter=_deny_attribute,
         max_memory=max_memory,
     )
-    load = lua.globals()[b"load"]
-    chunk = load(_DRIVER.encode(), b"=prosody_operator", b"t")
-    if isinstance(chunk, tuple):  # (nil, message): cannot happen, the driver is fixed code
-        raise RuntimeError(f"the config driver does not compile: {_text(chunk[1])}")
-    evaluate = chunk()
+    evaluate = _compile(lua, "driver.lua")()
+    port = _compile(lua, f"configmanager-{dialect}.lua")()
     result = evaluate(
+        port,
         lua.table_from({_bytes(path): _bytes(text) for path, text in files.items()}),
         lua.table_from({_bytes(path): _bytes(_display(path, config_dir)) for path in files}),
         _bytes(main_path),
@@ -289,13 +363,14 @@ class _Location:
 _Where = Callable[[str], tuple[str, int | None]]  # where a global option was set
 
 
-def _not_evaluated(*findings: Finding) -> StatisticsConfig:
+def _not_evaluated(dialect: Dialect, *findings: Finding) -> StatisticsConfig:
     return StatisticsConfig(
         provider=None,
         interval=None,
-        interval_source="config not evaluated (see findings)",
+        interval_source=NOT_EVALUATED,
         modules_enabled=frozenset(),
         findings=tuple(findings),
+        dialect=dialect,
     )
 
 
@@ -310,7 +385,11 @@ def _findings(raw: object) -> list[Finding]:
 
 
 def _interpret(
-    result: dict[str, Any], main_name: str, max_instructions: int, max_memory: int
+    result: dict[str, Any],
+    dialect: Dialect,
+    main_name: str,
+    max_instructions: int,
+    max_memory: int,
 ) -> StatisticsConfig:
     findings = _findings(result.get("findings"))
     error = result.get("error")
@@ -321,7 +400,7 @@ def _interpret(
                 f"the operator stopped evaluating the config after {max_instructions} Lua "
                 "instructions: is there an endless loop? (Prosody would hang at startup)"
             )
-        elif _SANDBOX_MARKER in message:
+        elif _SANDBOX_MARKER in message or _UNREADABLE_MARKER in message:
             message = f"the operator cannot evaluate the config: {message}"
         elif "not enough memory" in message:
             message = (
@@ -332,7 +411,7 @@ def _interpret(
             message = f"config error, Prosody refuses to start: {message}"
         line = error.get("line")
         findings.append(Finding(error["file"], int(line) if line is not None else None, message))
-        return _not_evaluated(*findings)
+        return _not_evaluated(dialect, *findings)
 
     locations: dict[str, dict[str, _Location]] = {}
     for host, by_key in (result.get("locations") or {}).items():
@@ -350,19 +429,62 @@ def _interpret(
     hosts: dict[str, dict[str, Any]] = result.get("hosts") or {}
 
     findings.extend(_misplaced_options(hosts, locations, main_name))
-    provider, interval, source, stats_findings = _statistics(
-        global_options, global_locations, where
+    unknown: list[str] = []  # options deciding something whose values are unknown
+    stats_unknown = _unknown_findings(
+        ("statistics", "statistics_interval"), global_options, where, "the interval", unknown
     )
-    findings.extend(stats_findings)
-    modules, module_findings = _openmetrics_module(global_options, hosts, where)
+    if stats_unknown:
+        provider, interval, source = None, None, "unknown (see findings)"
+        findings.extend(stats_unknown)
+    else:
+        provider, interval, source, stats_findings = _statistics(
+            global_options, global_locations, where
+        )
+        findings.extend(stats_findings)
+    modules, enabled, module_findings = _openmetrics_module(global_options, hosts, where, unknown)
     findings.extend(module_findings)
+    metrics = None
+    if enabled:
+        metrics, metrics_findings = _metrics_location(
+            global_options, global_locations, where, unknown
+        )
+        findings.extend(metrics_findings)
     return StatisticsConfig(
         provider=provider,
         interval=interval,
         interval_source=source,
         modules_enabled=modules,
         findings=tuple(findings),
+        metrics=metrics,
+        dialect=dialect,
+        unknown_options=tuple(unknown),
     )
+
+
+def _unknown_findings(
+    names: tuple[str, ...],
+    options: Mapping[str, Mapping[str, Any]],
+    where: _Where,
+    decides: str,
+    unknown: list[str],
+) -> list[Finding]:
+    """A Finding for each of the options `names` whose value the operator cannot read."""
+    found = []
+    for name in names:
+        option = options.get(name) or {}
+        origin = option.get("origin") if option.get("type") == "unknown" else option.get("unknown")
+        if origin is None:
+            continue
+        unknown.append(name)
+        found.append(
+            Finding(
+                *where(name),
+                f"{name} comes from a value the operator cannot read ({origin}), so {decides} "
+                "is unknown: set it in a file the operator is given (a ConfigMap), or override "
+                "it with an annotation",
+            )
+        )
+    return found
 
 
 def _misplaced_options(
@@ -550,7 +672,9 @@ def _openmetrics_module(
     options: Mapping[str, Mapping[str, Any]],
     hosts: Mapping[str, Mapping[str, Any]],
     where: _Where,
-) -> tuple[frozenset[str], list[Finding]]:
+    unknown: list[str],
+) -> tuple[frozenset[str], bool, list[Finding]]:
+    """The global modules_enabled, whether http_openmetrics is on, and what is wrong."""
     found: list[Finding] = []
     enabled_option = options.get("modules_enabled")
     modules = frozenset(
@@ -561,6 +685,13 @@ def _openmetrics_module(
         for item in _list((options.get("modules_disabled") or {}).get("list"))
         if isinstance(item, str)
     )
+    decides = "whether Prosody serves /metrics"
+    if OPENMETRICS_MODULE not in modules:
+        found = _unknown_findings(("modules_enabled",), options, where, decides, unknown)
+    elif OPENMETRICS_MODULE not in disabled:
+        found = _unknown_findings(("modules_disabled",), options, where, decides, unknown)
+    if found:
+        return modules, False, found
     location = where("modules_enabled")
     if enabled_option is not None and enabled_option.get("type") != "table":
         found.append(
@@ -599,580 +730,217 @@ def _openmetrics_module(
                 f'serves no /metrics: add "{OPENMETRICS_MODULE}" to the global modules_enabled',
             )
         )
-    return modules, found
+    enabled = OPENMETRICS_MODULE in modules and OPENMETRICS_MODULE not in disabled
+    return modules, enabled, found
 
 
-# --- the Lua side ------------------------------------------------------------------------------
+# --- where /metrics is --------------------------------------------------------------------------
 
-# Prosody 0.12.3's core/configmanager.lua parser (with util/paths.lua's helpers), ported to run
-# on a virtual filesystem inside a sandbox. Deliberate differences are marked "Operator:".
-_DRIVER: Final = r"""
-local real_G = _G
-local type, pairs, ipairs, next, select, tostring, tonumber, error, pcall, xpcall =
-      type, pairs, ipairs, next, select, tostring, tonumber, error, pcall, xpcall
-local rawget, rawset, setmetatable, getmetatable = rawget, rawset, setmetatable, getmetatable
-local s_format, s_match, s_gsub, s_sub, s_find, s_lower, s_gmatch =
-      string.format, string.match, string.gsub, string.sub, string.find, string.lower, string.gmatch
-local t_concat, t_sort = table.concat, table.sort
-local m_max = math.max
-local d_getinfo, d_sethook = debug.getinfo, debug.sethook
-local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
-local real_load = load
+HTTP_DEFAULT_PORT: Final = 5280  # mod_http's "http" service
+METRICS_DEFAULT_PATH: Final = "/metrics"  # mod_http_openmetrics' default_path
+DEFAULT_ALLOW_IPS: Final = ("::1", "127.0.0.1")  # openmetrics_allow_ips' default
+# The loopback address a sidecar connects to for an interface Prosody binds: Prosody then sees
+# the connection come from that same address.
+_LOOPBACK_FOR_INTERFACE: Final = {
+    "127.0.0.1": "127.0.0.1",
+    "0.0.0.0": "127.0.0.1",
+    "*": "127.0.0.1",
+    "::1": "::1",
+    "::": "::1",
+}
 
-local SANDBOX = "is not available in the operator's sandbox"
-local LIMIT = "instruction limit reached"
-local HOOK_EVERY = 1000
 
--- State of one evaluation (the operator uses a fresh Lua state for each).
-local files, display, env_vars, main_file
-local G -- the globals the config sees
-local budget_left, exhausted, in_handler = 0, false, false
-local limit_message = LIMIT -- located where the budget ran out
-local source_to_file, short_to_file = {}, {}
-local findings, locations, env_at, tracked, assigned_in = {}, {}, {}, {}, {}
-local include_stack = {}
-local config_table
+def _items(option: Mapping[str, Any] | None) -> list[Any]:
+    """What Prosody iterates for an option: a list's items, or a single value as a list."""
+    if option is None:
+        return []
+    if option.get("type") == "table":
+        return _list(option.get("list"))
+    return [option.get(option.get("type", ""))]
 
-local function short_src(name) -- what Lua shows for a chunk named "@"..name (LUA_IDSIZE 60)
-	if #name <= 59 then return name end
-	return "..." .. s_sub(name, -56)
-end
 
-local config_location
+def _first_set(options: Mapping[str, Mapping[str, Any]], names: tuple[str, ...]) -> str | None:
+    """core/portmanager.lua's `config.get(a) or config.get(b) or ...`: the first set option."""
+    return next((name for name in names if _truthy(options.get(name))), None)
 
--- Instruction budget, shared by the main thread and every coroutine the config creates.
-local function count_hook()
-	if in_handler then return end
-	budget_left = budget_left - HOOK_EVERY
-	if budget_left < 0 then
-		if not exhausted then
-			exhausted = true
-			local file, line = config_location(3) -- (hooks do not run inside hooks)
-			if file then limit_message = s_format("%s:%d: %s", short_src(display[file]), line, LIMIT) end
-		end
-		error(limit_message, 0)
-	end
-end
 
--- Re-raise once the budget is spent, so that a pcall in the config cannot swallow the limit.
-local function guard(...)
-	if exhausted then error(limit_message, 0) end
-	return ...
-end
+def _metrics_location(
+    options: Mapping[str, Mapping[str, Any]],
+    locations: Mapping[str, _Location],
+    where: _Where,
+    unknown: list[str],
+) -> tuple[MetricsLocation | None, list[Finding]]:
+    """Where mod_http_openmetrics (enabled) serves /metrics for a sidecar in the pod: on the
+    "http" service's ports (core/portmanager.lua; a private service, so on local interfaces
+    unless told otherwise), at the global http_paths.openmetrics or /metrics (mod_http.lua; a
+    global module's routes match any Host, so http_host and http_default_host do not matter),
+    for a loopback client its allowlist lets in."""
+    ports_option = _first_set(options, ("http_ports",))
+    interfaces_option = _first_set(
+        options, ("http_interfaces", "http_interface", "local_interfaces")
+    )
+    deciding = [
+        name
+        for name in (
+            ports_option,
+            interfaces_option,
+            "http_paths",
+            "openmetrics_allow_ips",
+            "openmetrics_allow_cidr",
+        )
+        if name is not None and name in options
+    ]
+    if interfaces_option is None:  # default_local_interfaces
+        deciding += [name for name in ("use_ipv4", "use_ipv6") if name in options]
+    found = _unknown_findings(
+        tuple(deciding), options, where, "where the sidecar finds /metrics", unknown
+    )
+    if found:
+        return None, found
 
--- The innermost frame running config code: its file and line. `prefer` picks that file's
--- innermost frame if it has one (Prosody's get_line_number looks for the current file).
-function config_location(level, prefer)
-	local fallback_file, fallback_line
-	while true do
-		local info = d_getinfo(level, "Sl")
-		if not info then break end
-		local file = source_to_file[info.source]
-		if file and info.currentline and info.currentline > 0 then
-			if prefer == nil or file == prefer then return file, info.currentline end
-			if not fallback_file then fallback_file, fallback_line = file, info.currentline end
-		end
-		level = level + 1
-	end
-	return fallback_file, fallback_line
-end
+    ports = [HTTP_DEFAULT_PORT]
+    if ports_option is not None:
+        ports = [int(n) for n in _numbers(options[ports_option]) if _is_port(n)]
+    if not ports:
+        return None, [
+            Finding(
+                *where("http_ports"),
+                "http_ports opens no HTTP port, so the sidecar cannot collect /metrics"
+                + _https_hint(options)
+                + ": open one on loopback, e.g. http_ports = { 5280 } and http_interfaces = "
+                '{ "127.0.0.1" }',
+            )
+        ]
 
-local function add_finding(file, line, message)
-	findings[#findings + 1] = { file = display[file] or file, line = line, message = message }
-end
+    if interfaces_option is not None:
+        interfaces = [str(item) for item in _items(options[interfaces_option])]
+    else:
+        interfaces = [
+            address
+            for address, switch in (("127.0.0.1", "use_ipv4"), ("::1", "use_ipv6"))
+            if not _is_false(options.get(switch))
+        ]
+    candidates = sorted(
+        {_LOOPBACK_FOR_INTERFACE[i] for i in interfaces if i in _LOOPBACK_FOR_INTERFACE},
+        key=lambda address: ":" in address,  # IPv4 first
+    )
+    if not candidates:
+        name = interfaces_option or "use_ipv4"
+        return None, [
+            Finding(
+                *where(name),
+                f"Prosody's HTTP server listens on {', '.join(interfaces) or 'no interface'} "
+                f"({name}), not on loopback, where the sidecar in the pod collects /metrics"
+                + _https_hint(options)
+                + ': add "127.0.0.1" to http_interfaces',
+            )
+        ]
 
-local function position_of(message) -- the config file a "file:line: " prefix names, if any
-	local src, line = s_match(message, "^(.-):(%d+): ")
-	if src and short_to_file[src] then return short_to_file[src], tonumber(line) end
-end
+    allowed = [address for address in candidates if _openmetrics_permits(options, address)]
+    if not allowed:
+        name = "openmetrics_allow_ips"
+        if "openmetrics_allow_cidr" in options and name not in options:
+            name = "openmetrics_allow_cidr"
+        return None, [
+            Finding(
+                *where(name),
+                f"mod_http_openmetrics lets in neither of {', '.join(candidates)} "
+                "(openmetrics_allow_ips, openmetrics_allow_cidr), the addresses the sidecar "
+                f'connects from: Prosody answers it 403; add "{candidates[0]}" to '
+                "openmetrics_allow_ips",
+            )
+        ]
 
--- Message handler: make sure an error names the config file and line it happened at.
-local function locate_error(err)
-	in_handler = true
-	if type(err) == "number" then
-		err = tostring(err)
-	elseif type(err) ~= "string" then
-		err = s_format("(error object is a %s value)", type(err))
-	end
-	if not position_of(err) then
-		err = (s_gsub(err, "^prosody_operator:%d+: ", ""))
-		local file, line = config_location(3)
-		if file then err = s_format("%s:%d: %s", short_src(display[file]), line, err) end
-	end
-	in_handler = false
-	return err
-end
+    path, path_findings = _metrics_path(options.get("http_paths"), where)
+    if path is None:
+        return None, path_findings
+    set_here = [
+        f"{locations[name]} ({name})"
+        for name in (ports_option, interfaces_option, "http_paths")
+        if name is not None and name in locations
+    ]
+    source = ", ".join(set_here) or "Prosody's defaults"
+    return MetricsLocation(allowed[0], ports[0], path, source), path_findings
 
-local function normalize(path) -- absolute path without ".", ".." or repeated slashes
-	local parts = {}
-	for part in s_gmatch(path, "[^/]+") do
-		if part == ".." then
-			if #parts > 0 then parts[#parts] = nil end
-		elseif part ~= "." then
-			parts[#parts + 1] = part
-		end
-	end
-	return "/" .. t_concat(parts, "/")
-end
 
--- util/paths.lua
-local function resolve_relative_path(parent_path, path)
-	if path then
-		parent_path = (s_gsub(parent_path, "%/+$", ""))
-		path = (s_gsub(path, "^%.%/+", ""))
-		if s_sub(path, 1, 1) ~= "/" then
-			return parent_path .. "/" .. path
-		end
-	end
-	return path
-end
+def _numbers(option: Mapping[str, Any] | None) -> list[float]:
+    """Lua's tonumber of each item Prosody iterates (those that are numbers)."""
+    if option is None:
+        return []
+    if option.get("type") == "table":
+        return [float(n) for n in _list(option.get("numbers"))]
+    return [] if option.get("number") is None else [float(option["number"])]
 
-local function glob_to_pattern(glob)
-	return "^" .. (s_gsub(glob, "[%p*?]", function(c)
-		if c == "*" then
-			return ".*"
-		elseif c == "?" then
-			return "."
-		else
-			return "%" .. c
-		end
-	end)) .. "$"
-end
 
--- Operator: nameprep without util.encodings is what configmanager falls back to (lowercase).
-local function nameprep(host) return s_lower(host) end
+def _is_port(number: float) -> bool:
+    return number.is_integer() and 0 < number < 65536
 
-local config_mt = { __index = function(t, _) return rawget(t, "*") end }
-local host_mt = { __index = function(_, k) return config_table["*"][k] end }
 
-local function set(config_table, host, key, value)
-	if host and key then
-		local hostconfig = rawget(config_table, host)
-		if not hostconfig then
-			hostconfig = rawset(config_table, host, setmetatable({}, host_mt))[host]
-		end
-		hostconfig[key] = value
-		return true
-	end
-	return false
-end
+def _is_false(option: Mapping[str, Any] | None) -> bool:
+    return option is not None and option.get("type") == "boolean" and not option.get("boolean")
 
-local function record_location(host, key, file, line)
-	if not tracked[key] then return end
-	local by_host = locations[host]
-	if not by_host then
-		by_host = {}
-		locations[host] = by_host
-	end
-	by_host[key] = {
-		file = file and display[file], line = line,
-		env = file and line and env_at[file .. ":" .. line],
-	}
-	if host == "*" and file then
-		local keys = assigned_in[file] or {}
-		assigned_in[file] = keys
-		keys[key] = true
-	end
-end
 
-local parser = {}
+def _https_hint(options: Mapping[str, Mapping[str, Any]]) -> str:
+    if any(_is_port(n) for n in _numbers(options.get("https_ports"))):
+        return (
+            " (Prosody serves it over HTTPS on https_ports, which the sidecar does not use: "
+            "Prosody's certificate is not for a loopback address)"
+        )
+    return ""
 
--- Operator: `config_file` is the path as Prosody would spell it (it resolves Includes against it
--- and its length matters, see __newindex); `key` is that path normalized, naming the file here.
-function parser.load(data, config_file, config_table, key)
-	local set_options = {} -- set_options[host.."/"..option_name] = true (when the option has been set already in this file)
-	local env
-	-- The ' = true' are needed so as not to set off __newindex when we assign the functions below
-	env = setmetatable({
-		Host = true, host = true, VirtualHost = true,
-		Component = true, component = true,
-		Include = true, include = true, RunScript = true }, {
-			__index = function (_, k)
-				if type(k) == "string" and s_match(k, "^ENV_") then
-					local value = env_vars[s_sub(k, 5)]
-					if value ~= nil then
-						local file, line = config_location(3, key)
-						if file then env_at[file .. ":" .. line] = k end
-					end
-					return value
-				end
-				return rawget(G, k)
-			end,
-			__newindex = function (_, k, v)
-				local host = env.__currenthost or "*"
-				local option_path = host.."/"..k
-				local file, line = config_location(3, key)
-				if set_options[option_path] then
-					-- Prosody 0.12.3 finds the line by comparing frames' short_src with config_file,
-					-- which Lua shortens beyond 59 characters: then the warning's format() fails,
-					-- and so does loading the config.
-					if #config_file > 59 then
-						error("bad argument #2 to 'format' (number expected, got nil) (Prosody 0.12.3 "
-							.. "fails on a duplicate option in a config file whose path is longer than "
-							.. "59 characters)", 2)
-					end
-					add_finding(file or key, line, s_format("Duplicate option '%s'", tostring(k)))
-				end
-				set_options[option_path] = true
-				record_location(host, k, file, line)
-				set(config_table, env.__currenthost or "*", k, v)
-			end
-	})
 
-	rawset(env, "__currenthost", "*") -- Default is global
-	function env.VirtualHost(name)
-		if not name then
-			error("Host must have a name", 2)
-		end
-		local prepped_name = nameprep(name)
-		if not prepped_name then
-			error(s_format("Name of Host %q contains forbidden characters", name), 0)
-		end
-		name = prepped_name
-		if rawget(config_table, name) and rawget(config_table[name], "component_module") then
-			error(s_format("Host %q clashes with previously defined %s Component %q, for services use a sub-domain like conference.%s",
-				name, (s_gsub(config_table[name].component_module, "^%a+$", { component = "external", muc = "MUC"})), name, name), 0)
-		end
-		rawset(env, "__currenthost", name)
-		-- Needs at least one setting to logically exist :)
-		set(config_table, name or "*", "defined", true)
-		return function (config_options)
-			rawset(env, "__currenthost", "*") -- Return to global scope
-			if type(config_options) == "string" then
-				error(s_format("VirtualHost entries do not accept a module name (module '%s' provided for host '%s')", config_options, name), 2)
-			elseif type(config_options) ~= "table" then
-				error("Invalid syntax following VirtualHost, expected options but received a "..type(config_options), 2)
-			end
-			local file, line = config_location(2, key)
-			for option_name, option_value in pairs(config_options) do
-				record_location(name, option_name, file, line)
-				set(config_table, name or "*", option_name, option_value)
-			end
-		end
-	end
-	env.Host, env.host = env.VirtualHost, env.VirtualHost
+def _openmetrics_permits(options: Mapping[str, Mapping[str, Any]], client: str) -> bool:
+    """mod_http_openmetrics' is_permitted for a request from `client`: an exact string in
+    openmetrics_allow_ips, or within openmetrics_allow_cidr (util/ip.lua's match)."""
+    allow_ips = options.get("openmetrics_allow_ips")
+    permitted = DEFAULT_ALLOW_IPS if allow_ips is None else _items(allow_ips)
+    if client in permitted:
+        return True
+    cidr = (options.get("openmetrics_allow_cidr") or {}).get("string")
+    return cidr is not None and _cidr_contains(cidr, client)
 
-	function env.Component(name)
-		if not name then
-			error("Component must have a name", 2)
-		end
-		local prepped_name = nameprep(name)
-		if not prepped_name then
-			error(s_format("Name of Component %q contains forbidden characters", name), 0)
-		end
-		name = prepped_name
-		if rawget(config_table, name) and rawget(config_table[name], "defined")
-			and not rawget(config_table[name], "component_module") then
-			error(s_format("Component %q clashes with previously defined VirtualHost %q, for services use a sub-domain like conference.%s",
-				name, name, name), 0)
-		end
-		set(config_table, name, "component_module", "component")
-		-- Don't load the global modules by default
-		set(config_table, name, "load_global_modules", false)
-		rawset(env, "__currenthost", name)
-		local function handle_config_options(config_options)
-			rawset(env, "__currenthost", "*") -- Return to global scope
-			local file, line = config_location(3, key)
-			for option_name, option_value in pairs(config_options) do
-				record_location(name, option_name, file, line)
-				set(config_table, name or "*", option_name, option_value)
-			end
-		end
 
-		return function (module)
-				if type(module) == "string" then
-					set(config_table, name, "component_module", module)
-					return handle_config_options
-				end
-				return handle_config_options(module)
-			end
-	end
-	env.component = env.Component
+def _cidr_contains(cidr: str, client: str) -> bool:
+    """util/ip.lua's match(new_ip(client), parse_cidr(cidr)): IPv4 against IPv6 compares the
+    IPv4-mapped form; no prefix length means the address itself."""
+    address_text, _, bits_text = cidr.partition("/")
+    try:
+        address = ipaddress.ip_address(address_text)
+        peer = ipaddress.ip_address(client)
+        bits = int(bits_text) if bits_text else None
+    except ValueError:
+        return False  # Prosody cannot parse it either
+    if bits is None:
+        return address == peer
+    if address.version != peer.version:
+        if address.version == 4:
+            address = ipaddress.IPv6Address(f"::ffff:{address}")
+            bits += 96
+        else:
+            peer = ipaddress.IPv6Address(f"::ffff:{peer}")
+    bits = max(0, min(bits, address.max_prefixlen))
+    return peer in ipaddress.ip_network(f"{address}/{bits}", strict=False)
 
-	function env.Include(file)
-		-- Operator: a clear message instead of "attempt to index a nil value (local 'file')".
-		if type(file) ~= "string" then
-			error(s_format("Include needs a file name, got %s", type(file)), 2)
-		end
-		-- Check whether this is a wildcard Include
-		if s_find(file, "[*?]") then
-			local path_pos, glob = s_match(file, "()([^/]+)$")
-			if not path_pos then
-				error(s_format("Include %q has no file name pattern after its last '/'", file), 2)
-			end
-			local path = s_sub(file, 1, m_max(path_pos-2,0))
-			local config_path = (s_gsub(config_file, "[^/]+$", ""))
-			if #path > 0 then
-				path = resolve_relative_path(config_path, path)
-			else
-				path = config_path
-			end
-			local patt = glob_to_pattern(glob)
-			-- Operator: the files given for that directory, sorted, instead of lfs.dir (unsorted;
-			-- and Prosody fails if the directory does not exist).
-			local dir = normalize(path)
-			local matches = {}
-			for f in next, files do
-				local f_dir, base = s_match(f, "^(.*)/([^/]*)$")
-				if f_dir == "" then f_dir = "/" end
-				if f_dir == dir and s_sub(base, 1, 1) ~= "." and s_match(base, patt) then
-					matches[#matches + 1] = base
-				end
-			end
-			t_sort(matches)
-			for _, f in ipairs(matches) do
-				env.Include(path.."/"..f)
-			end
-			-- Operator: warn when the unsorted directory order decides a tracked global option.
-			local setters = {}
-			for _, f in ipairs(matches) do
-				local included = normalize(path.."/"..f)
-				for option in next, assigned_in[included] or {} do
-					local list = setters[option] or {}
-					setters[option] = list
-					list[#list + 1] = display[included]
-				end
-			end
-			for option, list in next, setters do
-				if #list > 1 then
-					local where, line = config_location(3, key)
-					add_finding(where or key, line, s_format(
-						"%s is set in several files that Include %q matches (%s): Prosody includes "
-						.. "them in directory order, which is not sorted, so which value wins is "
-						.. "not defined (the operator assumed sorted order)", option, file, t_concat(list, ", ")))
-				end
-			end
-			return
-		end
-		-- Not a wildcard, so resolve (potentially) relative path and run through config parser
-		file = resolve_relative_path((s_gsub(config_file, "[^/]+$", "")), file)
-		local resolved = normalize(file)
-		local data = files[resolved]
-		if not data then
-			-- Operator: the error names the Include's file and line (Prosody's does not).
-			error(s_format("Error loading included %s: No such file among the config files", file), 2)
-		end
-		for i = 1, #include_stack do
-			if include_stack[i] == resolved then
-				local chain = {}
-				for j = i, #include_stack do chain[#chain + 1] = display[include_stack[j]] end
-				chain[#chain + 1] = display[resolved]
-				error("Include loop: " .. t_concat(chain, " -> "), 2)
-			end
-		end
-		local ret, err = parser.load(data, file, config_table, resolved)
-		if not ret then error(err, 0) end
-		return true
-	end
-	env.include = env.Include
 
-	function env.RunScript(file)
-		-- Operator: not run (Prosody runs it with dofile, outside the config's environment).
-		local where, line = config_location(3, key)
-		add_finding(where or key, line, s_format(
-			"RunScript %s was not run: the operator does not run scripts, so what it changes is "
-			.. "unknown", type(file) == "string" and s_format("%q", file) or type(file)))
-	end
-
-	local chunk, err = real_load(data, "@" .. display[key], "t", env)
-
-	if not chunk then
-		return nil, err
-	end
-
-	include_stack[#include_stack + 1] = key
-	local ok, err = xpcall(chunk, locate_error)
-	include_stack[#include_stack] = nil
-	in_handler = false -- in case the handler itself failed (out of memory)
-
-	if not ok then
-		return nil, err
-	end
-
-	return true
-end
-
-local function deny_table(name)
-	return setmetatable({}, {
-		__index = function(_, k) error(s_format("%s.%s %s", name, tostring(k), SANDBOX), 2) end,
-		__newindex = function(_, k) error(s_format("%s.%s %s", name, tostring(k), SANDBOX), 2) end,
-		__metatable = false,
-	})
-end
-
-local function deny_function(name)
-	return function() error(s_format("%s %s", name, SANDBOX), 2) end
-end
-
-local function copy(t)
-	local c = {}
-	for k, v in next, t do c[k] = v end
-	return c
-end
-
-local function build_sandbox()
-	local G = {}
-	for _, name in ipairs({ "assert", "collectgarbage", "error", "getmetatable", "ipairs", "next",
-			"pairs", "rawequal", "rawget", "rawlen", "rawset", "select", "tonumber", "tostring",
-			"type", "_VERSION" }) do
-		G[name] = real_G[name]
-	end
-	G._G = G
-	G.setmetatable = function(t, mt)
-		-- A finaliser could run after the instruction budget is switched off.
-		if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
-			error("__gc metamethods are not available in the operator's sandbox", 2)
-		end
-		return setmetatable(t, mt)
-	end
-	G.pcall = function(...) return guard(pcall(...)) end
-	G.xpcall = function(...) return guard(xpcall(...)) end
-	G.load = function(chunk, name, _, ...)
-		if type(chunk) == "string" and s_sub(chunk, 1, 1) == "\27" then
-			error("binary chunks are not available in the operator's sandbox", 2)
-		end
-		local env = G
-		if select("#", ...) > 0 then env = ... end
-		return guard(real_load(chunk, name, "t", env)) -- never binary chunks
-	end
-	G.print = function() end
-	G.log = function() end
-	G.string, G.table, G.math, G.utf8 = copy(string), copy(table), copy(math), copy(utf8)
-	local function create(f)
-		local co = co_create(f)
-		d_sethook(co, count_hook, "", HOOK_EVERY)
-		return co
-	end
-	local function unwrap(ok, ...)
-		if exhausted then error(limit_message, 0) end
-		if not ok then error((...), 0) end
-		return ...
-	end
-	G.coroutine = {
-		create = create,
-		resume = function(co, ...) return guard(co_resume(co, ...)) end,
-		wrap = function(f)
-			local co = create(f)
-			return function(...) return unwrap(co_resume(co, ...)) end
-		end,
-		close = function(co) return guard(co_close(co)) end,
-		yield = coroutine.yield, status = coroutine.status, running = coroutine.running,
-		isyieldable = coroutine.isyieldable,
-	}
-	G.os = setmetatable({
-		time = os.time, clock = os.clock, date = os.date, difftime = os.difftime,
-		getenv = function(name) return env_vars[name] end,
-	}, { __index = function(_, k) error(s_format("os.%s %s", tostring(k), SANDBOX), 2) end })
-	G.io, G.debug, G.package = deny_table("io"), deny_table("debug"), deny_table("package")
-	G.dofile, G.loadfile = deny_function("dofile"), deny_function("loadfile")
-	-- The official image's config reads the host name from util.pposix.
-	local pposix = setmetatable({
-		uname = function()
-			return { sysname = "Linux", nodename = env_vars.HOSTNAME or "localhost",
-				release = "", version = "", machine = "" }
-		end,
-	}, { __index = function(_, k) error(s_format("util.pposix.%s %s", tostring(k), SANDBOX), 2) end })
-	G.require = function(name)
-		if name == "util.pposix" then return pposix end
-		error(s_format("require %s %s", type(name) == "string" and s_format("%q", name) or type(name), SANDBOX), 2)
-	end
-	-- What /usr/bin/prosody and util/startup.lua define before reading the config.
-	local main_dir = s_match(main_file, "^(.*)/[^/]*$")
-	if main_dir == "" then main_dir = "/" end
-	G.CFG_SOURCEDIR = "/usr/lib/prosody"
-	G.CFG_CONFIGDIR = main_dir
-	G.CFG_PLUGINDIR = "/usr/lib/prosody/modules/"
-	G.CFG_DATADIR = "/var/lib/prosody"
-	G.prosody = {
-		platform = "posix", config_file = main_file, opts = {},
-		paths = { source = "/usr/lib/prosody", config = main_dir,
-			plugins = "/usr/lib/prosody/modules/", data = "data" },
-	}
-	return G
-end
-
--- Plain data about an option's value, read without running any of the config's metamethods.
-local function describe(v)
-	local t = type(v)
-	local d = { type = t }
-	if t == "string" then
-		d.string = v
-		d.number = tonumber(v) -- what statsmanager does with statistics_interval
-	elseif t == "number" then
-		d.number = v
-	elseif t == "boolean" then
-		d.boolean = v
-	elseif t == "table" then
-		local list, i = {}, 1
-		while rawget(v, i) ~= nil do
-			local item = rawget(v, i)
-			if type(item) == "string" then list[#list + 1] = item end
-			i = i + 1
-		end
-		d.list = list
-		local server = rawget(v, "statsd_server")
-		d.statsd_server = server ~= nil and server ~= false
-	end
-	return d
-end
-
-local function describe_options(options)
-	local described = {}
-	for key in next, tracked do
-		local v = rawget(options, key)
-		if v ~= nil then described[key] = describe(v) end
-	end
-	return described
-end
-
-return function(files_in, display_in, main, env_in, max_instructions, tracked_list)
-	files, display, env_vars, main_file = files_in, display_in, env_in, main
-	for _, key in ipairs(tracked_list) do tracked[key] = true end
-	for file, name in next, display do
-		source_to_file["@" .. name] = file
-		short_to_file[short_src(name)] = file
-	end
-	G = build_sandbox()
-	-- Keep the config away from the string metatable this code relies on.
-	getmetatable("").__metatable = { __index = G.string }
-	config_table = setmetatable({ ["*"] = { } }, config_mt)
-
-	budget_left = max_instructions
-	d_sethook(count_hook, "", HOOK_EVERY)
-	local ok, loaded, err = xpcall(parser.load, locate_error, files[main], main, config_table, main)
-	d_sethook()
-	if not ok then
-		err = loaded
-	elseif loaded then
-		err = nil
-	end
-
-	local result = { findings = findings }
-	if err ~= nil or exhausted then
-		if exhausted then err = limit_message end
-		local file, line = position_of(err)
-		if file then
-			result.error = { file = display[file], line = line,
-				message = (s_gsub(err, "^.-:%d+: ", "", 1)) }
-		else
-			result.error = { file = display[main], message = err }
-		end
-		result.exhausted = exhausted
-		return result
-	end
-
-	result.global = describe_options(rawget(config_table, "*"))
-	local hosts = {}
-	for host, options in next, config_table do
-		if host ~= "*" then
-			hosts[host] = {
-				component = rawget(options, "component_module") ~= nil,
-				options = describe_options(options),
-			}
-		end
-	end
-	result.hosts = hosts
-	result.locations = locations
-	return result
-end
-"""  # noqa: E501 - lines ported from Prosody stay as upstream wrote them
+def _metrics_path(
+    http_paths: Mapping[str, Any] | None, where: _Where
+) -> tuple[str | None, list[Finding]]:
+    """mod_http's get_base_path for the global "openmetrics" app: http_paths.openmetrics or
+    /metrics, through util/http.lua's normalize_path, with $host as "*" (a global module)."""
+    value = (http_paths or {}).get("openmetrics")
+    if value is None:
+        return METRICS_DEFAULT_PATH, []
+    if value.get("type") != "string":
+        return None, [
+            Finding(
+                *where("http_paths"),
+                f"http_paths.openmetrics = {_lua_repr(value)} is not a path: Prosody cannot "
+                "serve /metrics",
+            )
+        ]
+    path = str(value["string"])
+    if path.endswith("/"):
+        path = path[:-1]
+    if not path.startswith("/"):
+        path = "/" + path
+    return re.sub(r"\$host(?![A-Za-z0-9])", "*", path), []
