@@ -11,10 +11,12 @@ scrape configuration and a StatefulSet whose Prometheus pods (v3.5, with the con
 discover the pods with kubernetes_sd through the `kubernetes` Service and scrape them at their
 pod IPs.
 
-Two Deployments share one setup (module-scoped):
+Three Deployments share one setup (module-scoped):
 * `xmpp`: statistics_interval = 3, so the ServiceMonitor and the sidecar use 3 s;
 * `manual`: statistics_interval = "manual", so the sidecar is Prosody's only scraper, every
-  MANUAL_INTERVAL seconds, whatever the number of Prometheus replicas.
+  MANUAL_INTERVAL seconds, whatever the number of Prometheus replicas;
+* `xmpp13`: Prosody 13.0 (its image, and its version in the pod annotation), whose config uses
+  13.0's list methods, which 0.12 cannot read.
 Two Prometheus replicas run the generated configuration. The host, outside the pod network (the
 sidecar's default allowlist is the Nodes' podCIDRs), is refused. The last test edits the xmpp
 ConfigMap and restarts its rollout: the new interval reaches the generated configuration, the
@@ -49,6 +51,15 @@ SIDECAR = "prosody-exporter"
 LABELS = {"release": "e2e"}  # on the ServiceMonitors, and what the Prometheus selects
 MANUAL_INTERVAL = 2  # seconds: the chart's sidecar.manualInterval
 STATISTICS_INTERVAL = 3  # seconds: statistics_interval in the xmpp ConfigMap
+INTERVAL_13 = 4  # seconds: statistics_interval in the xmpp13 ConfigMap
+PROSODY_13_CONFIG = f"""
+modules_enabled = {{ "roster", "saslauth" }}
+modules_enabled:append {{ "http_openmetrics", "ping" }} -- Prosody 13.0's list methods
+authentication = "internal_hashed"
+statistics = "internal"
+statistics_interval = {INTERVAL_13}
+VirtualHost "localhost"
+"""
 PROMETHEUS = "k8s"
 
 
@@ -137,18 +148,24 @@ def chain(
         prometheus_operator = stack.enter_context(
             e2e.PrometheusOperator(tmp_path_factory.mktemp("prometheus-operator"), [namespace])
         )
-        image = e2e.prosody_image(node)
-        for app, interval in (("xmpp", str(STATISTICS_INTERVAL)), ("manual", '"manual"')):
+        image, image_13 = e2e.prosody_image(node), e2e.prosody_image(node, "13")
+        version_13 = {"prosody-operator.io/prosody-version": image_13.rsplit(":", 1)[1]}
+        for app, config, app_image, annotations in (
+            ("xmpp", prosody_config(str(STATISTICS_INTERVAL)), image, {}),
+            ("manual", prosody_config('"manual"'), image, {}),
+            ("xmpp13", PROSODY_13_CONFIG, image_13, version_13),
+        ):
             core.create_namespaced_config_map(
                 namespace,
                 client.V1ConfigMap(
                     metadata=client.V1ObjectMeta(name=f"{app}-config"),
-                    data={"prosody.cfg.lua": prosody_config(interval)},
+                    data={"prosody.cfg.lua": config},
                 ),
             )
-            client.AppsV1Api(k8s_client).create_namespaced_deployment(
-                namespace, prosody_deployment(app, f"{app}-config", image=image)
+            deployment = prosody_deployment(
+                app, f"{app}-config", image=app_image, annotations=annotations
             )
+            client.AppsV1Api(k8s_client).create_namespaced_deployment(namespace, deployment)
         e2e.create_prometheus(
             k8s_client,
             namespace,
@@ -190,7 +207,7 @@ def test_the_helm_installed_operator_injects_through_the_charts_service(chain: C
     assert [a for s in slices.items for e in s.endpoints for a in e.addresses] == [
         operator.status.pod_ip
     ]
-    for app in ("xmpp", "manual"):
+    for app in ("xmpp", "manual", "xmpp13"):
         pod = chain.pod(app)
         assert [c.name for c in pod.spec.containers] == ["prosody", SIDECAR]
         assert pod.metadata.annotations["prosody-operator.io/status"]
@@ -263,6 +280,17 @@ def test_scrape_interval_is_prosodys_statistics_interval(chain: Chain):
     assert job["scrape_interval"] == f"{STATISTICS_INTERVAL}s"
     # ... and it is what the running Prometheus uses.
     assert chain.running_job("xmpp")["scrape_interval"] == f"{STATISTICS_INTERVAL}s"
+
+
+def test_prosody_13_is_read_in_its_dialect_and_scraped(chain: Chain):
+    """The pod runs the Prosody 13.0 image; the operator reads its config as 13.0 does (0.12
+    cannot evaluate `:append`), and Prometheus scrapes 13.0's own metrics through the sidecar."""
+    monitor = chain.service_monitor("xmpp13")
+    assert monitor["spec"]["endpoints"][0]["interval"] == f"{INTERVAL_13}s"
+    pod = chain.pod("xmpp13")
+    chain.target(chain.prometheus[0], "xmpp13", "up")
+    (info,) = chain.prometheus[0].wait_for_series(f'prosody_info{{pod="{pod.metadata.name}"}}')
+    assert info["metric"]["version"].startswith("13."), info
 
 
 def test_xmpp_session_shows_in_c2s_connections(chain: Chain):
