@@ -355,47 +355,44 @@ def apiserver_component(ports: Ports) -> Component:
     )
 
 
+def controller_args(name: str, port: int) -> tuple[str, ...]:
+    """What the controller manager and the scheduler share: their kubeconfig (`name`), their
+    HTTPS health port on loopback, a single instance (waiting for a leader lease would only slow
+    the start)."""
+    kubeconfig_path = CLUSTER_DIR / f"{name}.kubeconfig"
+    return (
+        f"--kubeconfig={kubeconfig_path}",
+        f"--authentication-kubeconfig={kubeconfig_path}",
+        f"--authorization-kubeconfig={kubeconfig_path}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--tls-cert-file={PKI_DIR / f'{name}-serving.crt'}",
+        f"--tls-private-key-file={PKI_DIR / f'{name}-serving.key'}",
+        "--leader-elect=false",
+        "--profiling=false",
+    )
+
+
 def controller_manager_component(ports: Ports) -> Component:
-    pki, kubeconfig_path = PKI_DIR, CLUSTER_DIR / "controller-manager.kubeconfig"
     return component(
         "kube-controller-manager",
         built_binary("kube-controller-manager"),
         (
-            f"--kubeconfig={kubeconfig_path}",
-            f"--authentication-kubeconfig={kubeconfig_path}",
-            f"--authorization-kubeconfig={kubeconfig_path}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={ports.controller_manager}",
-            f"--tls-cert-file={pki / 'controller-manager-serving.crt'}",
-            f"--tls-private-key-file={pki / 'controller-manager-serving.key'}",
+            *controller_args("controller-manager", ports.controller_manager),
             f"--controllers={','.join(CONTROLLERS)}",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--service-account-private-key-file={PKI_DIR / 'sa.key'}",
+            f"--root-ca-file={PKI_DIR / 'ca.crt'}",
             # Each controller acts as its own service account, limited by RBAC, as in kubeadm.
             "--use-service-account-credentials=true",
-            # A single instance: waiting for a leader lease would only slow the start.
-            "--leader-elect=false",
-            "--profiling=false",
         ),
     )
 
 
 def scheduler_component(ports: Ports) -> Component:
-    pki, kubeconfig_path = PKI_DIR, CLUSTER_DIR / "scheduler.kubeconfig"
     return component(
         "kube-scheduler",
         built_binary("kube-scheduler"),
-        (
-            f"--kubeconfig={kubeconfig_path}",
-            f"--authentication-kubeconfig={kubeconfig_path}",
-            f"--authorization-kubeconfig={kubeconfig_path}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={ports.scheduler}",
-            f"--tls-cert-file={pki / 'scheduler-serving.crt'}",
-            f"--tls-private-key-file={pki / 'scheduler-serving.key'}",
-            "--leader-elect=false",
-            "--profiling=false",
-        ),
+        controller_args("scheduler", ports.scheduler),
     )
 
 
