@@ -31,6 +31,7 @@ KUBERNETES_MODULE = "k8s.io/kubernetes"
 HELM_MODULE = "helm.sh/helm/v3"
 PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
 PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
+ACTIONLINT_MODULE = "github.com/rhysd/actionlint"
 # The CRDs upstream publishes (the same files as its bundle.yaml), shipped inside the module.
 CRD_SUBDIR = "example/prometheus-operator-crd"
 
@@ -108,6 +109,8 @@ def version_ldflags(module: GoModule) -> list[str]:
         return [prometheus_version + module.version[1:]]
     if module.module == PROMETHEUS_MODULE:
         return [prometheus_version + prometheus_release(module.version)[1:]]
+    if module.module == ACTIONLINT_MODULE:
+        return [f"-X {ACTIONLINT_MODULE}.version={module.version}"]
     return []
 
 
@@ -148,6 +151,10 @@ MODULES = (
     GoModule("helm", HELM_MODULE, (("helm", "helm.sh/helm/v3/cmd/helm"),)),
     PROMETHEUS_OPERATOR,
     PROMETHEUS,
+    # Checks .github/workflows (tests/test_release.py).
+    GoModule(
+        "actionlint", ACTIONLINT_MODULE, (("actionlint", f"{ACTIONLINT_MODULE}/cmd/actionlint"),)
+    ),
 )
 
 

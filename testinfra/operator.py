@@ -152,6 +152,7 @@ class OperatorProcess(ProcessOwner):
             set_values={
                 "webhook.configurationName": self.webhook_configuration,
                 "watchNamespaces": self.watch_namespaces,
+                "test.enabled": False,  # the `helm test` identity is not the operator's
             },
         )
         for obj in objects:

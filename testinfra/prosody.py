@@ -51,6 +51,9 @@ def installation(version: str) -> Installation:
     raise ValueError(f"unknown Prosody version {version!r} (known: {', '.join(VERSIONS)})")
 
 
+MODULES = ("http_openmetrics", "roster", "saslauth", "register", "ping")
+
+
 def build_prosody_config(
     workdir: Path,
     *,
@@ -58,10 +61,12 @@ def build_prosody_config(
     c2s_port: int,
     statistics_interval: str | int = "manual",
     extra_global: str = "",
+    modules: tuple[str, ...] = MODULES,
 ) -> str:
     interval = (
         f'"{statistics_interval}"' if isinstance(statistics_interval, str) else statistics_interval
     )
+    modules_enabled = ", ".join(f'"{module}"' for module in modules)
     return f'''
 -- Written by testinfra/prosody.py for one test run.
 pidfile = "{workdir}/prosody.pid"
@@ -70,7 +75,7 @@ daemonize = false
 run_as_root = true -- tests and CI run as root; Prosody refuses otherwise
 log = {{ info = "*console" }}
 plugin_paths = {{}}
-modules_enabled = {{ "http_openmetrics", "roster", "saslauth", "register", "ping" }}
+modules_enabled = {{ {modules_enabled} }}
 allow_registration = true
 authentication = "internal_hashed"
 c2s_require_encryption = false
@@ -94,6 +99,7 @@ class ProsodyServer(ProcessOwner):
     workdir: Path
     statistics_interval: str | int = "manual"
     extra_global: str = ""
+    modules: tuple[str, ...] = MODULES  # the global modules_enabled
     version: str = "0.12"
     http_port: int = field(default_factory=free_port)
     c2s_port: int = field(default_factory=free_port)
@@ -121,6 +127,7 @@ class ProsodyServer(ProcessOwner):
                 c2s_port=self.c2s_port,
                 statistics_interval=self.statistics_interval,
                 extra_global=self.extra_global,
+                modules=self.modules,
             )
         )
         self.process = Process(

@@ -74,9 +74,12 @@ def render(
     values_files: Iterable[Path] = (),
     set_values: Mapping[str, Any] | None = None,
     chart_dir: Path | None = None,
+    api_versions: Iterable[str] = (),
 ) -> str:
-    """`helm template`: the manifests the chart would install."""
+    """`helm template`: the manifests the chart would install (on a cluster that serves
+    `api_versions` too, as `.Capabilities` tells the templates)."""
     argv = template_args(release, namespace, values_files, set_values, chart_dir)
+    argv += [f"--api-versions={version}" for version in api_versions]
     return helm("template", *argv).stdout
 
 
@@ -86,8 +89,9 @@ def render_objects(
     values_files: Iterable[Path] = (),
     set_values: Mapping[str, Any] | None = None,
     chart_dir: Path | None = None,
+    api_versions: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
-    text = render(release, namespace, values_files, set_values, chart_dir)
+    text = render(release, namespace, values_files, set_values, chart_dir, api_versions)
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
@@ -108,7 +112,10 @@ metadata:
   labels:
     pod-security.kubernetes.io/enforce: restricted
 """
-    return header + render(MANIFESTS_RELEASE, MANIFESTS_NAMESPACE)
+    # Without the `helm test` objects: plain manifests have no `helm test` to run them.
+    return header + render(
+        MANIFESTS_RELEASE, MANIFESTS_NAMESPACE, set_values={"test.enabled": False}
+    )
 
 
 # --- The values table --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import yaml
 from prosody_operator import __version__, builders, handlers
 from prosody_operator.settings import ENV_PREFIX, OperatorSettings
 from testinfra.procs import require_program
-from tools import chart
+from tools import chart, dashboard, promql
 
 RELEASE, NAMESPACE = "test", "prosody"
 CERT_MANAGER_GROUP = "cert-manager.io"
@@ -35,8 +35,15 @@ RESTRICTED_CONTAINER = {
 }
 
 
-def render(*values_files: Path, chart_dir: Path | None = None, **set_values: Any) -> list[dict]:
-    return chart.render_objects(RELEASE, NAMESPACE, values_files, set_values, chart_dir=chart_dir)
+def render(
+    *values_files: Path,
+    chart_dir: Path | None = None,
+    api_versions: tuple[str, ...] = (),
+    **set_values: Any,
+) -> list[dict]:
+    return chart.render_objects(
+        RELEASE, NAMESPACE, values_files, set_values, chart_dir, api_versions
+    )
 
 
 def only(objects: list[dict], kind: str) -> dict:
@@ -80,7 +87,53 @@ def test_ci_scenarios_exist() -> None:
         "cert-manager-values.yaml",
         "monitor-labels-values.yaml",
         "prometheus-rule-dashboard-values.yaml",
+        "names-values.yaml",
+        "private-registry-values.yaml",
+        "openshift-values.yaml",
+        "security-context-values.yaml",
     } <= names
+
+
+def test_every_value_changes_the_objects_in_some_scenario(tmp_path: Path) -> None:
+    """Each documented value is set in a ci/ scenario, and that scenario renders other objects
+    without it: lint, the server-side dry-run and the install tests all see the value at work."""
+    scenarios = {path: yaml.safe_load(path.read_text()) or {} for path in chart.CI_VALUES}
+    rendered = {path: render(path) for path in scenarios}
+
+    def changes_objects(key: str) -> bool:
+        for path, values in scenarios.items():
+            if not _has(values, key):
+                continue
+            without = tmp_path / f"without-{key}.yaml"
+            without.write_text(yaml.safe_dump(_without(values, key)))
+            argv = chart.template_args(RELEASE, NAMESPACE, [without])
+            result = chart.helm("template", *argv, check=False)
+            # A failure means another value of the scenario needs this one: look further.
+            if result.returncode == 0 and rendered[path] != [
+                doc for doc in yaml.safe_load_all(result.stdout) if doc
+            ]:
+                return True
+        return False
+
+    assert [v.key for v in chart.chart_values() if not changes_objects(v.key)] == []
+
+
+def _has(values: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return False
+        values = values[part]
+    return True
+
+
+def _without(values: dict[str, Any], dotted: str) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    copy = dict(values)
+    if rest:
+        copy[head] = _without(copy[head], rest)
+    else:
+        del copy[head]
+    return copy
 
 
 def test_helm_lint(ci_values: Path) -> None:
@@ -116,10 +169,38 @@ BAD_VALUES = [
     ({"fullnameOverride": "a" * 64}, "at '/fullnameOverride': maxLength"),
     ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
     ({"watchNamespaces": "team-a"}, "at '/watchNamespaces': got string, want array"),
+    ({"nameOverride": "Prosody"}, "at '/nameOverride'"),
+    ({"serviceAccount.create": "no"}, "at '/serviceAccount/create': got string, want boolean"),
+    ({"global.imageRegistry": "https://registry.example.com"}, "at '/global/imageRegistry'"),
+    (
+        {"global.compatibility.openshift.adaptSecurityContext": "yes"},
+        "at '/global/compatibility/openshift/adaptSecurityContext': value must be one of",
+    ),
+    (
+        {"operator.podSecurityContext": {"runAsNonroot": True}},
+        "additional properties 'runAsNonroot' not allowed",
+    ),
+    ({"operator.podSecurityContext.runAsUser": -1}, "at '/operator/podSecurityContext/runAsUser'"),
+    (
+        {"operator.securityContext.capabilities": {"drop": "ALL"}},
+        "at '/operator/securityContext/capabilities/drop': got string, want array",
+    ),
+    (
+        {"operator.securityContext.seccompProfile": {"type": "runtime/default"}},
+        "at '/operator/securityContext/seccompProfile/type'",
+    ),
+    ({"test.enabled": "true"}, "at '/test/enabled': got string, want boolean"),
+    (
+        {"serviceAccount.create": False},
+        "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is",
+    ),
     # Not expressible in the schema: a `fail` in the template (`helm lint` only logs those).
     ({"operator.healthPort": 9443}, "operator.healthPort and webhook.port must differ"),
 ]
-TEMPLATE_CHECKS = {"operator.healthPort and webhook.port must differ"}
+TEMPLATE_CHECKS = {
+    "operator.healthPort and webhook.port must differ",
+    "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is",
+}
 
 
 @pytest.mark.parametrize(
@@ -210,13 +291,15 @@ def test_deployment_is_one_replica_restricted_with_tmp_and_probes(ci_values: Pat
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     operator = container(objects)
-    assert operator["securityContext"] == RESTRICTED_CONTAINER
+    assert RESTRICTED_CONTAINER.items() <= operator["securityContext"].items()
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in operator["volumeMounts"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert operator["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
-    assert pod["serviceAccountName"] == only(objects, "ServiceAccount")["metadata"]["name"]
+    accounts = [o for o in objects if o["kind"] == "ServiceAccount" and not _is_test(o)]
+    if accounts:  # none with serviceAccount.create=false
+        assert pod["serviceAccountName"] == only(accounts, "ServiceAccount")["metadata"]["name"]
 
 
 def test_webhook_service_targets_the_webhook_port(ci_values: Path) -> None:
@@ -434,7 +517,9 @@ def test_watch_namespaces_bind_the_workload_rules_only_there() -> None:
     scoped = render(chart.CHART / "ci" / "watch-namespaces-values.yaml")
     assert bindings(scoped) == [("RoleBinding", "team-a"), ("RoleBinding", "team-b")]
     (cluster_role,) = [
-        o for o in scoped if o["kind"] == "ClusterRole" and o["metadata"]["name"] != workloads
+        o
+        for o in scoped
+        if o["kind"] == "ClusterRole" and o["metadata"]["name"] != workloads and not _is_test(o)
     ]
     cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
     assert cluster_resources == {
@@ -446,11 +531,15 @@ def test_watch_namespaces_bind_the_workload_rules_only_there() -> None:
 
 
 def test_every_object_has_the_release_labels(ci_values: Path) -> None:
-    """What `helm uninstall`'s leftovers are looked up by (tests/chart/test_chart_cluster.py)."""
+    """What `helm uninstall`'s leftovers are looked up by (tests/chart/test_chart_cluster.py).
+    The `helm test` pod names the chart with part-of instead: the operator's selector labels
+    would put it behind the webhook Service."""
+    name = (yaml.safe_load(ci_values.read_text()) or {}).get("nameOverride", "prosody-operator")
     for obj in render(ci_values):
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == RELEASE, obj["kind"]
-        assert labels["app.kubernetes.io/name"] == "prosody-operator", obj["kind"]
+        key = "app.kubernetes.io/part-of" if obj["kind"] == "Pod" else "app.kubernetes.io/name"
+        assert labels[key] == name, obj["kind"]
 
 
 def test_common_labels_reach_every_object_but_not_pods() -> None:
@@ -509,3 +598,343 @@ def test_manifests_are_the_default_chart_in_one_namespace() -> None:
             "MutatingWebhookConfiguration",
         ]
     )
+
+
+# --- Names and the ServiceAccount --------------------------------------------------------------
+
+
+def test_name_override_names_every_object_and_the_selector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objects = render(chart.CHART / "ci" / "names-values.yaml")
+    deployment = only(objects, "Deployment")
+    assert deployment["metadata"]["name"] == f"{RELEASE}-xmpp-metrics"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector["app.kubernetes.io/name"] == "xmpp-metrics"
+    service = only(objects, "Service")
+    assert service["metadata"]["name"] == f"{RELEASE}-xmpp-metrics-webhook"
+    assert service["spec"]["selector"] == selector
+    webhook = only(objects, "MutatingWebhookConfiguration")["webhooks"][0]
+    assert webhook["clientConfig"]["service"]["name"] == service["metadata"]["name"]
+    settings = operator_settings(env_of(objects), monkeypatch)
+    assert settings.webhook_service == f"{NAMESPACE}/{service['metadata']['name']}"
+    # fullnameOverride wins over nameOverride for names, not for the name label.
+    both = render(chart.CHART / "ci" / "names-values.yaml", fullnameOverride="prosody-op")
+    assert only(both, "Deployment")["metadata"]["name"] == "prosody-op"
+    assert only(both, "Deployment")["metadata"]["labels"]["app.kubernetes.io/name"] == (
+        "xmpp-metrics"
+    )
+
+
+def _is_test(obj: dict) -> bool:
+    """One of the objects `helm test` needs."""
+    return bool(obj["metadata"]["labels"].get("app.kubernetes.io/component") == "test")
+
+
+def _operator_bindings(objects: list[dict]) -> list[dict]:
+    return [
+        o for o in objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding") and not _is_test(o)
+    ]
+
+
+def test_existing_service_account_gets_the_rbac_and_none_is_created() -> None:
+    objects = render(chart.CHART / "ci" / "names-values.yaml")
+    accounts = [o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"]
+    assert accounts == [f"{RELEASE}-xmpp-metrics-test"]  # only the helm test's own
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "xmpp-metrics-operator"
+    bindings = _operator_bindings(objects)
+    assert len(bindings) == 2
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "xmpp-metrics-operator", "namespace": NAMESPACE}
+        ]
+    created = render(**{"serviceAccount.name": "mine"})
+    assert [o["metadata"]["name"] for o in created if o["kind"] == "ServiceAccount"] == [
+        "mine",
+        f"{RELEASE}-prosody-operator-test",
+    ]
+
+
+# --- Images -------------------------------------------------------------------------------------
+
+REGISTRY_CASES = [
+    # (repository, global.imageRegistry, the image)
+    ("ghcr.io/prosody-operator/op", "", "ghcr.io/prosody-operator/op"),
+    ("ghcr.io/prosody-operator/op", "reg.example.com", "reg.example.com/prosody-operator/op"),
+    ("ghcr.io/p-o/op", "mirror.example.com:5000/ghcr/", "mirror.example.com:5000/ghcr/p-o/op"),
+    ("localhost:5000/op", "reg.example.com", "reg.example.com/op"),
+    ("localhost/team/op", "reg.example.com", "reg.example.com/team/op"),
+    ("prosody/op", "reg.example.com", "reg.example.com/prosody/op"),  # Docker Hub
+    ("op", "reg.example.com", "reg.example.com/op"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("repository", "registry", "image"), REGISTRY_CASES)
+def test_global_image_registry_replaces_every_images_registry(
+    repository: str, registry: str, image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(
+        **{
+            "global.imageRegistry": registry,
+            "image.repository": repository,
+            "image.tag": "1.2.3",
+            "sidecar.image.repository": repository + "-exporter",
+        }
+    )
+    assert container(objects)["image"] == f"{image}:1.2.3"
+    assert only(objects, "Pod")["spec"]["containers"][0]["image"] == f"{image}:1.2.3"
+    settings = operator_settings(env_of(objects), monkeypatch)
+    assert settings.exporter_image == f"{image}-exporter:{__version__}"
+
+
+def test_pull_secrets_are_the_operators_and_the_test_pods() -> None:
+    objects = render(chart.CHART / "ci" / "private-registry-values.yaml")
+    secrets = [{"name": "mirror-pull"}]
+    assert only(objects, "Deployment")["spec"]["template"]["spec"]["imagePullSecrets"] == secrets
+    assert only(objects, "Pod")["spec"]["imagePullSecrets"] == secrets
+    assert container(objects)["image"].startswith("registry.example.com/mirror/prosody-operator/")
+
+
+# --- Security contexts --------------------------------------------------------------------------
+
+FIXED_IDS = {"runAsUser", "runAsGroup", "fsGroup"}
+OPENSHIFT_API = "security.openshift.io/v1"
+
+
+def _contexts(objects: list[dict]) -> list[dict]:
+    """The pod and container securityContexts of the operator's pod and the test pod."""
+    pods = [only(objects, "Deployment")["spec"]["template"]["spec"], only(objects, "Pod")["spec"]]
+    return [
+        c for pod in pods for c in (pod["securityContext"], pod["containers"][0]["securityContext"])
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "api_versions", "fixed_ids"),
+    [
+        ("auto", (), True),
+        ("auto", (OPENSHIFT_API,), False),
+        ("force", (), False),
+        ("disabled", (OPENSHIFT_API,), True),
+    ],
+)
+def test_openshift_mode_leaves_ids_to_the_scc_and_keeps_run_as_non_root(
+    mode: str, api_versions: tuple[str, ...], fixed_ids: bool
+) -> None:
+    """With OpenShift's API (`auto`) or `force`: no fixed UID, GID or fsGroup anywhere."""
+    objects = render(
+        chart.CHART / "ci" / "security-context-values.yaml",
+        api_versions=api_versions,
+        **{"global.compatibility.openshift.adaptSecurityContext": mode},
+    )
+    contexts = _contexts(objects)
+    assert all(c["runAsNonRoot"] is True for c in contexts)
+    pod_ids = {k for k in contexts[0] if k in FIXED_IDS}
+    assert pod_ids == (FIXED_IDS if fixed_ids else set())
+    if not fixed_ids:
+        assert not [c for c in contexts if FIXED_IDS & c.keys()]
+
+
+def test_security_contexts_are_the_values() -> None:
+    values_file = chart.CHART / "ci" / "security-context-values.yaml"
+    operator_values = yaml.safe_load(values_file.read_text())["operator"]
+    pod, container_, test_pod, test_container = _contexts(render(values_file))
+    assert pod == test_pod == operator_values["podSecurityContext"]
+    assert container_ == test_container == operator_values["securityContext"]
+    default_pod, default_container, _, _ = _contexts(render())
+    assert default_pod["runAsUser"] == default_pod["runAsGroup"] == 65532
+    assert default_container == RESTRICTED_CONTAINER
+
+
+# --- helm test ------------------------------------------------------------------------------
+
+
+def _arguments(pod: dict) -> dict[str, str]:
+    args = pod["spec"]["containers"][0]["args"][1:]
+    return dict(arg.removeprefix("--").split("=", 1) for arg in args)
+
+
+def test_helm_test_pod_runs_the_check_against_this_release() -> None:
+    objects = render()
+    pod = only(objects, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "hook-succeeded" in pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    (test,) = pod["spec"]["containers"]
+    assert test["image"] == container(objects)["image"]  # nothing else to pull
+    assert test["command"] == ["python", "-c"]
+    assert test["args"][0] == (chart.CHART / "files" / "helm_test.py").read_text()
+    deployment = only(objects, "Deployment")
+    assert _arguments(pod) == {
+        "namespace": NAMESPACE,
+        "deployment": deployment["metadata"]["name"],
+        "service": only(objects, "Service")["metadata"]["name"],
+        "webhook-configuration": only(objects, "MutatingWebhookConfiguration")["metadata"]["name"],
+    }
+    assert pod["spec"]["restartPolicy"] == "Never"
+    # Never behind the webhook Service or counted by the disruption budget.
+    labels = pod["metadata"]["labels"].items()
+    assert not only(objects, "Service")["spec"]["selector"].items() <= labels
+    assert not deployment["spec"]["selector"]["matchLabels"].items() <= labels
+
+
+def test_helm_test_may_read_only_the_operator_and_its_webhook_configuration() -> None:
+    objects = render()
+    pod = only(objects, "Pod")
+    account = pod["spec"]["serviceAccountName"]
+    test_objects = [o for o in objects if _is_test(o)]
+    bindings = [o for o in test_objects if o["kind"].endswith("Binding")]
+    rules = {o["kind"]: o["rules"] for o in test_objects if o["kind"] in ("Role", "ClusterRole")}
+    assert rules == {
+        "Role": [
+            {
+                "apiGroups": ["apps"],
+                "resources": ["deployments"],
+                "resourceNames": [only(objects, "Deployment")["metadata"]["name"]],
+                "verbs": ["get"],
+            }
+        ],
+        "ClusterRole": [
+            {
+                "apiGroups": ["admissionregistration.k8s.io"],
+                "resources": ["mutatingwebhookconfigurations"],
+                "resourceNames": [_arguments(pod)["webhook-configuration"]],
+                "verbs": ["get"],
+            }
+        ],
+    }
+    assert sorted(b["kind"] for b in bindings) == ["ClusterRoleBinding", "RoleBinding"]
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+        ]
+    disabled = render(**{"test.enabled": False})
+    assert [o for o in disabled if _is_test(o)] == []
+    assert len(disabled) == len(objects) - len(test_objects)
+
+
+# --- Versions, CHANGELOG and Artifact Hub -------------------------------------------------------
+
+CHANGELOG = chart.REPO_ROOT / "CHANGELOG.md"
+CHANGE_KINDS = {"added", "changed", "deprecated", "removed", "fixed", "security"}
+
+
+def _chart_yaml() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((chart.CHART / "Chart.yaml").read_text())
+    return loaded
+
+
+def _changelog() -> dict[str, dict[str, list[str]]]:
+    """{version: {section: lines}} from CHANGELOG.md's `## version` and `### section` headings."""
+    versions: dict[str, dict[str, list[str]]] = {}
+    section: list[str] = []
+    for line in CHANGELOG.read_text().splitlines():
+        if line.startswith("## "):
+            sections: dict[str, list[str]] = {}
+            versions[line[3:].split()[0]] = sections
+        elif line.startswith("### "):
+            section = sections.setdefault(line[4:].strip(), [])
+        elif line.strip() and versions:
+            section.append(line)
+    return versions
+
+
+def test_chart_and_app_versions_move_together() -> None:
+    from prosody_exporter import __version__ as exporter_version
+
+    meta = _chart_yaml()
+    newest = next(iter(_changelog()))
+    assert meta["version"] == meta["appVersion"] == __version__ == exporter_version == newest
+
+
+def test_every_version_has_an_upgrade_note() -> None:
+    for version, sections in _changelog().items():
+        assert sections.get("Upgrading"), f"CHANGELOG.md {version}: no ### Upgrading note"
+        assert set(sections) - {"Upgrading"} <= {kind.title() for kind in CHANGE_KINDS}, version
+
+
+def test_artifact_hub_changes_are_this_versions_changelog() -> None:
+    meta = _chart_yaml()
+    changes = yaml.safe_load(meta["annotations"]["artifacthub.io/changes"])
+    entries = [
+        {"kind": section.lower(), "description": line.removeprefix("- ")}
+        for section, lines in _changelog()[meta["version"]].items()
+        if section != "Upgrading"
+        for line in lines
+    ]
+    assert changes == entries
+    assert {change["kind"] for change in changes} <= CHANGE_KINDS
+
+
+def test_artifact_hub_images_are_what_the_defaults_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    annotations = _chart_yaml()["annotations"]
+    images = {i["name"]: i["image"] for i in yaml.safe_load(annotations["artifacthub.io/images"])}
+    objects = render()
+    settings = operator_settings(env_of(objects), monkeypatch)
+    assert images == {
+        "prosody-operator": container(objects)["image"],
+        "prosody-exporter": settings.exporter_image,
+    }
+    assert annotations["artifacthub.io/operator"] == "true"
+    links = yaml.safe_load(annotations["artifacthub.io/links"])
+    assert links and all(link["url"].startswith("https://") for link in links)
+    assert annotations["artifacthub.io/license"]
+
+
+# --- The Grafana dashboard ------------------------------------------------------------------
+
+
+def test_dashboard_is_up_to_date() -> None:
+    assert dashboard.DASHBOARD.read_text() == dashboard.render(), "run `python -m tools.dashboard`"
+
+
+def test_dashboard_queries_follow_the_variables() -> None:
+    """Every series a panel reads is narrowed to the chosen namespaces, workloads and pods, and
+    each variable narrows the next (namespace -> workload -> pod -> host)."""
+    board = json.loads(dashboard.DASHBOARD.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert list(variables) == ["datasource", "namespace", "workload", "pod", "host"]
+    assert "$namespace" in variables["workload"]["query"]
+    assert "$workload" in variables["pod"]["query"]
+    assert "$pod" in variables["host"]["query"]
+    scoped = {
+        "namespace": ("=~", "$namespace"),
+        "service": ("=~", "($workload)-prosody-metrics"),
+        "pod": ("=~", "$pod"),
+    }
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    for panel in panels:
+        for target in panel["targets"]:
+            for selector in promql.selectors(target["expr"]):
+                for label, matcher in scoped.items():
+                    assert selector.matcher(label) == matcher, (panel["title"], label)
+
+
+def test_dashboard_rows_cover_prosody_and_keep_the_exporter_as_one_row() -> None:
+    board = json.loads(dashboard.DASHBOARD.read_text())
+    rows: dict[str, list[str]] = {}
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], [])
+        else:
+            current += [t["expr"] for t in panel["targets"]]
+    exporter_rows = [t for t, exprs in rows.items() if any("prosody_exporter_" in e for e in exprs)]
+    assert exporter_rows == ["prosody-exporter (the sidecar)"]
+    prosody = " ".join(e for t, exprs in rows.items() if t not in exporter_rows for e in exprs)
+    for family in (
+        "prosody_mod_c2s__connections",
+        "prosody_mod_c2s__encrypted_total",
+        "prosody_mod_s2s__connections_inbound",
+        "prosody_mod_s2s__connections_outbound",
+        "prosody_mod_s2s__encrypted_total",
+        "prosody_mod_s2s__authenticated_total",
+        "prosody_stats_collection_seconds_bucket",
+        "prosody_stats_processing_seconds_bucket",
+        "prosody_mod_bosh__active_sessions",
+        "prosody_mod_muc__live_room",
+        "prosody_mod_http_file_share__upload_bytes_count",
+        "prosody_dns_seconds_bucket",
+    ):
+        assert family in prosody, family
+    for label in ("type", "host", "ip_family"):
+        assert f"sum by ({label}) (prosody_mod_c2s__connections" in prosody, label

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes import client, utils
 from kubernetes.dynamic import DynamicClient
 
 from testinfra.operator import helm, operator_command, service_account_kubeconfig
@@ -84,17 +84,24 @@ def test_every_object_passes_a_server_side_dry_run(
     The cert-manager CRDs are not installed in the local control plane, so for the cert-manager
     scenarios the Issuer and Certificate are left out here; test_chart.py checks that they
     render with the expected fields (the Secret they make is the one the Deployment mounts).
-    Watched namespaces must exist: the test's own namespace stands in for a scenario's."""
+    Namespaces a scenario names must exist: the test's own namespace stands in for them. The
+    ServiceAccounts are created for real (in the test's namespace, deleted with it): the API
+    server admits a pod, the `helm test` pod here, only with an existing ServiceAccount."""
     restrict(k8s_client, namespace)
     release = f"dry-{uuid.uuid4().hex[:6]}"
     values: dict[str, Any] = {"webhook.configurationName": release}
-    if "watchNamespaces" in (yaml.safe_load(values_file.read_text()) or {}):
+    scenario = yaml.safe_load(values_file.read_text()) or {}
+    if "watchNamespaces" in scenario:
         values["watchNamespaces"] = [namespace]
+    if "namespace" in scenario.get("grafanaDashboard", {}):
+        values["grafanaDashboard.namespace"] = namespace
     objects = chart.render_objects(release, namespace, [values_file], values)
     validated = []
     for obj in objects:
         if obj["apiVersion"].startswith(f"{CERT_MANAGER_GROUP}/"):
             continue
+        if obj["kind"] == "ServiceAccount":
+            utils.create_from_dict(k8s_client, obj, namespace=namespace)
         warnings = dry_run_apply(k8s_client, dynamic, obj)
         assert warnings == "", f"{obj['kind']} {obj['metadata']['name']}: {warnings}"
         validated.append(obj["kind"])
@@ -192,6 +199,12 @@ def test_install_creates_every_object(release: Release, dynamic: DynamicClient) 
             "MutatingWebhookConfiguration",
             "PrometheusRule",
             "ConfigMap",
+            # what `helm test` runs with (its pod is a hook: not in the manifest)
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
         ]
     )
     for obj in objects:
@@ -308,7 +321,7 @@ def test_uninstall_leaves_nothing_behind(release: Release, k8s_client: client.Ap
         admission.list_mutating_webhook_configuration,
     )
     # Found by the release's label while installed, so "none left" below means something.
-    assert [len(list_(label_selector=selector).items) for list_ in cluster_scoped] == [2, 2, 1]
+    assert [len(list_(label_selector=selector).items) for list_ in cluster_scoped] == [3, 3, 1]
 
     helm("uninstall", release.name, "--namespace", release.namespace, "--wait")
     release.installed = False
@@ -324,6 +337,8 @@ def test_uninstall_leaves_nothing_behind(release: Release, k8s_client: client.Ap
     assert core.list_namespaced_service_account(ns, label_selector=selector).items == []
     assert core.list_namespaced_config_map(ns, label_selector=selector).items == []
     assert policy.list_namespaced_pod_disruption_budget(ns, label_selector=selector).items == []
+    assert rbac.list_namespaced_role(ns, label_selector=selector).items == []
+    assert rbac.list_namespaced_role_binding(ns, label_selector=selector).items == []
     rules = custom.list_namespaced_custom_object(
         "monitoring.coreos.com", "v1", ns, "prometheusrules", label_selector=selector
     )
@@ -338,3 +353,142 @@ def test_uninstall_leaves_nothing_behind(release: Release, k8s_client: client.Ap
         "the operator's ReplicaSet and pod to be garbage-collected",
     )
     assert helm("status", release.name, "--namespace", ns, check=False).returncode != 0
+
+
+# --- What the new values do, on the real API server -------------------------------------------
+
+CI = chart.CHART / "ci"
+
+
+def can(api: client.ApiClient, user: str, verb: str, resource: str, **attributes: str) -> bool:
+    """The API server's own authorization decision (SubjectAccessReview)."""
+    group, _, plural = resource.rpartition("/")
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=user,
+            groups=["system:serviceaccounts"],
+            resource_attributes=client.V1ResourceAttributes(
+                verb=verb, group=group, resource=plural, **attributes
+            ),
+        )
+    )
+    decision = client.AuthorizationV1Api(api).create_subject_access_review(review)
+    return bool(decision.status.allowed)
+
+
+def service_account(namespace: str, name: str) -> str:
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+@contextmanager
+def installed(
+    api: client.ApiClient, values_files: list[Path], before: Any = None
+) -> Iterator[tuple[str, client.V1Pod]]:
+    """The chart installed in a fresh namespace under Pod Security "restricted", and the
+    operator pod the controller-manager created for it (admitted, so Pending: no kubelet)."""
+    name = f"chart-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    restrict(api, name)
+    try:
+        if before:
+            before(name)
+        argv = chart.template_args(name, name, values_files, {"webhook.configurationName": name})
+        helm("install", *argv)
+        selector = f"app.kubernetes.io/instance={name}"
+        pods: list[client.V1Pod] = []
+
+        def created() -> bool:
+            pods[:] = core.list_namespaced_pod(name, label_selector=selector).items
+            return bool(pods)
+
+        wait_until(created, 30, "the operator's pod")
+        yield name, pods[0]
+    finally:
+        helm("uninstall", name, "--namespace", name, "--wait", check=False)
+        core.delete_namespace(name)
+
+
+def test_name_override_and_an_existing_service_account(k8s_client: client.ApiClient) -> None:
+    """nameOverride names the objects and the pod's labels, and the Service selects that pod;
+    with serviceAccount.create=false the pod runs as the admin's ServiceAccount, which the
+    API server then authorizes for what the operator does, and uninstall leaves it alone."""
+    scenario = yaml.safe_load((CI / "names-values.yaml").read_text())
+    account = scenario["serviceAccount"]["name"]
+    core = client.CoreV1Api(k8s_client)
+
+    def make_account(namespace: str) -> None:
+        core.create_namespaced_service_account(
+            namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=account))
+        )
+
+    with installed(k8s_client, [CI / "names-values.yaml"], make_account) as (name, pod):
+        fullname = f"{name}-xmpp-metrics"
+        assert pod.metadata.labels["app.kubernetes.io/name"] == "xmpp-metrics"
+        assert pod.spec.service_account_name == account
+        service = core.read_namespaced_service(f"{fullname}-webhook", name)
+        selected = core.list_namespaced_pod(
+            name, label_selector=",".join(f"{k}={v}" for k, v in service.spec.selector.items())
+        ).items
+        assert [p.metadata.name for p in selected] == [pod.metadata.name]
+        user = service_account(name, account)
+        assert can(k8s_client, user, "list", "nodes")
+        assert can(
+            k8s_client,
+            user,
+            "patch",
+            "admissionregistration.k8s.io/mutatingwebhookconfigurations",
+            name=name,
+        )
+        assert can(k8s_client, user, "create", "services", namespace="anywhere")
+        assert not can(k8s_client, user, "list", "secrets", namespace=name)
+        helm("uninstall", name, "--namespace", name, "--wait")
+        assert core.read_namespaced_service_account(account, name).metadata.name == account
+
+
+def test_mirror_registry_pull_secret_and_openshift_mode(k8s_client: client.ApiClient) -> None:
+    """The pod the controller-manager makes pulls from the mirror with the secret, has no
+    fixed UID or GID, and still runs as non-root: Pod Security "restricted" admits it."""
+    files = [CI / "private-registry-values.yaml", CI / "openshift-values.yaml"]
+    with installed(k8s_client, files) as (_, pod):
+        (container,) = pod.spec.containers
+        assert container.image.startswith("registry.example.com/mirror/prosody-operator/")
+        assert [s.name for s in pod.spec.image_pull_secrets] == ["mirror-pull"]
+        env = {e.name: e.value for e in container.env}
+        assert env["PROSODY_OPERATOR_EXPORTER_IMAGE"].startswith(
+            "registry.example.com/mirror/prosody-operator/prosody-exporter:"
+        )
+        for context in (pod.spec.security_context, container.security_context):
+            assert context.run_as_non_root is True
+            assert (context.run_as_user, context.run_as_group) == (None, None)
+        assert pod.spec.security_context.fs_group is None
+
+
+def test_security_contexts_reach_the_pod(k8s_client: client.ApiClient) -> None:
+    scenario = yaml.safe_load((CI / "security-context-values.yaml").read_text())["operator"]
+    with installed(k8s_client, [CI / "security-context-values.yaml"]) as (_, pod):
+        stored = k8s_client.sanitize_for_serialization(pod.spec.security_context)
+        assert stored == scenario["podSecurityContext"]
+        (container,) = pod.spec.containers
+        assert (
+            k8s_client.sanitize_for_serialization(container.security_context)
+            == (scenario["securityContext"])
+        )
+
+
+def test_helm_test_account_may_read_only_its_release(k8s_client: client.ApiClient) -> None:
+    """The API server's authorization of the `helm test` pod's ServiceAccount: its operator's
+    Deployment and webhook configuration, nothing else."""
+    with installed(k8s_client, [CI / "default-values.yaml"]) as (name, _):
+        user = service_account(name, f"{name}-prosody-operator-test")
+        webhooks = "admissionregistration.k8s.io/mutatingwebhookconfigurations"
+        deployments = "apps/deployments"
+        assert can(
+            k8s_client, user, "get", deployments, namespace=name, name=f"{name}-prosody-operator"
+        )
+        assert can(k8s_client, user, "get", webhooks, name=name)
+        assert not can(k8s_client, user, "get", deployments, namespace=name, name="other")
+        assert not can(k8s_client, user, "list", deployments, namespace=name)
+        assert not can(k8s_client, user, "get", webhooks, name="other")
+        assert not can(k8s_client, user, "patch", webhooks, name=name)
+        assert not can(k8s_client, user, "get", "secrets", namespace=name)

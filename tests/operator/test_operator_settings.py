@@ -35,6 +35,20 @@ def test_invalid_setting_exits_2_with_one_line(env, named):
     assert len(lines) == 1 and named in lines[0], result.stderr
 
 
+def test_without_kubernetes_credentials_exits_1_with_one_line(tmp_path):
+    """Neither a pod's service account nor a kubeconfig: kopf would retry forever."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PROSODY_OPERATOR_", "KUBERNETES_"))
+    }
+    env = {**clean, "KUBECONFIG": str(tmp_path / "absent"), "HOME": str(tmp_path)}
+    result = subprocess.run([COMMAND], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no Kubernetes API" in lines[0], result.stderr
+
+
 def test_labels_and_cidrs_parse():
     settings = OperatorSettings(
         service_monitor_labels="release=kube-prometheus-stack, team=chat",

@@ -1,16 +1,21 @@
 {{/* Names and labels, defined once. */}}
+{{- define "prosody-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "prosody-operator.fullname" -}}
+{{- $name := include "prosody-operator.name" . -}}
 {{- if .Values.fullnameOverride -}}
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
-{{- else if contains .Chart.Name .Release.Name -}}
+{{- else if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "prosody-operator.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "prosody-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
@@ -25,6 +30,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 {{- end -}}
 
+{{/* With serviceAccount.create=false, serviceaccount.yaml fails unless serviceAccount.name is set. */}}
 {{- define "prosody-operator.serviceAccountName" -}}
 {{- default (include "prosody-operator.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
@@ -39,10 +45,46 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s-webhook-tls" (include "prosody-operator.fullname" . | trunc 51 | trimSuffix "-") -}}
 {{- end -}}
 
+{{/*
+An image reference: repository:tag, its registry replaced by global.imageRegistry when that is
+set. The registry is the first path component when it has a "." or ":" or is "localhost" (the
+rule container runtimes use); a repository without one (Docker Hub) gets the registry prefixed.
+*/}}
+{{- define "prosody-operator.imageReference" -}}
+{{- $repository := .image.repository -}}
+{{- with .root.Values.global.imageRegistry -}}
+{{- $parts := splitList "/" $repository -}}
+{{- $first := first $parts -}}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) -}}
+{{- $repository = rest $parts | join "/" -}}
+{{- end -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository -}}
+{{- end -}}
+{{- printf "%s:%s" $repository (.image.tag | default .root.Chart.AppVersion) -}}
+{{- end -}}
+
 {{- define "prosody-operator.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- include "prosody-operator.imageReference" (dict "image" .Values.image "root" .) -}}
 {{- end -}}
 
 {{- define "prosody-operator.sidecarImage" -}}
-{{- printf "%s:%s" .Values.sidecar.image.repository (.Values.sidecar.image.tag | default .Chart.AppVersion) -}}
+{{- include "prosody-operator.imageReference" (dict "image" .Values.sidecar.image "root" .) -}}
+{{- end -}}
+
+{{/*
+A securityContext (pod or container) as YAML. On OpenShift (the API server serves
+security.openshift.io/v1), or always with adaptSecurityContext=force, runAsUser, runAsGroup and
+fsGroup are left out: the restricted SCC assigns them from the namespace's range and refuses
+others. runAsNonRoot stays, and the image's numeric USER satisfies it elsewhere.
+*/}}
+{{- define "prosody-operator.securityContext" -}}
+{{- $context := .context -}}
+{{- $mode := dig "compatibility" "openshift" "adaptSecurityContext" "auto" .root.Values.global -}}
+{{- $openshift := .root.Capabilities.APIVersions.Has "security.openshift.io/v1" -}}
+{{- if or (eq $mode "force") (and (eq $mode "auto") $openshift) -}}
+{{- $context = omit $context "runAsUser" "runAsGroup" "fsGroup" -}}
+{{- end -}}
+{{- with $context -}}
+{{- toYaml . -}}
+{{- end -}}
 {{- end -}}

@@ -26,11 +26,20 @@ SM_GROUP, SM_VERSION, SM_PLURAL = "monitoring.coreos.com", "v1", "servicemonitor
 T = TypeVar("T")
 
 
+class NoCredentials(RuntimeError):
+    """Neither a pod's service account nor a kubeconfig to reach the API server with."""
+
+
 def load_config() -> None:
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+        try:
+            kubernetes.config.load_kube_config()
+        except kubernetes.config.ConfigException as error:
+            raise NoCredentials(
+                f"not in a pod with a service account token, and no kubeconfig ({error})"
+            ) from error
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`prosody-operator`: check the settings, then run the kopf operator cluster-wide."""
+"""`prosody-operator`: check the settings and the Kubernetes credentials, then run the kopf
+operator cluster-wide."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import kopf
 from pydantic import ValidationError
 
+from .kube import NoCredentials, load_config
 from .settings import ENV_PREFIX, OperatorSettings
 
 
@@ -25,6 +27,12 @@ def main() -> None:
                 file=sys.stderr,
             )
         sys.exit(2)
+    try:
+        load_config()
+    except NoCredentials as error:
+        # Without this, kopf would retry its startup handler forever, a traceback each time.
+        print(f"prosody-operator: no Kubernetes API to talk to: {error}", file=sys.stderr)
+        sys.exit(1)
     from . import handlers  # noqa: F401 - registers the handlers with kopf
 
     kopf.configure(verbose=False)
