@@ -8,25 +8,25 @@ OCI archives in .cache/infra-images (the product's images are `make images`' bus
   runs real Prometheus pods on the node.
 
 An image is rebuilt only when what it is made of (the file's bytes, its configuration) changed.
-buildah keeps its storage under .cache/buildah (vfs driver), never in the host's default one.
+buildah runs as `make images` runs it (testinfra/images.py): storage under .cache/images, vfs
+driver, in a mount namespace of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import images
 from .gobuild import PROMETHEUS, PROMETHEUS_OPERATOR, prometheus_release
 from .layout import BIN_DIR, CACHE_DIR
 from .procs import MissingPrerequisite, require_program
 
 INFRA_IMAGE_DIR = CACHE_DIR / "infra-images"
-BUILDAH_DIR = CACHE_DIR / "buildah"
 PAUSE_SOURCE = Path(__file__).resolve().parent / "infra" / "pause.c"
 
 
@@ -59,17 +59,7 @@ CONFIG_RELOADER_IMAGE = InfraImage(
 
 
 def buildah(*args: str) -> str:
-    argv = [
-        require_program("buildah", "make system-packages"),
-        "--root", str(BUILDAH_DIR / "root"),
-        "--runroot", str(BUILDAH_DIR / "run"),
-        "--storage-driver", "vfs",
-        *args,
-    ]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` failed: {done.stderr.strip()}")
-    return done.stdout.strip()
+    return images.run(images.buildah(*args), f"buildah {args[0]}").strip()
 
 
 def compile_pause(directory: Path) -> Path:
@@ -142,5 +132,4 @@ def build_all(*, prometheus: bool = True) -> list[Path]:
             if not (BIN_DIR / name).exists():
                 raise MissingPrerequisite(f"{BIN_DIR / name} is missing: run `make cluster-bins`")
             archives.append(ensure_built(image, BIN_DIR / name))
-    shutil.rmtree(BUILDAH_DIR / "run", ignore_errors=True)
     return archives
