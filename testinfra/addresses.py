@@ -17,9 +17,10 @@ KUBERNETES_SERVICE_IP = str(SERVICE_CIDR[1])
 POD_CIDR_POOL = ipaddress.IPv4Network("198.18.96.0/19")  # slot k: its k-th /24
 NODE_LINK_POOL = ipaddress.IPv4Network("198.18.95.0/24")  # slot k: its k-th /30
 SLOTS = 32
-# Where every node serves the API server to its pods, on its own loopback interface: the
-# `kubernetes` Service's endpoint, the same for all nodes (each reaches only its own).
-NODE_API_IP = "198.18.94.1"
+# Where every node serves its pods, on its own loopback interface, the same on all nodes (each
+# reaches only its own): the API server at NODE_API_PORT (the `kubernetes` Service's endpoint)
+# and the cluster DNS on port 53 (the kubelet's clusterDNS).
+NODE_LOCAL_IP = "198.18.94.1"
 NODE_API_PORT = 6443
 
 

@@ -10,7 +10,7 @@ ways — TLS stays end to end, between the client and the API server:
 
 * `127.0.0.1:PORT` in the node: the kubelet and kube-proxy use the admin kubeconfig's URL, whose
   address the API server's certificate names;
-* `198.18.94.1:6443` (an address of the node's loopback interface): the endpoint of the
+* `198.18.94.1:6443` (NODE_LOCAL_IP, on the node's loopback interface): the endpoint of the
   `kubernetes` Service, which kube-proxy sends pods to (they connect to its ClusterIP, which the
   certificate names too).
 

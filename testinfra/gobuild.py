@@ -32,6 +32,7 @@ HELM_MODULE = "helm.sh/helm/v3"
 PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
 PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
 ACTIONLINT_MODULE = "github.com/rhysd/actionlint"
+COREDNS_MODULE = "github.com/coredns/coredns"
 # The CRDs upstream publishes (the same files as its bundle.yaml), shipped inside the module.
 CRD_SUBDIR = "example/prometheus-operator-crd"
 
@@ -151,6 +152,8 @@ MODULES = (
     GoModule("helm", HELM_MODULE, (("helm", "helm.sh/helm/v3/cmd/helm"),)),
     PROMETHEUS_OPERATOR,
     PROMETHEUS,
+    # The test node's cluster DNS: CoreDNS with the plugins it needs (testinfra/go/coredns/main.go).
+    GoModule("coredns", COREDNS_MODULE, (("coredns", "github.com/local/testinfra/coredns"),)),
     # Checks .github/workflows (tests/test_release.py).
     GoModule(
         "actionlint", ACTIONLINT_MODULE, (("actionlint", f"{ACTIONLINT_MODULE}/cmd/actionlint"),)

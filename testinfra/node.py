@@ -14,7 +14,9 @@ How it sits on the host (every change is undone by `down`, also after a crash, b
   pod addresses and tests reach pods; nothing else is routed (pods reach no other network). The
   CNI bridge, IP forwarding and kube-proxy's iptables rules all live in the node's namespace.
   Nothing listens in the host's: testinfra/apiforwarder.py serves the API server inside the node,
-  on 127.0.0.1 (kubelet, kube-proxy) and at the `kubernetes` Service's endpoint (pods).
+  on 127.0.0.1 (kubelet, kube-proxy) and at the `kubernetes` Service's endpoint (pods), and
+  CoreDNS (v1.12.1, kubeadm's for 1.34) serves the cluster's names to the pods, both at
+  NODE_LOCAL_IP on the node's loopback interface.
 * **Mounts**: containerd, the kubelet and kube-proxy share a mount namespace of their own, where
   tmpfs folders cover /run, /var/lib and /var/log (the kubelet writes under /var/lib/kubelet and
   /var/log/containers whatever its flags say) and files of ours cover the three /proc/sys
@@ -26,7 +28,8 @@ How it sits on the host (every change is undone by `down`, also after a crash, b
 
 The node registers as Node `testinfra-node` with `spec.podCIDRs` set (what a cloud's IPAM or the
 controller-manager's would set), and its kubelet authenticates as `system:node:testinfra-node`
-(Node authorizer, NodeRestriction), kube-proxy as `system:kube-proxy`.
+(Node authorizer, NodeRestriction), kube-proxy as `system:kube-proxy`, CoreDNS as
+`system:coredns` (kubeadm's ClusterRole of that name).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import yaml
 from kubernetes import client, config
 
 from . import controlplane, daemons, infraimages
-from .addresses import NODE_API_IP, NODE_API_PORT, SERVICE_CIDR, SLOTS, NodeAddresses
+from .addresses import NODE_API_PORT, NODE_LOCAL_IP, SERVICE_CIDR, SLOTS, NodeAddresses
 from .apiforwarder import FORWARDING
 from .daemons import Component
 from .layout import BIN_DIR, CACHE_DIR, REPO_ROOT
@@ -72,7 +75,8 @@ KERNEL_SETTINGS = {"vm/overcommit_memory": "1", "kernel/panic": "10", "kernel/pa
 # Covered by tmpfs folders in the node's mount namespace: what the node writes there stays there.
 PRIVATE_DIRS = ("/run", "/var/lib", "/var/log")
 APPLY = "application/apply-patch+yaml"  # server-side apply
-COMPONENT_NAMES = ("holder", "containerd", "apiforwarder", "kubelet", "kube-proxy")
+COMPONENT_NAMES = ("holder", "containerd", "apiforwarder", "coredns", "kubelet", "kube-proxy")
+DNS_READY_PORT = 8181  # CoreDNS's `ready` plugin, on the node's address
 
 
 class NodeError(RuntimeError):
@@ -150,7 +154,7 @@ class Slot:
         net = self.addresses
         run([ip, "netns", "add", self.name])
         run([ip, "-n", self.name, "link", "set", "lo", "up"])
-        run([ip, "-n", self.name, "addr", "add", f"{NODE_API_IP}/32", "dev", "lo"])
+        run([ip, "-n", self.name, "addr", "add", f"{NODE_LOCAL_IP}/32", "dev", "lo"])
         run([
             ip, "link", "add", self.name, "type", "veth", "peer", "name", "eth0",
             "netns", self.name,
@@ -329,6 +333,7 @@ def kubelet_config(node: Node, slot: Slot) -> dict[str, object]:
         },
         "authorization": {"mode": "Webhook"},
         "clusterDomain": "cluster.local",
+        "clusterDNS": [NODE_LOCAL_IP],
         "failSwapOn": False,
         # Checks the /proc/sys settings (ours, in the node's mount namespace) instead of writing.
         "protectKernelDefaults": True,
@@ -369,6 +374,37 @@ def kube_proxy_config(node: Node, slot: Slot) -> dict[str, object]:
             "tcpCloseWaitTimeout": "0s",
         },
     }
+
+
+def corefile(node: Node, slot: Slot) -> str:
+    """The cluster's DNS names (Services, pods), served to the node's pods at NODE_LOCAL_IP:53;
+    nothing else is resolved (pods reach nothing outside the cluster)."""
+    return f"""\
+cluster.local in-addr.arpa ip6.arpa {{
+    errors
+    ready {slot.addresses.node_ip}:{DNS_READY_PORT}
+    kubernetes cluster.local in-addr.arpa ip6.arpa {{
+        kubeconfig {node.directory / "coredns.kubeconfig"}
+        pods insecure
+    }}
+    cache 5
+}}
+"""
+
+
+# What kubeadm grants CoreDNS (ClusterRole system:coredns).
+COREDNS_RULES = [
+    {
+        "apiGroups": [""],
+        "resources": ["endpoints", "services", "pods", "namespaces"],
+        "verbs": ["list", "watch"],
+    },
+    {
+        "apiGroups": ["discovery.k8s.io"],
+        "resources": ["endpointslices"],
+        "verbs": ["list", "watch"],
+    },
+]
 
 
 def mount_script(node: Node) -> str:
@@ -484,7 +520,7 @@ class Node:
                 f"no CNI plugins in {CNI_BIN_DIR}: `make system-packages` installs "
                 "containernetworking-plugins"
             )
-        for name in ("kubelet", "kube-proxy"):
+        for name in ("kubelet", "kube-proxy", "coredns"):
             path = BIN_DIR / name
             if not path.exists():
                 raise MissingPrerequisite(f"{path} is missing: run `make cluster-bins`")
@@ -511,15 +547,21 @@ class Node:
             self.register(api, slot)
             forwarder = self.forwarder(slot)
             self.wait(forwarder, self.launch(forwarder), lambda: FORWARDING in log_of(forwarder))
+            dns = self.component(
+                slot, holder, "coredns", binaries["coredns"],
+                "-conf", str(self.directory / "Corefile"), "-dns.port", "53",
+            )  # fmt: skip
             kubelet, proxy = (
                 self.kubelet(slot, holder, binaries),
                 self.kube_proxy(slot, holder, binaries),
             )
-            pids = {component.name: self.launch(component) for component in (kubelet, proxy)}
+            pids = {c.name: self.launch(c) for c in (dns, kubelet, proxy)}
             core = client.CoreV1Api(api)
             self.wait(kubelet, pids["kubelet"], lambda: node_ready(core.read_node(self.name)))
             healthz = f"http://{net.node_ip}:10256/healthz"
             self.wait(proxy, pids["kube-proxy"], lambda: http_ok(healthz))
+            ready = f"http://{net.node_ip}:{DNS_READY_PORT}/ready"
+            self.wait(dns, pids["coredns"], lambda: http_ok(ready))
 
     def launch(self, component: Component) -> int:
         return daemons.spawn(component, self.environment())
@@ -541,15 +583,18 @@ class Node:
         pki.mkdir()
         ca.issue_client(f"system:node:{self.name}", ("system:nodes",)).write(pki, "kubelet")
         ca.issue_client("system:kube-proxy").write(pki, "kube-proxy")
+        ca.issue_client("system:coredns").write(pki, "coredns")
         # The admin kubeconfig's URL, which the API forwarder serves inside the node too.
         server = controlplane.apiserver_url(controlplane.Ports.load())
-        for name, user in (("kubelet", f"system:node:{self.name}"), ("kube-proxy", "kube-proxy")):
+        users = {"kubelet": f"system:node:{self.name}", "kube-proxy": "kube-proxy"}
+        for name, user in {**users, "coredns": "coredns"}.items():
             path = self.directory / f"{name}.kubeconfig"
             config_text = controlplane.kubeconfig(
                 server, user, controlplane.KeyPair.read(pki, name)
             )
             path.write_text(yaml.safe_dump(config_text, sort_keys=False))
         (self.directory / "containerd.toml").write_text(containerd_config(self, slot))
+        (self.directory / "Corefile").write_text(corefile(self, slot))
         (self.directory / "cni").mkdir()
         (self.directory / "cni" / "10-testinfra.conflist").write_text(
             json.dumps(cni_config(slot), indent=2)
@@ -633,8 +678,9 @@ class Node:
         self.ctr("tasks", "kill", "--signal", "SIGKILL", container_id.removeprefix("containerd://"))
 
     def register(self, api: client.ApiClient, slot: Slot) -> None:
-        """The Node with its pod network (the kubelet keeps spec as found), and the `kubernetes`
-        Service's endpoint: the API forwarder, at the address every node has for it."""
+        """The Node with its pod network (the kubelet keeps spec as found), the `kubernetes`
+        Service's endpoint (the API forwarder, at the address every node has for it) and what
+        CoreDNS may read."""
         core = client.CoreV1Api(api)
         with contextlib.suppress(client.ApiException):
             core.delete_node(self.name)
@@ -645,7 +691,7 @@ class Node:
                 spec=client.V1NodeSpec(pod_cidr=cidr, pod_cidrs=[cidr]),
             )
         )
-        address, port = NODE_API_IP, NODE_API_PORT
+        address, port = NODE_LOCAL_IP, NODE_API_PORT
         metadata = {"name": "kubernetes", "namespace": "default"}
         apply = {"field_manager": "testinfra", "force": True, "_content_type": APPLY}
         endpoints = {
@@ -678,6 +724,29 @@ class Node:
         }
         discovery = client.DiscoveryV1Api(api)
         discovery.patch_namespaced_endpoint_slice("kubernetes", "default", endpoint_slice, **apply)
+        # CoreDNS's rights, as kubeadm grants them (its client certificate's user).
+        rbac = client.RbacAuthorizationV1Api(api)
+        role = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "system:coredns"},
+            "rules": COREDNS_RULES,
+        }
+        rbac.patch_cluster_role("system:coredns", role, **apply)
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "system:coredns"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:coredns",
+            },
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:coredns"}
+            ],
+        }
+        rbac.patch_cluster_role_binding("system:coredns", binding, **apply)
 
     def forwarder(self, slot: Slot) -> Component:
         """In the node's cgroups; it enters the node's network namespace itself."""
@@ -690,7 +759,7 @@ class Node:
                 f"--netns={slot.netns_path}",
                 f"--to=127.0.0.1:{api_port}",
                 f"127.0.0.1:{api_port}",
-                f"{NODE_API_IP}:{NODE_API_PORT}",
+                f"{NODE_LOCAL_IP}:{NODE_API_PORT}",
             ),
             self.directory,
             ("sh", "-c", slot.join_cgroups() + 'exec "$@"', "sh"),

@@ -83,6 +83,12 @@ class ChartRelease:
         ready = any(e.conditions and e.conditions.ready for e in endpoints)
         return bool(webhook.ca_bundle) and ready
 
+    def test(self, timeout: float = 180.0) -> str:
+        """`helm test --logs`: the chart's test pod, run on the node; helm's report and the
+        pod's log."""
+        argv = ["test", self.name, "--namespace", self.namespace, "--logs"]
+        return helm(*argv, "--timeout", f"{timeout:g}s").stdout
+
     def uninstall(self) -> None:
         """`helm uninstall`, then the namespace; safe after a failed install."""
         helm("uninstall", self.name, "--namespace", self.namespace, "--wait", check=False)
