@@ -84,9 +84,9 @@ class ChartRelease:
         return bool(webhook.ca_bundle) and ready
 
     def test(self, timeout: float = 180.0) -> str:
-        """`helm test --logs`: the chart's test pod, run on the node; helm's report and the
-        pod's log."""
-        argv = ["test", self.name, "--namespace", self.namespace, "--logs"]
+        """`helm test`: the chart's test pod, run on the node; helm's report. (The pod is
+        deleted once it succeeds, so `--logs` cannot follow it.)"""
+        argv = ["test", self.name, "--namespace", self.namespace]
         return helm(*argv, "--timeout", f"{timeout:g}s").stdout
 
     def uninstall(self) -> None:

@@ -234,14 +234,6 @@ print(json.dumps({
 """
 
 
-def test_helm_test_passes(chain: Chain):
-    """The chart's `helm test` hook runs as a pod on the node: it finds the operator rolled out
-    and reaches the webhook through its Service's DNS name, over TLS its caBundle verifies."""
-    report = chain.release.test()
-    assert "Phase:          Succeeded" in report, report
-    assert "TLS verified with the caBundle" in report, report
-
-
 def test_the_sidecar_runs_under_the_injected_security_context_and_memory_limit(chain: Chain):
     """What the operator wrote is what the kubelet and runc enforce: uid 65532, no capabilities,
     seccomp filtering (RuntimeDefault), no privilege escalation, a read-only root filesystem and
