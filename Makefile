@@ -91,8 +91,8 @@ demo-down: ## Stop what a demo left behind (the node and control plane, if start
 	$(PY) -m testinfra.controlplane down
 	rm -rf $(CACHE)/demo
 
-bench-exporter: install ## Benchmark the sidecar against Prosody scraped directly.
-	@$(MAKE) --no-print-directory system-packages APT_PACKAGES=wrk
+bench-exporter: install ## Benchmark the sidecar against Prosody scraped directly and nginx; peak RSS under attacks.
+	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="wrk nginx-light"
 	$(PY) -m bench.exporter $(ARGS)
 
 bench-operator: install cluster-bins ## Benchmark the webhook and the reconciler against the local control plane.

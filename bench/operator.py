@@ -80,6 +80,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.report import (
     format_table,
     memory_kib,
+    percentile,
     target,
     targets_table,
     write_results,
@@ -154,17 +155,6 @@ def pod(name: str, labelled: bool) -> dict[str, Any]:
 
 
 # --- statistics ---------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:

@@ -444,9 +444,8 @@ def apply_crd(ports: Ports, path: Path) -> str:
 
 def crd_established(ports: Ports, name: str) -> bool:
     status, body = http_request(f"{apiserver_url(ports)}{CRD_API}/{name}", admin_tls_context())
-    # A CRD just created can have `"conditions": null`.
-    found = (json.loads(body).get("status") or {}).get("conditions") if status == 200 else None
-    conditions = found or []
+    found = (json.loads(body).get("status") or {}) if status == 200 else {}
+    conditions = found.get("conditions") or []  # null while the CRD is being set up
     return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 

@@ -5,11 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from prosody_operator.settings import OperatorSettings
+
 from .procs import Process, ProcessOwner, free_port, http_ok, venv_command
 
 
 def exporter_command() -> str:
     return venv_command("prosody-exporter")
+
+
+def default_memory_limit_mib() -> int:
+    """The sidecar's memory limit as the operator injects it by default, in MiB."""
+    quantity = str(OperatorSettings.model_fields["sidecar_memory_limit"].default)
+    if not quantity.endswith("Mi"):
+        raise ValueError(f"sidecar_memory_limit {quantity!r}: expected a Mi quantity")
+    return int(quantity.removesuffix("Mi"))
 
 
 @dataclass
@@ -21,6 +34,7 @@ class ExporterProcess(ProcessOwner):
     listen_host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     netns: str | None = None
+    command: list[str] | None = None  # instead of the console script (bench/stallprobe.py)
     process: Process | None = None
 
     @property
@@ -42,7 +56,7 @@ class ExporterProcess(ProcessOwner):
     def start(self, wait_for_ready: bool = True, timeout: float = 30.0) -> ExporterProcess:
         self.process = Process(
             "prosody-exporter",
-            [exporter_command()],
+            self.command or [exporter_command()],
             self.workdir / f"exporter-{self.port}.log",
             env=self.env(),
             netns=self.netns,
@@ -51,3 +65,13 @@ class ExporterProcess(ProcessOwner):
         if self.netns is None:
             self.process.wait_ready(lambda: http_ok(self.base_url + path), timeout)
         return self
+
+    def sample_value(self, name: str, **labels: str) -> float | None:
+        """One sample of its /metrics (from loopback, Prometheus text); None when absent."""
+        response = httpx.get(self.base_url + "/metrics", timeout=5)
+        assert response.status_code == 200, response.text
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None

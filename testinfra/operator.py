@@ -18,9 +18,8 @@ from typing import Any
 import yaml
 from kubernetes import client, utils
 
-from tools import chart
-
 from . import controlplane
+from . import helm as chart
 from .kubeapi import or_none
 from .procs import Process, ProcessOwner, free_port, http_ok, venv_command, wait_until
 

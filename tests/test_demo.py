@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from testinfra.node import Node
+from tools import chart
 
 # The demo reuses the session's control plane and node (it would start them itself).
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
@@ -37,7 +39,9 @@ def test_demo_shows_live_prosody_metrics_through_the_sidecar(node: Node):
     assert f"node {node.name}" in out, out
     assert re.search(r"container prosody \(localhost/prosody:0\.12\.\d+\) ready=True", out), out
     sidecar = r"container prosody-exporter \(\S+prosody-exporter:\S+\) ready=True, restarts 0, "
-    assert re.search(sidecar + "memory limit 64Mi", out), out
+    values = yaml.safe_load((chart.CHART / "values.yaml").read_text())
+    limit = values["sidecar"]["resources"]["limits"]["memory"]  # the chart's default
+    assert re.search(sidecar + f"memory limit {limit}", out), out
     assert "caBundle set by the operator" in result.stdout, result.stdout
     assert "health=up" in result.stdout, result.stdout
     assert "sum(prosody_mod_c2s__connections) = 1" in result.stdout, result.stdout

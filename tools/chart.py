@@ -11,19 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from testinfra import controlplane
-from testinfra.layout import REPO_ROOT
-from testinfra.procs import MissingPrerequisite
+from testinfra.helm import CHART, render
 
-CHART = REPO_ROOT / "charts" / "prosody-operator"
+# What tests/chart uses from here, kept in testinfra.helm (testinfra does not import tools).
+from testinfra.helm import helm as helm
+from testinfra.helm import render_objects as render_objects
+from testinfra.helm import template_args as template_args
+from testinfra.layout import REPO_ROOT
+
 VALUES = CHART / "values.yaml"
 README = CHART / "README.md"
 MANIFESTS = REPO_ROOT / "manifests" / "prosody-operator.yaml"
@@ -36,63 +37,6 @@ MANIFESTS_NAMESPACE = "prosody-operator"
 
 TABLE_START = "<!-- values-table:start (python -m tools.chart readme) -->"
 TABLE_END = "<!-- values-table:end -->"
-
-
-def helm_binary() -> str:
-    try:
-        return str(controlplane.built_binary("helm"))
-    except controlplane.MissingBinary as error:
-        raise MissingPrerequisite(str(error)) from None
-
-
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [helm_binary(), *args], check=check, capture_output=True, text=True, timeout=120
-    )
-
-
-def template_args(
-    release: str,
-    namespace: str,
-    values_files: Iterable[Path] = (),
-    set_values: Mapping[str, Any] | None = None,
-    chart_dir: Path | None = None,
-) -> list[str]:
-    """Arguments of `helm template`/`install`/`upgrade` after the verb: release, chart, values
-    (`set_values` as JSON, so types survive: `--set-json key=value`)."""
-    argv = [release, str(chart_dir or CHART), "--namespace", namespace]
-    for path in values_files:
-        argv += ["--values", str(path)]
-    for key, value in (set_values or {}).items():
-        argv += ["--set-json", f"{key}={json.dumps(value)}"]
-    return argv
-
-
-def render(
-    release: str,
-    namespace: str,
-    values_files: Iterable[Path] = (),
-    set_values: Mapping[str, Any] | None = None,
-    chart_dir: Path | None = None,
-    api_versions: Iterable[str] = (),
-) -> str:
-    """`helm template`: the manifests the chart would install (on a cluster that serves
-    `api_versions` too, as `.Capabilities` tells the templates)."""
-    argv = template_args(release, namespace, values_files, set_values, chart_dir)
-    argv += [f"--api-versions={version}" for version in api_versions]
-    return helm("template", *argv).stdout
-
-
-def render_objects(
-    release: str,
-    namespace: str,
-    values_files: Iterable[Path] = (),
-    set_values: Mapping[str, Any] | None = None,
-    chart_dir: Path | None = None,
-    api_versions: Iterable[str] = (),
-) -> list[dict[str, Any]]:
-    text = render(release, namespace, values_files, set_values, chart_dir, api_versions)
-    return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
 # --- manifests/prosody-operator.yaml ------------------------------------------------------------

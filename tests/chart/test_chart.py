@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from prosody_operator import __version__, builders, handlers
+from prosody_operator import __version__, builders
 from prosody_operator.settings import ENV_PREFIX, OperatorSettings
 from testinfra.procs import require_program
 from tools import chart, dashboard, promql
@@ -262,7 +262,7 @@ def test_env_sets_every_setting_the_chart_decides(monkeypatch: pytest.MonkeyPatc
     settings = operator_settings(env, monkeypatch)
     assert settings.exporter_image == "ghcr.io/prosody-operator/prosody-exporter:0.1.0"
     assert (settings.sidecar_cpu_request, settings.sidecar_memory_request) == ("10m", "32Mi")
-    assert (settings.sidecar_cpu_limit, settings.sidecar_memory_limit) == ("", "64Mi")
+    assert (settings.sidecar_cpu_limit, settings.sidecar_memory_limit) == ("", "104Mi")
 
 
 def test_sidecar_resources_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -350,7 +350,9 @@ def test_webhook_configuration_is_what_the_operator_applies(
     rendered = only(objects, "MutatingWebhookConfiguration")
     settings = operator_settings(env_of(objects), monkeypatch)
     # The operator's own start-up code, so a change there that the chart misses fails here.
-    client_config = handlers._client_config(settings, "YW55IENB")  # base64, as kopf gives it
+    client_config = builders.build_webhook_client_config(  # base64, as kopf gives it
+        "YW55IENB", url=settings.webhook_url, service=settings.webhook_service
+    )
     assert client_config is not None
     del client_config["caBundle"]
     applied = builders.build_webhook_configuration(
@@ -359,7 +361,7 @@ def test_webhook_configuration_is_what_the_operator_applies(
     for obj in (rendered, applied):
         del obj["metadata"]["labels"]
     assert rendered == applied
-    assert "caBundle" not in rendered["webhooks"][0]["clientConfig"]
+    assert all("caBundle" not in webhook["clientConfig"] for webhook in rendered["webhooks"])
 
 
 # --- cert-manager ---------------------------------------------------------------------------

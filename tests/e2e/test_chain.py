@@ -11,10 +11,10 @@ scrape configuration and a StatefulSet whose Prometheus pods (v3.5, with the con
 discover the pods with kubernetes_sd through the `kubernetes` Service and scrape them at their
 pod IPs.
 
-Three Deployments share one setup (module-scoped):
+On the chain of conftest.py, three Deployments (module-scoped):
 * `xmpp`: statistics_interval = 3, so the ServiceMonitor and the sidecar use 3 s;
 * `manual`: statistics_interval = "manual", so the sidecar is Prosody's only scraper, every
-  MANUAL_INTERVAL seconds, whatever the number of Prometheus replicas;
+  chart's sidecar.manualInterval seconds, whatever the number of Prometheus replicas;
 * `xmpp13`: Prosody 13.0 (its image, and its version in the pod annotation), whose config uses
   13.0's list methods, which 0.12 cannot read.
 Two Prometheus replicas run the generated configuration. The host, outside the pod network (the
@@ -27,11 +27,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
@@ -39,17 +34,15 @@ import yaml
 from kubernetes import client
 
 from testinfra import e2e
-from testinfra.kubeapi import create_namespace, or_none
-from testinfra.node import Node
-from testinfra.operator import ChartRelease
+from testinfra.kubeapi import or_none
 from testinfra.procs import wait_until
-from testinfra.workloads import prosody_deployment
+from testinfra.workloads import prosody_config, prosody_deployment
+from tools import chart
+
+from .conftest import SIDECAR, Chain
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 
-SIDECAR = "prosody-exporter"
-LABELS = {"release": "e2e"}  # on the ServiceMonitors, and what the Prometheus selects
-MANUAL_INTERVAL = 2  # seconds: the chart's sidecar.manualInterval
 STATISTICS_INTERVAL = 3  # seconds: statistics_interval in the xmpp ConfigMap
 INTERVAL_13 = 4  # seconds: statistics_interval in the xmpp13 ConfigMap
 PROSODY_13_CONFIG = f"""
@@ -60,127 +53,33 @@ statistics = "internal"
 statistics_interval = {INTERVAL_13}
 VirtualHost "localhost"
 """
-PROMETHEUS = "k8s"
 
 
-def prosody_config(interval: str) -> str:
-    """A user's prosody.cfg.lua, as a ConfigMap holds it."""
-    return f"""
-modules_enabled = {{ "http_openmetrics", "roster", "saslauth", "ping" }}
-authentication = "internal_hashed"
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
-statistics = "internal"
-statistics_interval = {interval}
-VirtualHost "localhost"
-"""
+def chart_sidecar_memory_limit() -> str:
+    """The chart's default sidecar memory limit, which the operator writes into the pods."""
+    values = yaml.safe_load((chart.CHART / "values.yaml").read_text())
+    limit: str = values["sidecar"]["resources"]["limits"]["memory"]
+    return limit
 
 
-@dataclass
-class Chain:
-    api: client.ApiClient
-    namespace: str
-    release: ChartRelease
-    node: Node
-    prometheus: list[e2e.PrometheusPod]  # replicas 0 and 1
+def bytes_of(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
 
-    def pod(self, app: str) -> client.V1Pod:
-        """The one Ready pod of Deployment `app`."""
-        return e2e.wait_for_ready_pod(self.api, self.namespace, f"app={app}")
 
-    def service_monitor(self, app: str) -> dict[str, Any]:
-        found: dict[str, Any] = client.CustomObjectsApi(self.api).get_namespaced_custom_object(  # type: ignore[assignment]
-            "monitoring.coreos.com",
-            "v1",
-            self.namespace,
-            "servicemonitors",
-            f"{app}-prosody-metrics",
+@pytest.fixture(scope="module", autouse=True)
+def deployments(chain: Chain) -> None:
+    image, image_13 = e2e.prosody_image(chain.node), e2e.prosody_image(chain.node, "13")
+    version_13 = {"prosody-operator.io/prosody-version": image_13.rsplit(":", 1)[1]}
+    for app, config, app_image, pod_annotations in (
+        ("xmpp", prosody_config(str(STATISTICS_INTERVAL)), image, {}),
+        ("manual", prosody_config('"manual"'), image, {}),
+        ("xmpp13", PROSODY_13_CONFIG, image_13, version_13),
+    ):
+        workload = prosody_deployment(
+            app, f"{app}-config", image=app_image, annotations=pod_annotations
         )
-        return found
-
-    def job(self, app: str) -> str:
-        return f"serviceMonitor/{self.namespace}/{app}-prosody-metrics/0"
-
-    def generated_job(self, app: str) -> dict[str, Any] | None:
-        text = e2e.generated_config(self.api, self.namespace, PROMETHEUS)
-        jobs = (yaml.safe_load(text) or {}).get("scrape_configs") or [] if text else []
-        return next((j for j in jobs if j["job_name"] == self.job(app)), None)
-
-    def running_job(self, app: str, replica: int = 0) -> dict[str, Any]:
-        """The job as the running Prometheus reports its configuration."""
-        running = yaml.safe_load(self.prometheus[replica].running_config())
-        jobs = {j["job_name"]: j for j in running.get("scrape_configs") or []}
-        found: dict[str, Any] = jobs.get(self.job(app), {})
-        return found
-
-    def target(self, prometheus: e2e.PrometheusPod, app: str, health: str) -> Any:
-        return prometheus.wait_for_target(self.job(app), health)
-
-
-@pytest.fixture(scope="module")
-def e2e_namespace(k8s_client: client.ApiClient) -> Iterator[str]:
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
-    try:
-        yield create_namespace(k8s_client, name)
-    finally:
-        or_none(lambda: client.CoreV1Api(k8s_client).delete_namespace(name))
-
-
-@pytest.fixture(scope="module")
-def chain(
-    k8s_client: client.ApiClient,
-    node: Node,
-    e2e_namespace: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Chain]:
-    namespace, core = e2e_namespace, client.CoreV1Api(k8s_client)
-    with ExitStack() as stack:
-        release = ChartRelease(
-            k8s_client,
-            values={
-                "serviceMonitor.labels": LABELS,
-                "sidecar.manualInterval": MANUAL_INTERVAL,
-                **e2e.chart_image_values(node),
-            },
-        )
-        stack.callback(release.uninstall)
-        release.install()
-        prometheus_operator = stack.enter_context(
-            e2e.PrometheusOperator(tmp_path_factory.mktemp("prometheus-operator"), [namespace])
-        )
-        image, image_13 = e2e.prosody_image(node), e2e.prosody_image(node, "13")
-        version_13 = {"prosody-operator.io/prosody-version": image_13.rsplit(":", 1)[1]}
-        for app, config, app_image, annotations in (
-            ("xmpp", prosody_config(str(STATISTICS_INTERVAL)), image, {}),
-            ("manual", prosody_config('"manual"'), image, {}),
-            ("xmpp13", PROSODY_13_CONFIG, image_13, version_13),
-        ):
-            core.create_namespaced_config_map(
-                namespace,
-                client.V1ConfigMap(
-                    metadata=client.V1ObjectMeta(name=f"{app}-config"),
-                    data={"prosody.cfg.lua": config},
-                ),
-            )
-            deployment = prosody_deployment(
-                app, f"{app}-config", image=app_image, annotations=annotations
-            )
-            client.AppsV1Api(k8s_client).create_namespaced_deployment(namespace, deployment)
-        e2e.create_prometheus(
-            k8s_client,
-            namespace,
-            PROMETHEUS,
-            controller_id=prometheus_operator.controller_id,
-            service_monitor_labels=LABELS,
-            replicas=2,
-        )
-        yield Chain(
-            k8s_client,
-            namespace,
-            release,
-            node,
-            [e2e.PrometheusPod(k8s_client, namespace, PROMETHEUS, i).wait_ready() for i in (0, 1)],
-        )
+        chain.deploy(f"{app}-config", config, workload)
 
 
 def container_status(pod: client.V1Pod, name: str) -> client.V1ContainerStatus:
@@ -237,10 +136,11 @@ print(json.dumps({
 def test_the_sidecar_runs_under_the_injected_security_context_and_memory_limit(chain: Chain):
     """What the operator wrote is what the kubelet and runc enforce: uid 65532, no capabilities,
     seccomp filtering (RuntimeDefault), no privilege escalation, a read-only root filesystem and
-    the chart's 64Mi memory limit."""
+    the chart's memory limit."""
     pod = chain.pod("xmpp")
     sidecar = next(c for c in pod.spec.containers if c.name == SIDECAR)
-    assert sidecar.resources.limits["memory"] == "64Mi"
+    limit = chart_sidecar_memory_limit()
+    assert sidecar.resources.limits["memory"] == limit
     assert container_status(pod, SIDECAR).image == e2e.loaded_image(chain.node, SIDECAR)
     argv = ["python3", "-c", SELF_REPORT]
     report = json.loads(
@@ -253,7 +153,7 @@ def test_the_sidecar_runs_under_the_injected_security_context_and_memory_limit(c
         "seccomp": "2",  # filter mode
         "no_new_privs": "1",
         "root": "Read-only file system",
-        "memory_limit": 64 * 1024 * 1024,
+        "memory_limit": bytes_of(limit),
     }
 
 
@@ -319,7 +219,7 @@ def test_a_scraper_outside_the_pod_network_is_refused(chain: Chain):
 def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
     pod = chain.pod("manual")
     assert chain.service_monitor("manual")["spec"]["endpoints"][0]["interval"] == (
-        f"{MANUAL_INTERVAL}s"
+        f"{chain.manual_interval}s"
     )
     for prometheus in chain.prometheus:
         chain.target(prometheus, "manual", "up")
@@ -330,7 +230,7 @@ def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
         values = [float(r["value"][1]) for r in chain.prometheus[0].query(promql)]
         return max(values)
 
-    window = 10 * MANUAL_INTERVAL
+    window = 10 * chain.manual_interval
     first = collections()
     started = time.monotonic()
     time.sleep(window)
@@ -338,7 +238,7 @@ def test_manual_mode_two_replicas_one_collection_per_interval(chain: Chain):
     elapsed = time.monotonic() - started
     # Prosody collects on every request in manual mode: with both replicas scraping it
     # directly it would collect twice per interval. Through the sidecar: once.
-    expected = elapsed / MANUAL_INTERVAL
+    expected = elapsed / chain.manual_interval
     assert expected - 3 <= done <= expected + 3, (done, expected)
 
 
@@ -379,13 +279,5 @@ def test_changing_the_configmap_interval_reaches_prometheus_and_the_restarted_po
     pod = chain.pod("xmpp")
     sidecar = next(c for c in pod.spec.containers if c.name == SIDECAR)
     assert {e.name: e.value for e in sidecar.env}["PROSODY_EXPORTER_INTERVAL"] == f"{new}s"
-
-    def scraped() -> bool:
-        return any(
-            t["scrapePool"] == chain.job("xmpp")
-            and t["health"] == "up"
-            and t["labels"]["pod"] == pod.metadata.name
-            for t in chain.prometheus[0].targets()
-        )
-
-    wait_until(scraped, 90, f"Prometheus to scrape {pod.metadata.name}")
+    name = pod.metadata.name
+    wait_until(lambda: chain.scraped("xmpp", name), 90, f"Prometheus to scrape {name}")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from testinfra.procs import wait_until
 from testinfra.prosody import ProsodyServer
@@ -26,17 +25,8 @@ def scrape(exporter, **headers: str) -> httpx.Response:
     return response
 
 
-def samples(exporter) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = scrape(exporter).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def value(exporter, name: str, **labels: str) -> float | None:
-    return samples(exporter).get((name, tuple(sorted(labels.items()))))
+    return exporter.sample_value(name, **labels)
 
 
 def errors(exporter, reason: str) -> float:
@@ -161,3 +151,16 @@ def test_json_logs(start_exporter):
     entries = [json.loads(line) for line in lines]  # every line is JSON
     down = [e for e in entries if e["message"].startswith("upstream down")]
     assert len(down) == 1 and down[0]["level"] == "warning" and "HTTP 500" in down[0]["message"]
+
+
+def test_metrics_answers_head_and_refuses_other_methods(start_exporter):
+    """GET /metrics is answered in front of FastAPI; HEAD and the rest still go through it."""
+    with StandInProsody(Answer(body=(DATA / "prosody-0.12.txt").read_bytes())) as standin:
+        exporter = start_exporter(standin.url)
+        get = httpx.get(exporter.base_url + "/metrics", headers={"Accept-Encoding": "identity"})
+        head = httpx.head(exporter.base_url + "/metrics", headers={"Accept-Encoding": "identity"})
+        post = httpx.post(exporter.base_url + "/metrics")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert abs(int(head.headers["content-length"]) - len(get.content)) < 100  # own metrics move
+    assert post.status_code == 405

@@ -1,4 +1,4 @@
-"""The annotation API and the interval decision, table-driven (pure; no cluster)."""
+"""The pod annotations and the interval decision, table-driven (pure; no cluster)."""
 
 from __future__ import annotations
 
@@ -47,12 +47,10 @@ def test_effective_interval_order(annotation, config, env, expected, source):
 
 
 @pytest.mark.parametrize(
-    ("annotations", "enabled", "overrides", "problem_keys"),
+    ("annotations", "overrides", "problem_keys"),
     [
-        ({}, False, ann.Overrides(), []),
-        ({ann.INJECT: "true"}, True, ann.Overrides(), []),
-        ({ann.INJECT: "false", ann.PORT: "9000"}, False, ann.Overrides(port=9000), []),
-        ({ann.INJECT: "yes"}, False, ann.Overrides(), [ann.INJECT]),
+        ({}, ann.Overrides(), []),
+        ({ann.INJECT: "false", ann.PORT: "9000"}, ann.Overrides(port=9000), []),
         (
             {
                 ann.INJECT: "true",
@@ -63,7 +61,6 @@ def test_effective_interval_order(annotation, config, env, expected, source):
                 ann.RESOURCES: '{"requests": {"cpu": "5m"}}',
                 ann.CONTAINER: "xmpp",
             },
-            True,
             ann.Overrides(
                 port=9000,
                 interval=15.0,
@@ -83,15 +80,13 @@ def test_effective_interval_order(annotation, config, env, expected, source):
                 ann.IMAGE: "Not An Image",
                 ann.RESOURCES: '{"requests": {"gpu": "1"}}',
             },
-            True,
             ann.Overrides(),  # every invalid value falls back to the default
             [ann.PORT, ann.INTERVAL, ann.ALLOW_CIDRS, ann.IMAGE, ann.RESOURCES],
         ),
-        ({ann.INJECT: "true", ann.RESOURCES: "{not json"}, True, ann.Overrides(), [ann.RESOURCES]),
+        ({ann.INJECT: "true", ann.RESOURCES: "{not json"}, ann.Overrides(), [ann.RESOURCES]),
     ],
 )
-def test_parse_annotations(annotations, enabled, overrides, problem_keys):
+def test_parse_annotations(annotations, overrides, problem_keys):
     parsed = ann.parse_annotations(annotations)
-    assert parsed.enabled is enabled
     assert parsed.overrides == overrides
     assert sorted(p.split("=", 1)[0] for p in parsed.problems) == sorted(problem_keys)

@@ -6,6 +6,7 @@ intended change (review the diff).
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 import yaml
 
 from prosody_operator import annotations as ann
-from prosody_operator import builders
+from prosody_operator import builders, optin
 from prosody_operator.intervals import EffectiveInterval
+from prosody_operator.selection import matches
 from prosody_operator.settings import OperatorSettings
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -27,6 +29,12 @@ DEPLOYMENT = {
         "uid": "0b6c0c3e-1111-2222-3333-444455556666",
     },
     "spec": {"selector": {"matchLabels": {"app": "xmpp"}}},
+}
+STATEFULSET = {
+    **DEPLOYMENT,
+    "kind": "StatefulSet",
+    "metadata": {**DEPLOYMENT["metadata"], "name": "jitsi-prosody"},
+    "spec": {"selector": {"matchLabels": {"app.kubernetes.io/component": "prosody"}}},
 }
 SETTINGS = OperatorSettings(
     exporter_image="registry.test/prosody-exporter:0.1.0",
@@ -78,27 +86,82 @@ def test_sidecar_passes_pod_security_restricted():
     assert context["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
-def test_service_and_service_monitor():
+@pytest.mark.parametrize(("name", "workload"), [("", DEPLOYMENT), ("statefulset-", STATEFULSET)])
+def test_service_and_service_monitor(name, workload):
     interval = EffectiveInterval(45.0, 45.0, "prosody.cfg.lua:12")
-    check_golden("service", builders.build_service(DEPLOYMENT, 9755))
+    check_golden(f"{name}service", builders.build_service(workload, 9755))
     check_golden(
-        "servicemonitor",
+        f"{name}servicemonitor",
         builders.build_service_monitor(
-            DEPLOYMENT, interval, SETTINGS.service_monitor_labels, "monitoring/k8s"
+            workload, interval, SETTINGS.service_monitor_labels, "monitoring/k8s"
         ),
     )
 
 
-def test_inputs_hash_changes_with_inputs_only():
-    interval = EffectiveInterval(45.0, 45.0, "x")
-    first = builders.build_service_monitor(DEPLOYMENT, interval, {}, "none")
-    again = builders.build_service_monitor(DEPLOYMENT, interval, {}, "none")
-    slower = builders.build_service_monitor(
-        DEPLOYMENT, EffectiveInterval(60.0, 60.0, "x"), {}, "none"
+def test_the_hash_is_of_the_built_object():
+    """A new operator version that builds an object differently gives it a new hash, whatever
+    the inputs: that is how the change reaches every existing object."""
+    monitor = builders.build_service_monitor(
+        DEPLOYMENT, EffectiveInterval(45.0, 45.0, "x"), {}, "none"
     )
-    key = ann.INPUTS_HASH
-    assert first["metadata"]["annotations"][key] == again["metadata"]["annotations"][key]
-    assert first["metadata"]["annotations"][key] != slower["metadata"]["annotations"][key]
+    again = builders.build_service_monitor(
+        DEPLOYMENT, EffectiveInterval(45.0, 45.0, "x"), {}, "none"
+    )
+    key = ann.OBJECT_HASH
+    assert monitor["metadata"]["annotations"][key] == again["metadata"]["annotations"][key]
+    changed = copy.deepcopy(monitor)
+    changed["spec"]["endpoints"][0]["honorLabels"] = True  # same inputs, a different builder
+    builders.with_hash(changed)
+    assert changed["metadata"]["annotations"][key] != monitor["metadata"]["annotations"][key]
+
+
+SERVICE = builders.build_service(DEPLOYMENT, 9755)
+
+
+def server_fields(service):  # what the API server and other managers add
+    service["spec"].update(clusterIP="198.19.240.9", type="ClusterIP")
+    service["metadata"].update(uid="u1", resourceVersion="7")
+    service["metadata"]["labels"]["team"] = "chat"
+
+
+def extra_port(service):  # added by someone else: theirs
+    service["spec"]["ports"].append({"name": "x", "port": 1})
+
+
+def port_edited(service):
+    service["spec"]["ports"][0]["port"] = 9000
+
+
+def selector_edited(service):
+    service["spec"]["selector"]["app"] = "other"
+
+
+def label_removed(service):
+    del service["metadata"]["labels"][ann.WORKLOAD]
+
+
+def older_build(service):  # written by an operator version that built it differently
+    service["metadata"]["annotations"][ann.OBJECT_HASH] = "0"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (None, True),
+        (server_fields, True),
+        (extra_port, True),
+        (port_edited, False),
+        (selector_edited, False),
+        (label_removed, False),
+        (older_build, False),
+    ],
+)
+def test_up_to_date(change, expected):
+    live = copy.deepcopy(SERVICE)
+    if change is not None:
+        change(live)
+    assert builders.up_to_date(live, SERVICE) is expected
+    assert builders.up_to_date(None, SERVICE) is False
 
 
 def test_injection_patch_appends_the_sidecar_and_records_it():
@@ -141,11 +204,47 @@ def test_webhook_configuration():
 
 def test_webhook_configuration_of_a_namespaced_install_selects_only_its_namespaces():
     client_config = {"url": "https://127.0.0.1:9443/inject-exporter", "caBundle": "Q0E="}
-    (webhook,) = builders.build_webhook_configuration(
+    webhooks = builders.build_webhook_configuration(
         "prosody-operator", client_config, ["team-a", "team-b"]
     )["webhooks"]
-    assert webhook["namespaceSelector"] == {
-        "matchExpressions": [
-            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
-        ]
-    }
+    assert [w["name"] for w in webhooks] == [builders.POD_WEBHOOK, builders.NAMESPACE_WEBHOOK]
+    for webhook in webhooks:
+        assert webhook["namespaceSelector"]["matchExpressions"][0] == {
+            "key": "kubernetes.io/metadata.name",
+            "operator": "In",
+            "values": ["team-a", "team-b"],
+        }
+
+
+@pytest.mark.parametrize("namespaces", [[], ["team-a"]])
+@pytest.mark.parametrize(
+    ("pod_labels", "namespace", "namespace_labels"),
+    [
+        ({ann.INJECT: "true"}, "team-a", {}),
+        ({}, "team-a", {}),
+        ({}, "team-a", {ann.INJECT: "true"}),
+        ({"app": "x"}, "team-a", {ann.INJECT: "true"}),
+        ({ann.INJECT: "false"}, "team-a", {ann.INJECT: "true"}),
+        ({ann.INJECT: "yes"}, "team-a", {ann.INJECT: "true"}),
+        ({ann.INJECT: "true"}, "team-a", {ann.INJECT: "false"}),
+        ({}, "team-a", {ann.INJECT: "false"}),
+        ({ann.INJECT: "true"}, "kube-system", {}),
+        ({}, "kube-system", {ann.INJECT: "true"}),
+        ({ann.INJECT: "true"}, "team-b", {ann.INJECT: "true"}),
+    ],
+)
+def test_webhook_selectors_agree_with_reaches_webhook(
+    pod_labels, namespace, namespace_labels, namespaces
+):
+    """What the API server does with the configuration's selectors is what the reconciler
+    assumes when it says a workload's pods never reach the webhook."""
+    configuration = builders.build_webhook_configuration("x", {"url": "https://x"}, namespaces)
+    labels = {**namespace_labels, "kubernetes.io/metadata.name": namespace}
+    called = [
+        webhook["name"]
+        for webhook in configuration["webhooks"]
+        if matches(webhook["objectSelector"], pod_labels)
+        and matches(webhook["namespaceSelector"], labels)
+    ]
+    assert len(called) <= 1  # never twice for one pod
+    assert bool(called) is optin.reaches_webhook(pod_labels, namespace, labels, namespaces)

@@ -1,8 +1,11 @@
 """The operator against the real control plane: the real kube-apiserver calls its webhook over
-HTTPS, the real controller-manager turns Deployments into Pods, and the operator runs with the
-chart's ServiceAccount and RBAC, not as admin.
+HTTPS (filtered by the real objectSelector and namespaceSelector), the real controller-manager
+turns Deployments and StatefulSets into Pods, and the operator runs with the chart's
+ServiceAccount and RBAC, not as admin.
 
-No kubelet runs here, so pods stay Pending: what is checked is what the API server stored.
+No kubelet runs here, so pods stay Pending: what is checked is what the API server stored. (A
+StatefulSet therefore never gets past its first pod, and its rolling update never starts: the
+end-to-end test of tests/e2e/test_statefulset.py runs its pods.)
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes import client
+from kubernetes import client, utils
 from prometheus_client.parser import text_string_to_metric_families
 
 from prosody_operator import annotations as ann
 from testinfra.kubeapi import or_none
 from testinfra.operator import OperatorProcess
 from testinfra.procs import wait_until
-from testinfra.workloads import prosody_deployment
+from testinfra.workloads import prosody_pod_spec, prosody_workload
 
 pytestmark = pytest.mark.cluster
 
@@ -83,8 +86,20 @@ def deployment(
     configmap: str | None,
     annotations: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
+    kind: str = "Deployment",
 ) -> dict[str, Any]:
-    return prosody_deployment(name, configmap, annotations=annotations, env=env)
+    return prosody_workload(kind, name, configmap, annotations=annotations, env=env)
+
+
+KINDS = ["Deployment", "StatefulSet"]
+PATCH = {
+    "Deployment": "patch_namespaced_deployment",
+    "StatefulSet": "patch_namespaced_stateful_set",
+}
+DELETE = {
+    "Deployment": "delete_namespaced_deployment",
+    "StatefulSet": "delete_namespaced_stateful_set",
+}
 
 
 class Cluster:
@@ -106,7 +121,11 @@ class Cluster:
         self.core.patch_namespaced_config_map(name, self.namespace, {"data": files})
 
     def create_deployment(self, body: dict[str, Any]) -> None:
-        self.apps.create_namespaced_deployment(self.namespace, body)
+        """A Deployment, StatefulSet or DaemonSet."""
+        utils.create_from_dict(self.api, body, namespace=self.namespace)
+
+    def patch_workload(self, kind: str, name: str, patch: dict[str, Any]) -> None:
+        getattr(self.apps, PATCH[kind])(name, self.namespace, patch)
 
     def pods(self, app: str) -> list[dict[str, Any]]:
         pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"app={app}")
@@ -187,9 +206,10 @@ def cluster(k8s_client: client.ApiClient, namespace: str, operator: OperatorProc
 # --- tests --------------------------------------------------------------------------------
 
 
-def test_annotated_deployment_gets_sidecar_service_and_service_monitor(cluster: Cluster):
+@pytest.mark.parametrize("kind", KINDS)
+def test_annotated_workload_gets_sidecar_service_and_service_monitor(cluster: Cluster, kind):
     cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
-    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.create_deployment(deployment("xmpp", "prosody", kind=kind))
 
     pod = cluster.wait_for_pod("xmpp")
     env = sidecar_env(pod)
@@ -201,7 +221,7 @@ def test_annotated_deployment_gets_sidecar_service_and_service_monitor(cluster: 
 
     monitor = cluster.wait_for_interval("xmpp", "45s")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert monitor["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
+    assert monitor["metadata"]["ownerReferences"][0]["kind"] == kind
     service = cluster.service("xmpp")
     assert service is not None and service.spec.selector == {"app": "xmpp"}
     assert service.spec.ports[0].target_port == "metrics"
@@ -236,13 +256,16 @@ def test_interval_from_prosody_config(cluster: Cluster, files, env, expected):
     assert sidecar_env(cluster.wait_for_pod("xmpp"))["PROSODY_EXPORTER_INTERVAL"] == expected
 
 
-def test_editing_the_configmap_updates_the_interval(cluster: Cluster):
+@pytest.mark.parametrize("kind", KINDS)
+def test_editing_the_configmap_updates_the_interval(cluster: Cluster, kind):
     cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
-    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.create_deployment(deployment("xmpp", "prosody", kind=kind))
     cluster.wait_for_interval("xmpp", "45s")
+    cluster.wait_for_pod("xmpp")
     cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("90")})
     cluster.wait_for_interval("xmpp", "90s")
-    assert "rollout restart" in cluster.wait_for_event("xmpp", "MetricsConfigured", "90s")
+    message = cluster.wait_for_event("xmpp", "MetricsConfigured", "90s")
+    assert f"rollout restart {kind.lower()}/xmpp" in message
 
 
 def test_config_problems_become_warning_events(cluster: Cluster):
@@ -254,12 +277,13 @@ def test_config_problems_become_warning_events(cluster: Cluster):
     assert "statistics_interval" in message
 
 
-def test_removing_the_annotation_deletes_service_and_monitor(cluster: Cluster):
+@pytest.mark.parametrize("kind", KINDS)
+def test_removing_the_annotation_deletes_service_and_monitor(cluster: Cluster, kind):
     cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
-    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.create_deployment(deployment("xmpp", "prosody", kind=kind))
     cluster.wait_for_interval("xmpp", "45s")
     patch = {"spec": {"template": {"metadata": {"annotations": {ann.INJECT: "false"}}}}}
-    cluster.apps.patch_namespaced_deployment("xmpp", cluster.namespace, patch)
+    cluster.patch_workload(kind, "xmpp", patch)
     wait_until(
         lambda: cluster.service_monitor("xmpp") is None and cluster.service("xmpp") is None,
         30,
@@ -268,12 +292,11 @@ def test_removing_the_annotation_deletes_service_and_monitor(cluster: Cluster):
     cluster.wait_for_event("xmpp", "MetricsRemoved")
 
 
-def test_deleting_the_deployment_garbage_collects_them(cluster: Cluster):
-    cluster.create_deployment(deployment("xmpp", None))
+@pytest.mark.parametrize("kind", KINDS)
+def test_deleting_the_workload_garbage_collects_them(cluster: Cluster, kind):
+    cluster.create_deployment(deployment("xmpp", None, kind=kind))
     cluster.wait_for_interval("xmpp", "60s")
-    cluster.apps.delete_namespaced_deployment(
-        "xmpp", cluster.namespace, propagation_policy="Foreground"
-    )
+    getattr(cluster.apps, DELETE[kind])("xmpp", cluster.namespace, propagation_policy="Foreground")
     wait_until(
         lambda: cluster.service_monitor("xmpp") is None and cluster.service("xmpp") is None,
         60,
@@ -301,20 +324,21 @@ def test_opt_out_annotation_skips_injection(cluster: Cluster):
     assert cluster.service_monitor("xmpp") is None
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_webhook_down_admits_pods_and_restart_reports_drift(
-    cluster: Cluster, operator: OperatorProcess
+    cluster: Cluster, operator: OperatorProcess, kind
 ):
     operator.stop()
     try:
         started = time.monotonic()
-        cluster.create_deployment(deployment("xmpp", None))
+        cluster.create_deployment(deployment("xmpp", None, kind=kind))
         pod = cluster.wait_for_pod("xmpp")
         assert sidecar(pod) is None  # failurePolicy Ignore: admitted without the sidecar
         assert time.monotonic() - started < 20
     finally:
         operator.start()
     message = cluster.wait_for_event("xmpp", "SidecarMissing")
-    assert "rollout restart deployment/xmpp" in message
+    assert f"rollout restart {kind.lower()}/xmpp" in message
     # Converged with no duplicates after the restart.
     cluster.wait_for_interval("xmpp", "60s")
     monitors = cluster.custom.list_namespaced_custom_object(
@@ -432,25 +456,185 @@ def test_selection_diagnostics(cluster: Cluster):
     assert configured and not any("rollout restart" in m for m in configured), configured
 
 
-def test_restart_on_drift_rolls_out_pods_with_the_sidecar(
-    cluster: Cluster, operator: OperatorProcess
-):
+@pytest.mark.parametrize("kind", KINDS)
+def test_restart_on_drift_restarts_the_rollout(cluster: Cluster, operator: OperatorProcess, kind):
     operator.stop()
-    cluster.create_deployment(deployment("xmpp", None))
+    cluster.create_deployment(deployment("xmpp", None, kind=kind))
     assert sidecar(cluster.wait_for_pod("xmpp")) is None
     operator.settings["restart_on_drift"] = "true"
     try:
         operator.start()
         message = cluster.wait_for_event("xmpp", "SidecarMissing", "Restarting the rollout")
         assert "xmpp-" in message
-        wait_until(
-            lambda: any(sidecar(pod) for pod in cluster.pods("xmpp")),
-            30,
-            "a new pod, with the sidecar",
-        )
-        template = cluster.apps.read_namespaced_deployment("xmpp", cluster.namespace).spec.template
+        read = getattr(cluster.apps, PATCH[kind].replace("patch", "read"))
+        template = read("xmpp", cluster.namespace).spec.template
         assert "kubectl.kubernetes.io/restartedAt" in template.metadata.annotations
+        if kind == "Deployment":  # a StatefulSet waits for its Pending pod to be Ready first
+            wait_until(
+                lambda: any(sidecar(pod) for pod in cluster.pods("xmpp")),
+                30,
+                "a new pod, with the sidecar",
+            )
     finally:
         operator.stop()
         del operator.settings["restart_on_drift"]
         operator.start()
+
+
+# --- opting in: namespaces and workloads ------------------------------------------------------
+
+
+def not_prosody(name: str) -> dict[str, Any]:
+    """A Deployment of something else than Prosody, not opted in."""
+    container = {**prosody_pod_spec(None)["containers"][0], "name": "web", "image": "nginx:1.27"}
+    return prosody_workload("Deployment", name, None, opted_in=False, containers=[container])
+
+
+def test_a_labelled_namespace_gets_only_its_prosody_pods_injected(cluster: Cluster):
+    cluster.create_deployment(prosody_workload("Deployment", "xmpp", None, opted_in=False))
+    assert sidecar(cluster.wait_for_pod("xmpp")) is None  # not opted in yet
+    cluster.core.patch_namespace(cluster.namespace, {"metadata": {"labels": {ann.INJECT: "true"}}})
+    # The namespace's workloads are candidates now: the existing pod is reported.
+    cluster.wait_for_interval("xmpp", "60s")
+    assert "rollout restart deployment/xmpp" in cluster.wait_for_event("xmpp", "SidecarMissing")
+
+    cluster.create_deployment(prosody_workload("Deployment", "chat", None, opted_in=False))
+    cluster.create_deployment(not_prosody("web"))
+    opted_out = prosody_workload("Deployment", "quiet", None, opted_in=False)
+    opted_out["spec"]["template"]["metadata"]["labels"][ann.INJECT] = "false"
+    cluster.create_deployment(opted_out)
+    assert sidecar(cluster.wait_for_pod("chat")) is not None
+    cluster.wait_for_interval("chat", "60s")
+    for other in ("web", "quiet"):
+        pod = cluster.wait_for_pod(other)
+        assert sidecar(pod) is None and ann.STATUS not in (pod["metadata"].get("annotations") or {})
+    time.sleep(2)  # give the reconciler a chance to (wrongly) act
+    for other in ("web", "quiet"):
+        assert cluster.service_monitor(other) is None
+        assert not [e for e in cluster.events(other) if e.source.component == "prosody-operator"]
+
+
+def test_a_workload_annotation_whose_pods_never_reach_the_webhook_says_what_to_add(
+    cluster: Cluster,
+):
+    body = prosody_workload("Deployment", "xmpp", None, opted_in=False)
+    body["metadata"]["annotations"] = {ann.INJECT: "true"}
+    cluster.create_deployment(body)
+    message = cluster.wait_for_event("xmpp", "WebhookNotCalled")
+    assert f'add the label {ann.INJECT}: "true" to the pod template' in message
+    assert f"kubectl label namespace {cluster.namespace} {ann.INJECT}=true" in message
+    cluster.wait_for_interval("xmpp", "60s")
+    assert sidecar(cluster.wait_for_pod("xmpp")) is None
+    assert [e for e in cluster.events("xmpp") if e.reason == "SidecarMissing"] == []
+
+
+# --- what the operator owns stays as it builds it -----------------------------------------------
+
+
+def test_hand_edits_are_reverted(cluster: Cluster):
+    cluster.create_deployment(deployment("xmpp", None))
+    cluster.wait_for_interval("xmpp", "60s")
+    cluster.custom.patch_namespaced_custom_object(
+        "monitoring.coreos.com",
+        "v1",
+        cluster.namespace,
+        "servicemonitors",
+        "xmpp-prosody-metrics",
+        {"spec": {"endpoints": [{"port": "metrics", "interval": "5s"}]}},
+        _content_type="application/merge-patch+json",
+    )
+    cluster.wait_for_interval("xmpp", "60s")  # put back
+    cluster.core.delete_namespaced_service("xmpp-prosody-metrics", cluster.namespace)
+    wait_until(lambda: cluster.service("xmpp") is not None, 30, "the Service, made again")
+
+
+# Objects as the operator's previous version wrote them (server-side applied with its field
+# manager): another label scheme, and a hash of its inputs instead of the object's.
+PREVIOUS_LABELS = {
+    "app.kubernetes.io/managed-by": "prosody-operator",
+    "prosody-operator.io/deployment": "xmpp",
+}
+
+
+def previous_version_objects(namespace: str, owner: dict[str, Any]) -> list[dict[str, Any]]:
+    metadata = {
+        "name": "xmpp-prosody-metrics",
+        "namespace": namespace,
+        "labels": PREVIOUS_LABELS,
+        "annotations": {"prosody-operator.io/inputs-hash": "2c620c7809ec3bba"},
+        "ownerReferences": [owner],
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "selector": {"app": "xmpp"},
+            "ports": [
+                {"name": "metrics", "port": 9755, "targetPort": "metrics", "protocol": "TCP"}
+            ],
+        },
+    }
+    monitor = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {**metadata, "labels": {**PREVIOUS_LABELS, "release": "kube-prometheus-stack"}},
+        "spec": {
+            "selector": {"matchLabels": PREVIOUS_LABELS},
+            "namespaceSelector": {"matchNames": [namespace]},
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "60s"}],
+        },
+    }
+    return [service, monitor]
+
+
+def test_an_upgrade_rolls_out_what_the_new_version_builds(
+    cluster: Cluster, operator: OperatorProcess
+):
+    """Same inputs, other builders: every existing object is rewritten to the new build, and
+    what only the previous version set is gone (server-side apply drops a manager's fields it
+    no longer applies)."""
+    operator.stop()
+    try:
+        cluster.create_deployment(deployment("xmpp", None))
+        uid = cluster.apps.read_namespaced_deployment("xmpp", cluster.namespace).metadata.uid
+        owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "xmpp", "uid": uid}
+        owner.update(controller=True, blockOwnerDeletion=True)
+        # The objects as the previous version applied them.
+        for obj in previous_version_objects(cluster.namespace, owner):
+            if obj["kind"] == "Service":
+                cluster.core.patch_namespaced_service(
+                    obj["metadata"]["name"], cluster.namespace, obj,
+                    field_manager="prosody-operator", _content_type="application/apply-patch+yaml",
+                )  # fmt: skip
+            else:
+                cluster.custom.patch_namespaced_custom_object(
+                    "monitoring.coreos.com", "v1", cluster.namespace, "servicemonitors",
+                    obj["metadata"]["name"], obj,
+                    field_manager="prosody-operator", _content_type="application/apply-patch+yaml",
+                )  # fmt: skip
+    finally:
+        operator.start()
+
+    def upgraded() -> bool:
+        monitor, service = cluster.service_monitor("xmpp"), cluster.service("xmpp")
+        return (
+            monitor is not None
+            and service is not None
+            and ann.OBJECT_HASH in monitor["metadata"]["annotations"]
+            and ann.OBJECT_HASH in (service.metadata.annotations or {})
+        )
+
+    wait_until(upgraded, 30, "the objects rewritten by the new version")
+    monitor, service = cluster.service_monitor("xmpp"), cluster.service("xmpp")
+    assert monitor is not None and service is not None
+    for labels, notes in (
+        (monitor["metadata"]["labels"], monitor["metadata"]["annotations"]),
+        (service.metadata.labels, service.metadata.annotations),
+    ):
+        assert labels[ann.WORKLOAD] == "xmpp" and labels[ann.WORKLOAD_KIND] == "Deployment"
+        assert "prosody-operator.io/deployment" not in labels
+        assert "prosody-operator.io/inputs-hash" not in notes
+    assert monitor["spec"]["selector"]["matchLabels"][ann.WORKLOAD] == "xmpp"
+    assert "prosody-operator.io/deployment" not in monitor["spec"]["selector"]["matchLabels"]
+    assert monitor["spec"]["endpoints"][0]["scrapeTimeout"] == "10s"

@@ -77,6 +77,6 @@ def test_readme_documents_every_setting_and_annotation():
         ann.RESOURCES,
         ann.CONTAINER,
         ann.STATUS,
-        ann.INPUTS_HASH,
+        ann.OBJECT_HASH,
     ):
         assert f"`{key}`" in readme, key

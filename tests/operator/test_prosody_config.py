@@ -33,6 +33,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prosody_operator.prosody import ConfigMount
 from prosody_operator.prosody_config import (
     DIALECTS,
     Dialect,
@@ -40,7 +41,6 @@ from prosody_operator.prosody_config import (
     Interval,
     MetricsLocation,
     StatisticsConfig,
-    config_files_from_mount,
     evaluate_prosody_config,
     parse_interval_value,
 )
@@ -424,9 +424,8 @@ CASES = [
         "ENV_: official image config, interval from a conf.d file of a ConfigMap",
         {
             MAIN: OFFICIAL,
-            **config_files_from_mount(
-                {"metrics.cfg.lua": cfg('statistics = "internal"', "statistics_interval = 20")},
-                "/etc/prosody/conf.d",
+            **ConfigMount("metrics", "/etc/prosody/conf.d").files(
+                {"metrics.cfg.lua": cfg('statistics = "internal"', "statistics_interval = 20")}
             ),
         },
         env={"PROSODY_ENABLE_MODULES": "http_openmetrics"},
@@ -674,15 +673,14 @@ CASES = [
         "maintained image's 13.0 config, components, interval and module from conf.d",
         {
             MAIN: MAINTAINED,
-            **config_files_from_mount(
+            **ConfigMount("metrics", "/etc/prosody/conf.d").files(
                 {
                     "metrics.cfg.lua": cfg(
                         'statistics = "internal"',
                         "statistics_interval = 20",
                         'modules_enabled:append{ "http_openmetrics" }',
                     )
-                },
-                "/etc/prosody/conf.d",
+                }
             ),
         },
         env={
@@ -1590,20 +1588,6 @@ def test_config_dir_elsewhere() -> None:
     result = evaluate_prosody_config(files, config_dir="/opt/prosody/etc/")
 
     assert (result.interval, result.interval_source) == (7.0, "conf.d/stats.cfg.lua:1")
-
-
-@pytest.mark.parametrize(
-    ("mount_path", "expected"),
-    [
-        ("/etc/prosody/conf.d", {"conf.d/a.cfg.lua": "a", "conf.d/b.cfg.lua": "b"}),
-        ("conf.d/", {"conf.d/a.cfg.lua": "a", "conf.d/b.cfg.lua": "b"}),
-        ("/etc/prosody", {"a.cfg.lua": "a", "b.cfg.lua": "b"}),
-        ("/srv/prosody", {"/srv/prosody/a.cfg.lua": "a", "/srv/prosody/b.cfg.lua": "b"}),
-    ],
-)
-def test_config_files_from_mount(mount_path: str, expected: dict[str, str]) -> None:
-    data = {"a.cfg.lua": "a", "b.cfg.lua": "b"}
-    assert config_files_from_mount(data, mount_path) == expected
 
 
 def test_relative_config_dir_is_refused() -> None:

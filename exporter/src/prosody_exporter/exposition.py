@@ -36,19 +36,24 @@ class Format(enum.Enum):
         return self.value
 
 
-def parse_exposition(body: str) -> list[Metric]:
-    """Parse what Prosody served into metric families.
+def iter_exposition(body: str) -> Iterator[Metric]:
+    """Parse what Prosody served into metric families, one family at a time.
 
     The Content-Type cannot decide the format: Prosody 0.12 claims `application/openmetrics-text;
     version=0.0.4` and old mod_prometheus `text/plain; version=0.4.4`. The body can: OpenMetrics
     must end with `# EOF`, Prometheus text never has it.
     """
     try:
-        if body.rstrip().endswith("# EOF"):
-            return list(parse_openmetrics(body))
-        return [_with_total_suffix(family) for family in parse_prometheus_text(body)]
+        if body[-64:].rstrip().endswith("# EOF"):
+            yield from parse_openmetrics(body)
+        else:
+            yield from map(_with_total_suffix, parse_prometheus_text(body))
     except Exception as error:  # the parsers raise ValueError, KeyError, IndexError, ...
         raise ExpositionError(f"{type(error).__name__}: {error}") from error
+
+
+def parse_exposition(body: str) -> list[Metric]:
+    return list(iter_exposition(body))
 
 
 def _with_total_suffix(family: Metric) -> Metric:
@@ -120,8 +125,24 @@ class RenderedBody:
 EMPTY_BODY = RenderedBody.of(b"")
 
 
-def render_snapshot(families: list[Metric]) -> dict[Format, RenderedBody]:
-    return {fmt: RenderedBody.of(render(families, fmt)) for fmt in Format}
+def render_exposition(body: str) -> tuple[dict[Format, RenderedBody], int]:
+    """Both formats' bodies and the number of families.
+
+    Family by family: only one parsed family is alive at a time (a parsed sample costs hundreds of
+    bytes, far more than its line), then the renderings, about the body's size each.
+    """
+    rendered: dict[Format, list[bytes]] = {fmt: [] for fmt in Format}
+    families = 0
+    for family in iter_exposition(body):
+        families += 1
+        for fmt, parts in rendered.items():
+            parts.append(render((family,), fmt))
+    bodies = {}
+    for fmt, parts in rendered.items():
+        raw = b"".join(parts)
+        parts.clear()
+        bodies[fmt] = RenderedBody.of(raw)
+    return bodies, families
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from .app import create_app
+from .server import bounded_protocol
 from .settings import Settings, load_settings, settings_errors
 
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         create_app(settings),
         host=settings.listen_host,
         port=settings.listen_port,
+        http=bounded_protocol(settings.max_connections, settings.header_timeout),
+        ws="none",  # nothing here speaks WebSocket; "auto" would import a library for it
         # Uvicorn would otherwise rewrite the client address from X-Forwarded-For sent by any
         # loopback peer; the allowlist decides on the real TCP peer (see access.py).
         proxy_headers=False,
@@ -89,7 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as error:
             logging.getLogger("prosody_exporter").error("cannot listen: %s", error)
             sys.exit(3)  # uvicorn's STARTUP_FAILURE
+    config.load()  # imports the protocol and wraps the app now, before the freeze below
     server = uvicorn.Server(config)
+    # Everything allocated so far lives as long as the process: keep it out of every garbage
+    # collection, so a full collection walks only what serving allocates.
+    gc.collect()
+    gc.freeze()
     server.run(sockets=sockets)
     if not server.started:
         sys.exit(3)

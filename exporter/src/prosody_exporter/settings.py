@@ -62,7 +62,10 @@ class Settings(BaseSettings):
     )
     upstream_timeout: float = Field(5.0, gt=0, description="Seconds one collection may take.")
     max_body_bytes: int = Field(
-        16 * 1024 * 1024, gt=0, description="Largest upstream body accepted, in bytes."
+        512 * 1024,
+        gt=0,
+        description="Largest upstream body accepted, in bytes (after decoding); the sidecar's "
+        "default memory limit is measured with a body this large.",
     )
     interval: float = Field(
         30.0, gt=0, description="Seconds between collections (Prosody's statistics_interval)."
@@ -80,12 +83,23 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Peers whose X-Forwarded-For is believed (comma-separated; none by default).",
     )
+    max_connections: int = Field(
+        100, ge=1, description="Open connections at most; more are answered 503 and closed."
+    )
+    header_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds a client has to send a request's headers, from connecting or "
+        "from its previous response.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
 
-    _durations = field_validator("interval", "upstream_timeout", mode="before")(parse_duration)
+    _durations = field_validator("interval", "upstream_timeout", "header_timeout", mode="before")(
+        parse_duration
+    )
     _lists = field_validator("allow_cidrs", "trusted_proxy_cidrs", mode="before")(_split_list)
 
     @property

@@ -1,4 +1,5 @@
-"""The annotation API users put on a Prosody pod template, and its validation (pure)."""
+"""The labels and annotations users put on Prosody pod templates, workloads and namespaces, and
+their validation (pure)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .prosody_config import parse_interval_value
+from .prosody_config import Interval, parse_interval_value
 
 PREFIX = "prosody-operator.io/"
 
-# The label lets the API server send only opted-in pods to the webhook (objectSelector); the
-# annotation of the same name is the switch itself ("false" opts out while keeping the label).
+# The opt-in, as an annotation (pod template, workload) or a label (pod template, namespace): see
+# optin.py for the precedence. The labels also decide which pods the API server sends to the
+# webhook (its objectSelector and namespaceSelector).
 INJECT = PREFIX + "inject"
 PORT = PREFIX + "port"
 ALLOW_CIDRS = PREFIX + "allow-cidrs"
@@ -24,8 +26,13 @@ RESOURCES = PREFIX + "resources"
 CONTAINER = PREFIX + "container"
 # Written by the webhook: what it injected (version and a hash of the sidecar), as Istio does.
 STATUS = PREFIX + "status"
-# Written on generated objects: a hash of what they were built from, to skip no-op updates.
-INPUTS_HASH = PREFIX + "inputs-hash"
+# Written on generated objects: a hash of the object as built, to skip no-op updates and to roll
+# out what a new operator version builds differently.
+OBJECT_HASH = PREFIX + "object-hash"
+# Labels on generated objects: the workload they are for (the ServiceMonitor selects its Service
+# by them).
+WORKLOAD = PREFIX + "workload"
+WORKLOAD_KIND = PREFIX + "workload-kind"
 # Written on ServiceMonitors: where the interval came from, and which Prometheus resources select
 # the ServiceMonitor (its status belongs to prometheus-operator, so these are annotations).
 INTERVAL_SOURCE = PREFIX + "interval-source"
@@ -41,7 +48,7 @@ class Overrides:
 
     port: int | None = None
     allow_cidrs: tuple[str, ...] | None = None
-    interval: float | str | None = None  # seconds or "manual"
+    interval: Interval | None = None  # seconds or "manual"
     image: str | None = None
     resources: Mapping[str, Any] | None = None
     container: str | None = None
@@ -49,7 +56,6 @@ class Overrides:
 
 @dataclass(frozen=True)
 class Parsed:
-    enabled: bool
     overrides: Overrides
     problems: tuple[str, ...] = field(default=())
 
@@ -97,8 +103,20 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 
 
+def switch(value: str | None) -> bool | None:
+    """An inject label or annotation: True, False, or None when absent or invalid."""
+    return {"true": True, "false": False}.get((value or "").strip().lower())
+
+
+def invalid_switch(where: str, value: str | None) -> str | None:
+    """The problem with an inject value set to neither "true" nor "false", if any."""
+    if value is None or switch(value) is not None:
+        return None
+    return f'{INJECT}={value!r} {where} ignored: use "true" or "false"'
+
+
 def parse_annotations(annotations: Mapping[str, str] | None) -> Parsed:
-    """Read the annotations; an invalid value is reported and its default used instead.
+    """Read a pod's settings; an invalid value is reported and its default used instead.
 
     Never raises: a pod must never be blocked by a typo in an annotation.
     """
@@ -112,7 +130,4 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> Parsed:
             values[name] = parse(annotations[key].strip())
         except (ValueError, TypeError) as error:
             problems.append(f"{key}={annotations[key]!r} ignored: {error}")
-    inject = annotations.get(INJECT, "").strip().lower()
-    if inject not in ("true", "false", ""):
-        problems.append(f'{INJECT}={annotations[INJECT]!r} ignored: use "true" or "false"')
-    return Parsed(inject == "true", Overrides(**values), tuple(problems))
+    return Parsed(Overrides(**values), tuple(problems))

@@ -10,22 +10,34 @@ from typing import Any
 from . import __version__
 from . import annotations as ann
 from .intervals import EffectiveInterval, format_duration
+from .optin import SYSTEM_NAMESPACES
 from .settings import OperatorSettings
 
 SIDECAR_NAME = "prosody-exporter"
+INTERVAL_ENV = "PROSODY_EXPORTER_INTERVAL"
 METRICS_PORT_NAME = "metrics"
-DEPLOYMENT_LABEL = ann.PREFIX + "deployment"
 WEBHOOK_HANDLER_ID = "inject-exporter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "prosody-operator"}
+# The webhook for labelled pods keeps the name it always had (bench/ reads the API server's
+# metrics by it); the other serves opted-in namespaces.
+POD_WEBHOOK = "inject.prosody-operator.io"
+NAMESPACE_WEBHOOK = "namespace.inject.prosody-operator.io"
 
 Obj = dict[str, Any]
 
 
-def inputs_hash(*inputs: Any) -> str:
-    """A stable hash of what an object was built from (kept in an annotation to skip no-op
-    writes, as prometheus-operator does)."""
-    text = json.dumps(inputs, sort_keys=True, default=str, separators=(",", ":"))
+def hash_of(obj: Any) -> str:
+    """A stable hash of a built object (kept on it to skip no-op writes and to notice that a new
+    operator version builds it differently, as prometheus-operator does)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def with_hash(obj: Obj) -> Obj:
+    """`obj` with the hash of everything else in it as the annotation OBJECT_HASH."""
+    obj["metadata"].setdefault("annotations", {}).pop(ann.OBJECT_HASH, None)
+    obj["metadata"]["annotations"][ann.OBJECT_HASH] = hash_of(obj)
+    return obj
 
 
 # --- The sidecar ------------------------------------------------------------------------------
@@ -51,7 +63,7 @@ def build_sidecar_container(
     port = overrides.port or settings.exporter_port
     cidrs = overrides.allow_cidrs if overrides.allow_cidrs is not None else tuple(allow_cidrs)
     env = {
-        "PROSODY_EXPORTER_INTERVAL": format_duration(interval.scrape_seconds),
+        INTERVAL_ENV: format_duration(interval.scrape_seconds),
         "PROSODY_EXPORTER_LISTEN_PORT": str(port),
         "PROSODY_EXPORTER_ALLOW_CIDRS": ",".join(cidrs),
     }
@@ -89,7 +101,7 @@ def build_sidecar_container(
 
 
 def injection_status(sidecar: Mapping[str, Any]) -> str:
-    return json.dumps({"version": __version__, "hash": inputs_hash(sidecar)}, sort_keys=True)
+    return json.dumps({"version": __version__, "hash": hash_of(sidecar)}, sort_keys=True)
 
 
 def build_injection_patch(pod: Mapping[str, Any], sidecar: Obj) -> Obj:
@@ -113,139 +125,202 @@ def allowlist(node_cidrs: Iterable[str], settings: OperatorSettings) -> list[str
     return list(dict.fromkeys([*base, *extra]))
 
 
-# --- Objects owned by a Deployment ------------------------------------------------------------
+# --- Objects owned by a workload -------------------------------------------------------------
 
 
-def owner_reference(deployment: Mapping[str, Any]) -> Obj:
+def owner_reference(workload: Mapping[str, Any]) -> Obj:
     return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": deployment["metadata"]["name"],
-        "uid": deployment["metadata"]["uid"],
+        "apiVersion": workload["apiVersion"],
+        "kind": workload["kind"],
+        "name": workload["metadata"]["name"],
+        "uid": workload["metadata"]["uid"],
         "controller": True,
         "blockOwnerDeletion": True,
     }
 
 
-def metrics_object_name(deployment_name: str) -> str:
-    return f"{deployment_name}-prosody-metrics"[:63].rstrip("-")
+def metrics_object_name(workload_name: str) -> str:
+    return f"{workload_name}-prosody-metrics"[:63].rstrip("-")
 
 
-def _metadata(deployment: Mapping[str, Any], inputs: str) -> Obj:
-    name = deployment["metadata"]["name"]
+def workload_labels(workload: Mapping[str, Any]) -> dict[str, str]:
+    """Our labels on the objects made for a workload; the ServiceMonitor selects its Service by
+    them."""
     return {
-        "name": metrics_object_name(name),
-        "namespace": deployment["metadata"]["namespace"],
-        "labels": {**MANAGED_BY, DEPLOYMENT_LABEL: name},
-        "annotations": {ann.INPUTS_HASH: inputs},
-        "ownerReferences": [owner_reference(deployment)],
+        **MANAGED_BY,
+        ann.WORKLOAD: workload["metadata"]["name"],
+        ann.WORKLOAD_KIND: workload["kind"],
     }
 
 
-def build_service(deployment: Mapping[str, Any], port: int) -> Obj:
-    selector = deployment["spec"]["selector"].get("matchLabels") or {}
-    inputs = inputs_hash("service", selector, port)
+def _metadata(workload: Mapping[str, Any]) -> Obj:
     return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(deployment, inputs),
-        "spec": {
-            "selector": dict(selector),
-            "ports": [
-                {
-                    "name": METRICS_PORT_NAME,
-                    "port": port,
-                    "targetPort": METRICS_PORT_NAME,
-                    "protocol": "TCP",
-                }
-            ],
-        },
+        "name": metrics_object_name(workload["metadata"]["name"]),
+        "namespace": workload["metadata"]["namespace"],
+        "labels": workload_labels(workload),
+        "annotations": {},
+        "ownerReferences": [owner_reference(workload)],
     }
 
 
-def monitor_labels(deployment: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, str]:
+def build_service(workload: Mapping[str, Any], port: int) -> Obj:
+    selector = workload["spec"]["selector"].get("matchLabels") or {}
+    return with_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(workload),
+            "spec": {
+                "selector": dict(selector),
+                "ports": [
+                    {
+                        "name": METRICS_PORT_NAME,
+                        "port": port,
+                        "targetPort": METRICS_PORT_NAME,
+                        "protocol": "TCP",
+                    }
+                ],
+            },
+        }
+    )
+
+
+def monitor_labels(workload: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, str]:
     """The ServiceMonitor's labels: the configured ones (so a Prometheus selects it), ours last."""
-    return {**labels, **MANAGED_BY, DEPLOYMENT_LABEL: deployment["metadata"]["name"]}
+    return {**labels, **workload_labels(workload)}
 
 
 def build_service_monitor(
-    deployment: Mapping[str, Any],
+    workload: Mapping[str, Any],
     interval: EffectiveInterval,
     labels: Mapping[str, str],
     selected_by: str,
 ) -> Obj:
     """`selected_by`: which Prometheus resources select it ("none" is worth a look)."""
-    name = deployment["metadata"]["name"]
-    inputs = inputs_hash(
-        "servicemonitor", interval.scrape_interval, interval.source, dict(labels), selected_by
+    metadata = _metadata(workload)
+    metadata["labels"] = monitor_labels(workload, labels)
+    metadata["annotations"] = {ann.INTERVAL_SOURCE: interval.source, ann.SELECTED_BY: selected_by}
+    return with_hash(
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": metadata,
+            "spec": {
+                "selector": {"matchLabels": workload_labels(workload)},
+                "namespaceSelector": {"matchNames": [workload["metadata"]["namespace"]]},
+                "endpoints": [
+                    {
+                        "port": METRICS_PORT_NAME,
+                        "path": "/metrics",
+                        "interval": interval.scrape_interval,
+                        "scrapeTimeout": interval.scrape_timeout,
+                    }
+                ],
+            },
+        }
     )
-    metadata = _metadata(deployment, inputs)
-    metadata["labels"] = monitor_labels(deployment, labels)
-    metadata["annotations"][ann.INTERVAL_SOURCE] = interval.source
-    metadata["annotations"][ann.SELECTED_BY] = selected_by
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": metadata,
-        "spec": {
-            "selector": {"matchLabels": {DEPLOYMENT_LABEL: name, **MANAGED_BY}},
-            "namespaceSelector": {"matchNames": [deployment["metadata"]["namespace"]]},
-            "endpoints": [
-                {
-                    "port": METRICS_PORT_NAME,
-                    "path": "/metrics",
-                    "interval": interval.scrape_interval,
-                    "scrapeTimeout": interval.scrape_timeout,
-                }
-            ],
-        },
-    }
+
+
+def is_subset(wanted: Any, actual: Any) -> bool:
+    """Whether `actual` has everything `wanted` has (what else the API server or others added is
+    not ours to judge): mappings key by key, lists element by element in any order."""
+    if isinstance(wanted, Mapping):
+        return isinstance(actual, Mapping) and all(
+            key in actual and is_subset(value, actual[key]) for key, value in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return isinstance(actual, list) and all(
+            any(is_subset(item, candidate) for candidate in actual) for item in wanted
+        )
+    return bool(wanted == actual)
+
+
+def up_to_date(live: Mapping[str, Any] | None, built: Mapping[str, Any]) -> bool:
+    """Whether the live object is what we built: same hash (nothing changed in what we build)
+    and still all we set (nobody edited it by hand)."""
+    if live is None:
+        return False
+    live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(ann.OBJECT_HASH)
+    return live_hash == built["metadata"]["annotations"][ann.OBJECT_HASH] and is_subset(built, live)
 
 
 # --- The webhook configuration ----------------------------------------------------------------
 
 
-SYSTEM_NAMESPACES = ["kube-system", "kube-node-lease", "kube-public"]
+def build_webhook_client_config(ca_bundle: str, *, url: str = "", service: str = "") -> Obj | None:
+    """Where the API server calls the webhook: a URL (local runs), or the webhook Service
+    (`namespace/name`, in-cluster); None when neither is set."""
+    path = f"/{WEBHOOK_HANDLER_ID}"
+    if url:
+        return {"url": url.rstrip("/") + path, "caBundle": ca_bundle}
+    if service:
+        namespace, _, name = service.partition("/")
+        reference = {"namespace": namespace, "name": name, "path": path, "port": 443}
+        return {"service": reference, "caBundle": ca_bundle}
+    return None
 
 
 def build_webhook_configuration(
     name: str, client_config: Obj, namespaces: Sequence[str] = (), timeout_seconds: int = 5
 ) -> Obj:
-    """Server-side filtered (only labelled pods; only in `namespaces` when given, else never in
-    system namespaces), failures ignored, short timeout: a broken webhook must never block a
-    pod. Filtering by namespace here, not in the handler, keeps a second, differently scoped
-    install's webhook from even being called."""
+    """Two webhooks, both filtered by the API server (optin.reaches_webhook says the same in
+    Python): pods labelled inject=true; and, in namespaces labelled inject=true, pods with no
+    such label ("false" opts a pod out). Only in `namespaces` when given, else never in system
+    namespaces: filtering here, not in the handler, keeps a second, differently scoped install's
+    webhook from even being called. Failures ignored, short timeout: a broken webhook must never
+    block a pod."""
     if namespaces:
         namespace_match = {"operator": "In", "values": list(namespaces)}
     else:
-        namespace_match = {"operator": "NotIn", "values": SYSTEM_NAMESPACES}
+        namespace_match = {"operator": "NotIn", "values": list(SYSTEM_NAMESPACES)}
+    in_scope = {"key": "kubernetes.io/metadata.name", **namespace_match}
+
+    def webhook(webhook_name: str, objects: Obj, namespace_selector: Obj) -> Obj:
+        return {
+            "name": webhook_name,
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "NoneOnDryRun",
+            "failurePolicy": "Ignore",
+            "timeoutSeconds": timeout_seconds,
+            "reinvocationPolicy": "Never",
+            "matchPolicy": "Equivalent",
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "apiVersions": ["v1"],
+                    "resources": ["pods"],
+                    "operations": ["CREATE"],
+                    "scope": "Namespaced",
+                }
+            ],
+            "objectSelector": objects,
+            "namespaceSelector": namespace_selector,
+            "clientConfig": client_config,
+        }
+
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": name, "labels": dict(MANAGED_BY)},
         "webhooks": [
-            {
-                "name": "inject.prosody-operator.io",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "NoneOnDryRun",
-                "failurePolicy": "Ignore",
-                "timeoutSeconds": timeout_seconds,
-                "reinvocationPolicy": "Never",
-                "matchPolicy": "Equivalent",
-                "rules": [
-                    {
-                        "apiGroups": [""],
-                        "apiVersions": ["v1"],
-                        "resources": ["pods"],
-                        "operations": ["CREATE"],
-                        "scope": "Namespaced",
-                    }
-                ],
-                "objectSelector": {"matchLabels": {ann.INJECT: "true"}},
-                "namespaceSelector": {
-                    "matchExpressions": [{"key": "kubernetes.io/metadata.name", **namespace_match}]
+            webhook(
+                POD_WEBHOOK,
+                {"matchLabels": {ann.INJECT: "true"}},
+                {"matchExpressions": [in_scope]},
+            ),
+            webhook(
+                NAMESPACE_WEBHOOK,
+                {
+                    "matchExpressions": [
+                        {"key": ann.INJECT, "operator": "NotIn", "values": ["true", "false"]}
+                    ]
                 },
-                "clientConfig": client_config,
-            }
+                {
+                    "matchExpressions": [
+                        in_scope,
+                        {"key": ann.INJECT, "operator": "In", "values": ["true"]},
+                    ]
+                },
+            ),
         ],
     }

@@ -1,4 +1,4 @@
-"""kopf handlers: thin wiring from events to the Controller.
+"""kopf handlers: thin wiring from events to the Controller, which they alone call.
 
 Only event handlers, indexes and a webhook are used, so kopf keeps no state on users' objects.
 """
@@ -9,7 +9,7 @@ import asyncio
 import copy
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -18,18 +18,20 @@ import kopf
 
 from . import annotations as ann
 from . import builders
-from .controller import Controller
+from .controller import Controller, Indexes, summarize
 from .kube import Kube, load_config
-from .prosody import config_sources, find_prosody_container
+from .prosody import prosody_configmaps
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
 from .tls import ServingCertificate, load_serving_certificate, make_serving_certificate
+from .workloads import KINDS
 
 log = logging.getLogger("prosody_operator")
 
 # Seconds between two reads of the webhook's certificate files (three small files).
 CERTIFICATE_CHECK_INTERVAL = 10.0
 CONFIGURATION_RETRY = 5.0  # seconds between two attempts to apply the webhook configuration
+OWNED = builders.MANAGED_BY  # the label on every object the operator makes
 
 
 def _controller(memo: Any) -> Controller:
@@ -37,15 +39,45 @@ def _controller(memo: Any) -> Controller:
     return controller
 
 
-def _client_config(settings: OperatorSettings, ca_bundle: str) -> dict[str, Any] | None:
-    path = f"/{builders.WEBHOOK_HANDLER_ID}"
-    if settings.webhook_url:
-        return {"url": settings.webhook_url.rstrip("/") + path, "caBundle": ca_bundle}
-    if settings.webhook_service:
-        namespace, _, name = settings.webhook_service.partition("/")
-        service = {"namespace": namespace, "name": name, "path": path, "port": 443}
-        return {"service": service, "caBundle": ca_bundle}
-    return None
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """kopf's bodies are live views; the controller takes plain dicts."""
+    return copy.deepcopy(dict(body))
+
+
+class _Merged(Mapping[Any, list[Any]]):
+    """Several kopf indexes read as one (the same key's values from all of them)."""
+
+    def __init__(self, *indexes: Mapping[Any, Any]) -> None:
+        self._indexes = indexes
+
+    def __getitem__(self, key: Any) -> list[Any]:
+        found = [value for index in self._indexes for value in (index.get(key) or ())]
+        if not found:
+            raise KeyError(key)
+        return found
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(dict.fromkeys(key for index in self._indexes for key in index))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _indexes(kwargs: Mapping[str, Any]) -> Indexes:
+    """kopf passes each index as a keyword named by its id."""
+
+    def merged(prefix: str) -> _Merged:
+        return _Merged(*(kwargs.get(f"{prefix}_{k.plural}") or {} for k in KINDS.values()))
+
+    return Indexes(
+        node_pod_cidrs=kwargs.get("node_pod_cidrs") or {},
+        configmaps=kwargs.get("prosody_configmaps") or {},
+        namespaces=kwargs.get("namespace_labels") or {},
+        workloads=merged("workloads"),
+        by_configmap=merged("configmaps_of"),
+        owners=_Merged(kwargs.get("owned_services") or {}, kwargs.get("owned_monitors") or {}),
+        prometheuses=kwargs.get("prometheus_selectors") or {},
+    )
 
 
 def _certificate(settings: OperatorSettings) -> ServingCertificate:
@@ -86,27 +118,12 @@ class WebhookServer(kopf.WebhookServer):
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    operator_settings = OperatorSettings()
+    operator_settings: OperatorSettings = memo.settings  # checked and built once, by main()
     load_config()
-    kube = Kube()
-    memo.controller = Controller(operator_settings, kube)
-
-    def apply_webhook_configuration(ca_bundle: str) -> None:
-        client_config = _client_config(operator_settings, ca_bundle)
-        if client_config is None:
-            log.warning("no webhook URL or Service set: the webhook configuration is not managed")
-            return
-        kube.apply_webhook_configuration(
-            builders.build_webhook_configuration(
-                operator_settings.webhook_configuration,
-                client_config,
-                operator_settings.watch_namespaces,
-            )
-        )
-
+    controller = memo.controller = Controller(operator_settings, Kube())
     certificate = _certificate(operator_settings)
     settings.admission.server = WebhookServer(
-        apply_webhook_configuration,
+        controller.apply_webhook_configuration,
         addr=operator_settings.webhook_host,
         port=operator_settings.webhook_port,
         certfile=str(certificate.certfile),
@@ -118,14 +135,16 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
 
 
-# kopf passes each index to handlers as a keyword named by the index id.
+# --- indexes: what the webhook and the reconciler look up without an API call ------------------
+
+
 @kopf.index("", "v1", "nodes", id="node_pod_cidrs")
 def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
     return list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
 
 
 @kopf.index("", "v1", "configmaps", id="prosody_configmaps")
-def prosody_configmaps(
+def prosody_configmaps_index(
     body: kopf.Body, name: str, namespace: str, **_: Any
 ) -> dict[tuple[str, str], dict[str, str]]:
     """ConfigMaps holding Lua files, so the webhook finds Prosody's config without an API call
@@ -134,26 +153,38 @@ def prosody_configmaps(
     return {(namespace, name): data} if any(key.endswith(".lua") for key in data) else {}
 
 
-@kopf.index(
-    "", "v1", "services", id="metrics_services", labels={builders.DEPLOYMENT_LABEL: kopf.PRESENT}
+@kopf.index("", "v1", "namespaces", id="namespace_labels")
+def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
+    return {name: dict(labels)}
+
+
+def _workload_summary(body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], Any]:
+    summary = summarize(body)
+    return {summary.ref.key: summary}
+
+
+def _configmaps_of(
+    body: kopf.Body, name: str, namespace: str, **_: Any
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """The ConfigMaps a workload's Prosody may read its config from -> the workload."""
+    template = body.get("spec", {}).get("template") or {}
+    container = ((template.get("metadata") or {}).get("annotations") or {}).get(ann.CONTAINER)
+    names = prosody_configmaps(template.get("spec") or {}, container)
+    return {(namespace, configmap): (body["kind"], name) for configmap in names}
+
+
+def _owner(body: kopf.Body, namespace: str, **_: Any) -> dict[tuple[str, str, str], bool]:
+    """Objects of ours -> the workload they are for, so that it is cleaned up and re-checked."""
+    for owner in body.get("metadata", {}).get("ownerReferences") or []:
+        if owner.get("controller") and owner.get("kind") in KINDS:
+            return {(namespace, owner["kind"], owner["name"]): True}
+    return {}
+
+
+kopf.index("", "v1", "services", id="owned_services", labels=OWNED)(_owner)
+kopf.index("monitoring.coreos.com", "v1", "servicemonitors", id="owned_monitors", labels=OWNED)(
+    _owner
 )
-def metrics_services(labels: kopf.Labels, namespace: str, **_: Any) -> dict[tuple[str, str], bool]:
-    """Which Deployments have metrics objects of ours (so only those are cleaned up)."""
-    return {(namespace, labels[builders.DEPLOYMENT_LABEL]): True}
-
-
-@kopf.index("apps", "v1", "deployments", id="deployments_by_configmap")
-def deployments_by_configmap(
-    spec: kopf.Spec, name: str, namespace: str, **_: Any
-) -> dict[tuple[str, str], str]:
-    """ConfigMaps holding the Prosody config of an annotated Deployment -> the Deployment."""
-    template = spec.get("template") or {}
-    parsed = ann.parse_annotations((template.get("metadata") or {}).get("annotations"))
-    pod_spec = template.get("spec") or {}
-    container = find_prosody_container(pod_spec, parsed.overrides.container)
-    if not parsed.enabled or container is None:
-        return {}
-    return {(namespace, source.configmap): name for source in config_sources(pod_spec, container)}
 
 
 @kopf.index("monitoring.coreos.com", "v1", "prometheuses", id="prometheus_selectors")
@@ -161,25 +192,62 @@ def prometheus_selectors(body: kopf.Body, **_: Any) -> PrometheusSelectors:
     return PrometheusSelectors.of(_plain(body))
 
 
-def _prometheuses(kwargs: dict[str, Any]) -> list[PrometheusSelectors]:
-    index = kwargs.get("prometheus_selectors") or {}
-    return list(index.get(None, []))
+# --- reconciling workloads -------------------------------------------------------------------
 
 
-def _reconcile(memo: Any, deployment: dict[str, Any], kwargs: dict[str, Any]) -> None:
-    key = (deployment["metadata"]["namespace"], deployment["metadata"]["name"])
-    _controller(memo).reconcile(
-        deployment,
-        has_metrics_objects=key in (kwargs.get("metrics_services") or {}),
-        prometheuses=_prometheuses(kwargs),
+def workload_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        return  # the garbage collector removes what the workload owned
+    _controller(memo).reconcile(_plain(body), _indexes(kwargs))
+
+
+for _kind in KINDS.values():
+    kopf.index(_kind.group, _kind.version, _kind.plural, id=f"workloads_{_kind.plural}")(
+        _workload_summary
+    )
+    kopf.index(_kind.group, _kind.version, _kind.plural, id=f"configmaps_of_{_kind.plural}")(
+        _configmaps_of
+    )
+    kopf.on.event(_kind.group, _kind.version, _kind.plural, id=f"reconcile-{_kind.plural}")(
+        workload_changed
     )
 
 
-@kopf.on.event("apps", "v1", "deployments", id="reconcile-deployment")
-def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
-        return  # the garbage collector removes what the Deployment owned
-    _reconcile(memo, _plain(body), kwargs)
+def owned_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A Service or ServiceMonitor of ours changed or went: its workload puts it right (a hand
+    edit is reverted, a deleted one made again; our own writes change nothing more)."""
+    for namespace, kind, name in _owner(body, body.metadata.namespace or ""):
+        _controller(memo).reconcile_named(kind, namespace, name, _indexes(kwargs))
+
+
+kopf.on.event("", "v1", "services", id="owned-service-changed", labels=OWNED)(owned_changed)
+kopf.on.event(
+    "monitoring.coreos.com", "v1", "servicemonitors", id="owned-monitor-changed", labels=OWNED
+)(owned_changed)
+
+
+@kopf.on.event("", "v1", "configmaps", id="configmap-changed")
+def configmap_changed(name: str, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    indexes = _indexes(kwargs)
+    for kind, workload in set(indexes.by_configmap.get((namespace, name)) or ()):
+        _controller(memo).reconcile_named(kind, namespace, workload, indexes)
+
+
+@kopf.on.event("", "v1", "namespaces", id="namespace-changed")
+def namespace_changed(
+    type: str, name: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A namespace opted in or out: its workloads' pods are candidates now, or no longer."""
+    seen: dict[str, str | None] = memo.setdefault("namespace_opt_in", {})
+    now = None if type == "DELETED" else labels.get(ann.INJECT)
+    first, before = name not in seen, seen.get(name)
+    seen[name] = now
+    if first or before == now or type == "DELETED":
+        return  # at start-up every workload is reconciled anyway
+    indexes = _indexes(kwargs)
+    for namespace, kind, workload in list(indexes.workloads):
+        if namespace == name:
+            _controller(memo).reconcile_named(kind, namespace, workload, indexes)
 
 
 @kopf.on.event("monitoring.coreos.com", "v1", "prometheuses", id="prometheus-changed")
@@ -187,32 +255,18 @@ def prometheus_changed(
     type: str, body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     """A Prometheus' selectors decide which ServiceMonitors it picks up: when they change (not
-    on its status updates), re-check every ServiceMonitor."""
+    on its status updates), re-check every workload with a ServiceMonitor."""
     seen: dict[str, PrometheusSelectors | None] = memo.setdefault("prometheus_selectors", {})
     now = None if type == "DELETED" else PrometheusSelectors.of(_plain(body))
     if uid in seen and seen[uid] == now:
         return
     seen[uid] = now
-    controller = _controller(memo)
-    for namespace, name in list(kwargs.get("metrics_services") or {}):
-        deployment = controller.kube.deployment(namespace, name)
-        if deployment is not None:
-            _reconcile(memo, deployment, kwargs)
+    indexes = _indexes(kwargs)
+    for namespace, kind, workload in list(indexes.owners):
+        _controller(memo).reconcile_named(kind, namespace, workload, indexes)
 
 
-@kopf.on.event("", "v1", "configmaps", id="configmap-changed")
-def configmap_changed(
-    name: str,
-    namespace: str,
-    memo: kopf.Memo,
-    deployments_by_configmap: kopf.Index[Any, Any],
-    **kwargs: Any,
-) -> None:
-    controller = _controller(memo)
-    for deployment_name in set(deployments_by_configmap.get((namespace, name), [])):
-        deployment = controller.kube.deployment(namespace, deployment_name)
-        if deployment is not None:
-            _reconcile(memo, deployment, kwargs)
+# --- admission ---------------------------------------------------------------------------------
 
 
 @kopf.on.mutate(
@@ -223,7 +277,6 @@ def configmap_changed(
     operations={"CREATE"},
     ignore_failures=True,
     side_effects=True,
-    labels={ann.INJECT: "true"},
 )
 def inject_exporter(
     body: kopf.Body,
@@ -238,38 +291,24 @@ def inject_exporter(
     controller = _controller(memo)
     pod = _plain(body)
     try:
-        node_pod_cidrs = kwargs.get("node_pod_cidrs") or {}
-        cidrs = [cidr for cidrs in node_pod_cidrs.get(None, []) for cidr in cidrs]
-        if not cidrs:  # kopf serves webhooks before its indexes are filled at start-up
-            cidrs = controller.kube.node_pod_cidrs()
-        index = kwargs.get("prosody_configmaps") or {}
-
-        def cached(namespace: str, name: str) -> dict[str, str] | None:
-            return next(iter(index.get((namespace, name)) or []), None)
-
-        injection = controller.plan_injection(pod, cidrs, cached)
+        plan = controller.admit(pod, dryrun, _indexes(kwargs))
     except Exception as error:  # a pod must never be blocked: admit it without the sidecar
         log.exception("injection failed; admitting the pod without the sidecar")
         message = f"prosody-exporter sidecar not injected: {error}"
         warnings.append(message)
         if not dryrun:
-            controller.report_injection_problems(pod, [("InjectionFailed", message)])
+            controller.report_admission_failure(pod, message)
         return
-    warnings.extend(injection.warnings)
-    if injection.problems and not dryrun:
-        controller.report_injection_problems(pod, injection.problems)
-    if injection.patch is not None:
-        patch.metadata.annotations.update(injection.patch["metadata"]["annotations"])
-        patch.spec["containers"] = injection.patch["spec"]["containers"]
+    warnings.extend(plan.warnings)
+    if plan.patch is not None:
+        patch.metadata.annotations.update(plan.patch["metadata"]["annotations"])
+        patch.spec["containers"] = plan.patch["spec"]["containers"]
     name = pod["metadata"].get("name") or pod["metadata"].get("generateName", "")
-    log.info("pod %s/%s: %s", pod["metadata"].get("namespace"), name, injection.reason)
+    # Every pod of an opted-in namespace comes here: the ones left alone are not news.
+    level = logging.INFO if plan.patch or plan.warnings else logging.DEBUG
+    log.log(level, "pod %s/%s: %s", pod["metadata"].get("namespace"), name, plan.reason)
 
 
 @kopf.on.probe(id="webhook-configured")
 def probe(memo: kopf.Memo, **_: Any) -> bool:
     return hasattr(memo, "controller")
-
-
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    """kopf's bodies are live views; the pure functions take plain dicts."""
-    return copy.deepcopy(dict(body))

@@ -1,7 +1,7 @@
 """The only module that talks to the Kubernetes API (besides kopf's own watching).
 
-Writes are server-side applies with one field manager; objects carry a hash of their inputs, and
-an unchanged hash means no write at all.
+Writes are server-side applies with one field manager, and deletes with the uid of the object
+that was observed, so an object replaced in the meantime is left alone.
 """
 
 from __future__ import annotations
@@ -9,25 +9,30 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from . import annotations as ann
+from .events import Event
+from .workloads import KINDS, ObjectRef
 
 log = logging.getLogger("prosody_operator")
 
 FIELD_MANAGER = "prosody-operator"
 APPLY = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
 SM_GROUP, SM_VERSION, SM_PLURAL = "monitoring.coreos.com", "v1", "servicemonitors"
 T = TypeVar("T")
 
 
 class NoCredentials(RuntimeError):
     """Neither a pod's service account nor a kubeconfig to reach the API server with."""
+
+
+class NamespaceTerminating(Exception):
+    """The namespace is being deleted, and everything in it with it."""
 
 
 def load_config() -> None:
@@ -40,15 +45,6 @@ def load_config() -> None:
             raise NoCredentials(
                 f"not in a pod with a service account token, and no kubeconfig ({error})"
             ) from error
-
-
-@dataclass(frozen=True)
-class Applied:
-    previous: dict[str, Any] | None  # the object as it was; None when it was created
-
-    @property
-    def created(self) -> bool:
-        return self.previous is None
 
 
 def _or_none(read: Callable[[], T]) -> T | None:
@@ -65,11 +61,35 @@ class Kube:
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
         self.client = api_client or kubernetes.client.ApiClient()
         self.core = kubernetes.client.CoreV1Api(self.client)
-        self.apps = kubernetes.client.AppsV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
         self.admission = kubernetes.client.AdmissionregistrationV1Api(self.client)
 
+    def _plain(self, obj: Any) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.client.sanitize_for_serialization(obj)
+        return found
+
     # --- reads ---------------------------------------------------------------------------
+
+    def workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Deployment, StatefulSet or DaemonSet, as plain JSON."""
+        spec = KINDS[kind]
+        found: Any = _or_none(
+            lambda: self.custom.get_namespaced_custom_object(
+                spec.group, spec.version, namespace, spec.plural, name
+            )
+        )
+        return dict(found) if found else None
+
+    def metrics_objects(self, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+        """The Service and the ServiceMonitor named `name` that exist, by kind."""
+        service = _or_none(lambda: self.core.read_namespaced_service(name, namespace))
+        monitor: Any = _or_none(
+            lambda: self.custom.get_namespaced_custom_object(
+                SM_GROUP, SM_VERSION, namespace, SM_PLURAL, name
+            )
+        )
+        found = {"Service": self._plain(service), "ServiceMonitor": dict(monitor or {})}
+        return {kind: obj for kind, obj in found.items() if obj}
 
     def configmap_data(self, namespace: str, names: set[str]) -> dict[str, dict[str, str]]:
         """The data of each named ConfigMap that exists (a missing one is simply absent)."""
@@ -79,20 +99,6 @@ class Kube:
             if configmap is not None:
                 found[name] = dict(configmap.data or {})
         return found
-
-    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        deployment = _or_none(lambda: self.apps.read_namespaced_deployment(name, namespace))
-        found: dict[str, Any] | None = self.client.sanitize_for_serialization(deployment)
-        return found
-
-    def replicaset_owner(self, namespace: str, name: str) -> str | None:
-        """The Deployment owning a ReplicaSet, if any."""
-        replicaset = _or_none(lambda: self.apps.read_namespaced_replica_set(name, namespace))
-        metadata = replicaset.metadata if replicaset else None
-        for owner in (metadata and metadata.owner_references) or []:
-            if owner.kind == "Deployment":
-                return str(owner.name)
-        return None
 
     def namespace_labels(self, name: str) -> dict[str, str]:
         namespace = self.core.read_namespace(name)
@@ -107,84 +113,51 @@ class Kube:
                 cidrs += spec.pod_cidrs or ([spec.pod_cidr] if spec.pod_cidr else [])
         return cidrs
 
-    def pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
-        label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
+    def pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=label_selector)
         return [self.client.sanitize_for_serialization(pod) for pod in pods.items]
 
     # --- writes --------------------------------------------------------------------------
 
-    def _current(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
-        if obj["kind"] == "Service":
-            service = _or_none(lambda: self.core.read_namespaced_service(name, namespace))
-            found: dict[str, Any] | None = self.client.sanitize_for_serialization(service)
-            return found
-        monitor: Any = _or_none(
-            lambda: self.custom.get_namespaced_custom_object(
-                SM_GROUP, SM_VERSION, namespace, SM_PLURAL, name
-            )
-        )
-        return dict(monitor) if monitor else None
-
-    def ensure(self, obj: dict[str, Any]) -> Applied | None:
-        """Make the object look like `obj`; None when it already did (then nothing is written)."""
-        current = self._current(obj)
-        annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
-        if annotations.get(ann.INPUTS_HASH) == obj["metadata"]["annotations"][ann.INPUTS_HASH]:
-            return None
+    def apply(self, obj: dict[str, Any]) -> None:
+        """Server-side apply a Service or a ServiceMonitor (creating it if need be)."""
+        meta = obj["metadata"]
+        apply: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True}
         try:
-            self._apply(obj)
+            if obj["kind"] == "Service":
+                self.core.patch_namespaced_service(
+                    meta["name"], meta["namespace"], obj, _content_type=APPLY, **apply
+                )
+            else:
+                self.custom.patch_namespaced_custom_object(
+                    SM_GROUP, SM_VERSION, meta["namespace"], SM_PLURAL, meta["name"], obj,
+                    _content_type=APPLY, **apply,
+                )  # fmt: skip
         except ApiException as error:
             if error.status == 403 and "being terminated" in str(error.body):
-                return None  # the namespace is going away, and the object with it
+                raise NamespaceTerminating(meta["namespace"]) from None
             raise
-        return Applied(previous=current)
 
-    def _apply(self, obj: dict[str, Any]) -> None:
+    def delete(self, obj: Mapping[str, Any]) -> None:
+        """Delete the object observed (not one made since with the same name)."""
         meta = obj["metadata"]
-        if obj["kind"] == "Service":
-            self.core.patch_namespaced_service(
-                meta["name"],
-                meta["namespace"],
-                obj,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type=APPLY,
-            )
-        else:
-            self.custom.patch_namespaced_custom_object(
-                SM_GROUP,
-                SM_VERSION,
-                meta["namespace"],
-                SM_PLURAL,
-                meta["name"],
-                obj,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type=APPLY,
-            )
+        options = kubernetes.client.V1DeleteOptions(
+            preconditions=kubernetes.client.V1Preconditions(uid=meta["uid"])
+        )
+        try:
+            if obj["kind"] == "Service":
+                self.core.delete_namespaced_service(meta["name"], meta["namespace"], body=options)
+            else:
+                self.custom.delete_namespaced_custom_object(
+                    SM_GROUP, SM_VERSION, meta["namespace"], SM_PLURAL, meta["name"], body=options
+                )
+        except ApiException as error:
+            if error.status not in (404, 409):  # gone, or replaced: not ours to delete any more
+                raise
 
-    def delete_metrics_objects(self, namespace: str, name: str) -> bool:
-        """Delete the Service and ServiceMonitor named `name`; False when neither existed."""
-        deleted = False
-        for delete in (
-            lambda: self.core.delete_namespaced_service(name, namespace),
-            lambda: self.custom.delete_namespaced_custom_object(
-                SM_GROUP, SM_VERSION, namespace, SM_PLURAL, name
-            ),
-        ):
-            try:
-                delete()
-                deleted = True
-            except ApiException as error:
-                if error.status != 404:
-                    raise
-        return deleted
-
-    def restart_rollout(self, namespace: str, name: str) -> None:
+    def restart_rollout(self, workload: ObjectRef) -> None:
         """What `kubectl rollout restart` does."""
-        now = datetime.datetime.now(datetime.UTC).isoformat()
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         patch = {
             "spec": {
                 "template": {
@@ -192,7 +165,11 @@ class Kube:
                 }
             }
         }
-        self.apps.patch_namespaced_deployment(name, namespace, patch)
+        spec = KINDS[workload.kind]
+        self.custom.patch_namespaced_custom_object(
+            spec.group, spec.version, workload.namespace, spec.plural, workload.name, patch,
+            _content_type=MERGE_PATCH,
+        )  # fmt: skip
 
     def apply_webhook_configuration(self, configuration: dict[str, Any]) -> None:
         self.admission.patch_mutating_webhook_configuration(
@@ -203,26 +180,23 @@ class Kube:
             _content_type=APPLY,
         )
 
-    def post_event(
-        self, involved: Mapping[str, Any], event_type: str, reason: str, message: str
-    ) -> None:
+    def post_event(self, involved: ObjectRef, event: Event) -> None:
         """A core/v1 Event on the object, as `kubectl describe` shows them."""
-        meta = involved["metadata"]
         now = datetime.datetime.now(datetime.UTC)
-        event = kubernetes.client.CoreV1Event(
+        body = kubernetes.client.CoreV1Event(
             metadata=kubernetes.client.V1ObjectMeta(
-                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+                generate_name=f"{involved.name}.", namespace=involved.namespace
             ),
             involved_object=kubernetes.client.V1ObjectReference(
-                api_version=involved.get("apiVersion", "apps/v1"),
-                kind=involved.get("kind", "Deployment"),
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta.get("uid"),
+                api_version=involved.api_version,
+                kind=involved.kind,
+                name=involved.name,
+                namespace=involved.namespace,
+                uid=involved.uid,
             ),
-            type=event_type,
-            reason=reason,
-            message=message[:1024],
+            type=event.type,
+            reason=event.reason,
+            message=event.message[:1024],
             source=kubernetes.client.V1EventSource(component=FIELD_MANAGER),
             reporting_component=FIELD_MANAGER,
             reporting_instance=FIELD_MANAGER,
@@ -231,6 +205,6 @@ class Kube:
             count=1,
         )
         try:
-            self.core.create_namespaced_event(meta["namespace"], event)
+            self.core.create_namespaced_event(involved.namespace, body)
         except ApiException as error:  # an Event is never worth failing the work it reports on
-            log.warning("could not post event %s on %s: %s", reason, meta["name"], error.reason)
+            log.warning("could not post event %s on %s: %s", event.reason, involved, error.reason)

@@ -44,6 +44,7 @@ def main() -> None:
     for noisy in ("kopf.objects", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kopf.run(
+        memo=kopf.Memo(settings=settings),  # the handlers' settings: checked once, here
         # Namespaced resources (Deployments, ConfigMaps, Prometheuses...) are watched in these
         # namespaces only; Nodes, being cluster-scoped, everywhere.
         clusterwide=not settings.watch_namespaces,

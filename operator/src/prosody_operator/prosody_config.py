@@ -26,8 +26,8 @@ component only and matches the files given for that directory, in sorted order (
 directory order, which is unsorted); a glob that matches none of them is fine (Prosody fails if
 the directory itself is missing, which the operator cannot see). A missing file named without
 a glob is a config error, as in Prosody. A ConfigMap's keys cannot contain "/":
-`config_files_from_mount` turns a ConfigMap mounted at e.g. /etc/prosody/conf.d into such
-paths. Findings name files by their path relative to `config_dir` (absolute when outside it).
+prosody.ConfigMount turns a ConfigMap mounted at e.g. /etc/prosody/conf.d into such paths.
+Findings name files by their path relative to `config_dir` (absolute when outside it).
 
 What 13.0 reads with `File*` or `Credential` from a file not among `files` (a Secret, say) is
 *unknown* to the operator: arithmetic, concatenation and string functions on it give unknowns,
@@ -191,15 +191,6 @@ def evaluate_prosody_config(
             Finding(main_name, None, f"the operator could not evaluate the config: {error}"),
         )
     return _interpret(result, dialect, main_name, max_instructions, max_memory)
-
-
-def config_files_from_mount(
-    data: Mapping[str, str], mount_path: str, config_dir: str = DEFAULT_CONFIG_DIR
-) -> dict[str, str]:
-    """`files` for evaluate_prosody_config from a ConfigMap's data mounted (as a volume, no
-    subPath) at `mount_path`: each key becomes a file in that directory."""
-    mount = _normalize(mount_path if mount_path.startswith("/") else f"{config_dir}/{mount_path}")
-    return {_display(f"{mount}/{key}", _normalize(config_dir)): text for key, text in data.items()}
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")

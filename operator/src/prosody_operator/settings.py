@@ -79,10 +79,10 @@ class OperatorSettings(BaseSettings):
     sidecar_cpu_request: str = Field("10m", description="Sidecar CPU request.")
     sidecar_memory_request: str = Field("32Mi", description="Sidecar memory request.")
     sidecar_cpu_limit: str = Field("", description="Sidecar CPU limit (empty: none).")
-    sidecar_memory_limit: str = Field("64Mi", description="Sidecar memory limit.")
+    sidecar_memory_limit: str = Field("104Mi", description="Sidecar memory limit.")
     restart_on_drift: bool = Field(
         False,
-        description="Restart the rollout of a Deployment whose running pods lack the sidecar.",
+        description="Restart the rollout of a workload whose running pods lack the sidecar.",
     )
     health_port: int = Field(8080, ge=1, le=65535, description="Liveness endpoint port.")
     webhook_host: str = Field("0.0.0.0", description="Address the admission webhook listens on.")
