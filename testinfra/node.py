@@ -473,9 +473,11 @@ class Node:
     # --- up ------------------------------------------------------------------------------------
 
     def up(self) -> bool:
-        """Start the node; False when it was already up (then nothing changes)."""
+        """Start the node; False when it was already up (then it only loads the archives that
+        changed since it loaded them, e.g. after `make images`)."""
         with controlplane.exclusive_lock():
             if self.is_up():
+                self.load_images(self.image_archives())
                 return False
             started = time.monotonic()
             binaries = self.check_prerequisites()
@@ -651,13 +653,20 @@ class Node:
         return done.stdout
 
     def load_images(self, archives: list[Path]) -> None:
-        """Import each OCI archive into containerd's k8s.io namespace (the kubelet's), unpacked
-        for the overlayfs snapshotter, under the names the archives carry."""
+        """Import each OCI archive that changed since it was last imported into containerd's
+        k8s.io namespace (the kubelet's), unpacked for the overlayfs snapshotter, under the names
+        the archives carry."""
+        record = self.directory / "loaded-images.json"
+        loaded = json.loads(record.read_text()) if record.exists() else {}
+        changed = [a for a in archives if loaded.get(str(a)) != a.stat().st_mtime_ns]
+        if not changed:
+            return
         started = time.monotonic()
         # Two at a time: unpacking a layer (gunzip, then files) keeps one core busy.
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda a: self.ctr("images", "import", str(a)), archives))
-        names = ", ".join(archive.name for archive in archives)
+            list(pool.map(lambda a: self.ctr("images", "import", str(a)), changed))
+        record.write_text(json.dumps({**loaded, **{str(a): a.stat().st_mtime_ns for a in changed}}))
+        names = ", ".join(archive.name for archive in changed)
         log(f"loaded {names} in {time.monotonic() - started:.1f} s")
 
     def images(self) -> list[str]:
