@@ -60,7 +60,7 @@ from .addresses import NODE_API_PORT, NODE_LOCAL_IP, SERVICE_CIDR, SLOTS, NodeAd
 from .apiforwarder import FORWARDING
 from .daemons import Component
 from .layout import BIN_DIR, CACHE_DIR, REPO_ROOT
-from .procs import MissingPrerequisite, require_program
+from .procs import MissingPrerequisite, require_program, wait_until
 
 NODE_DIR = CACHE_DIR / "node"
 NODE_NAME = "testinfra-node"
@@ -213,6 +213,11 @@ class Slot:
                     path.rmdir()
         if self.netns_path.exists():
             run([require_program("ip"), "netns", "delete", self.name])  # the link goes with it
+        # The kernel destroys a namespace, and the link with it, a moment after its last user.
+        wait_until(lambda: not self.link_exists(), 30, f"the link {self.name} to go")
+
+    def link_exists(self) -> bool:
+        return Path("/sys/class/net", self.name).exists()
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ def test_demo_shows_live_prosody_metrics_through_the_sidecar(node: Node):
     assert re.search(r"operator pod \S+: Running, IP 198\.18\.[\d.]+, ready=True", out), out
     # The pods run on the node, from the images built here, the sidecar under its memory limit.
     assert f"node {node.name}" in out, out
-    assert re.search(r"container prosody \(localhost/prosody:0\.12\.\d+\) ready=True", out), out
+    assert re.search(r"container prosody \(localhost/prosody:0\.12[\d.]*\) ready=True", out), out
     sidecar = r"container prosody-exporter \(\S+prosody-exporter:\S+\) ready=True, restarts 0, "
     values = yaml.safe_load((chart.CHART / "values.yaml").read_text())
     limit = values["sidecar"]["resources"]["limits"]["memory"]  # the chart's default

@@ -130,15 +130,18 @@ def test_the_check_fails_when_the_ca_bundle_does_not_verify_the_webhook(
     admission = client.AdmissionregistrationV1Api(installed.api)
     name = installed.release.webhook_configuration
     config = admission.read_mutating_webhook_configuration(name)
-    bundle = config.webhooks[0].client_config.ca_bundle
+    bundles = {w.name: w.client_config.ca_bundle for w in config.webhooks}
     other = base64.b64encode(controlplane.ca_cert_path().read_bytes()).decode()
-    patch = {"webhooks": [{"name": config.webhooks[0].name, "clientConfig": {"caBundle": other}}]}
-    admission.patch_mutating_webhook_configuration(name, patch)
+
+    def patch(bundle: dict[str, str]) -> None:  # every webhook of the configuration
+        webhooks = [{"name": n, "clientConfig": {"caBundle": b}} for n, b in bundle.items()]
+        admission.patch_mutating_webhook_configuration(name, {"webhooks": webhooks})
+
+    patch(dict.fromkeys(bundles, other))
     try:
         done = installed.check(timeout=4)
     finally:
-        patch["webhooks"][0]["clientConfig"]["caBundle"] = bundle
-        admission.patch_mutating_webhook_configuration(name, patch)
+        patch(bundles)
     assert done.returncode == 1
     assert "the caBundle does not verify its certificate" in done.stdout, done.stdout
 

@@ -36,16 +36,27 @@ ATTACK = """
 import dataclasses, json, sys
 from testinfra import hostile
 name, host, port, connections = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-attack = getattr(hostile, name)
-outcomes = hostile.Flood(lambda: attack(host, port), connections).run(timeout=120)
+attack, options = getattr(hostile, name), json.loads(sys.argv[5])
+outcomes = hostile.Flood(lambda: attack(host, port, **options), connections).run(timeout=120)
 print(json.dumps([dataclasses.asdict(o) for o in outcomes]))
 """
 
 
-def attack(chain: Chain, name: str, ip: str, connections: int, *, inside: bool) -> list[Any]:
-    """hostile.`name` on `connections` connections to the pod's sidecar, from the node's network
-    namespace (`inside` the pod network) or from the host."""
-    argv = [sys.executable, "-c", ATTACK, name, ip, str(PORT), str(connections)]
+def attack(
+    chain: Chain, name: str, ip: str, connections: int, *, inside: bool, **options: Any
+) -> list[Any]:
+    """hostile.`name`(**options) on `connections` connections to the pod's sidecar, from the
+    node's network namespace (`inside` the pod network) or from the host."""
+    argv = [
+        sys.executable,
+        "-c",
+        ATTACK,
+        name,
+        ip,
+        str(PORT),
+        str(connections),
+        json.dumps(options),
+    ]
     argv = chain.node.in_network(argv) if inside else argv
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, check=True
@@ -94,7 +105,7 @@ def test_the_sidecar_stays_under_its_memory_limit_under_load_and_attack(chain: C
     ).split()
     assert int(peak) < int(limit), (peak, limit)
     # Still serving the pod network.
-    after = attack(chain, "pipelined", ip, 1, inside=True)
+    after = attack(chain, "pipelined", ip, 1, inside=True, count=1)
     assert after[0]["status"] == 200, after
 
 
