@@ -18,7 +18,9 @@ The chain, end to end (all real, all local):
   endpointslices and pods of the namespace, and a `Prometheus` resource with the node's
   Prometheus image, so prometheus-operator's StatefulSet runs it on the node.
 * `PrometheusPod`: one replica, read through its HTTP API at its pod IP (the host routes the pod
-  network to the node).
+  network to the node). A new scrape configuration reaches it as a real kubelet delivers a
+  changed Secret to a pod's volume, at its next sync of the pod: measured up to ~3 minutes here
+  (its config-reloader then reloads within a second), so waits on it allow 5 minutes.
 """
 
 from __future__ import annotations
@@ -305,7 +307,7 @@ class PrometheusPod:
         yaml_text: str = self.api_get("status/config")["yaml"]
         return yaml_text
 
-    def wait_for_target(self, job: str, health: str, timeout: float = 90.0) -> dict[str, Any]:
+    def wait_for_target(self, job: str, health: str, timeout: float = 300.0) -> dict[str, Any]:
         found: list[dict[str, Any]] = []
 
         def has_target() -> bool:

@@ -260,11 +260,11 @@ def test_changing_the_configmap_interval_reaches_prometheus_and_the_restarted_po
         60,
         f"prometheus-operator's configuration with scrape_interval {new}s",
     )
-    # The config-reloader sidecar sees the new Secret (as the kubelet updates the volume) and
-    # has Prometheus reload it.
+    # The config-reloader sidecar sees the new Secret once the kubelet has updated the volume
+    # (at its next sync of the pod: minutes, see testinfra.e2e) and has Prometheus reload it.
     wait_until(
         lambda: chain.running_job("xmpp").get("scrape_interval") == f"{new}s",
-        120,
+        300,
         "Prometheus to reload the new configuration",
     )
 
@@ -287,4 +287,4 @@ def test_changing_the_configmap_interval_reaches_prometheus_and_the_restarted_po
     sidecar = next(c for c in pod.spec.containers if c.name == SIDECAR)
     assert {e.name: e.value for e in sidecar.env}["PROSODY_EXPORTER_INTERVAL"] == f"{new}s"
     name = pod.metadata.name
-    wait_until(lambda: chain.scraped("xmpp", name), 90, f"Prometheus to scrape {name}")
+    wait_until(lambda: chain.scraped("xmpp", name), 300, f"Prometheus to scrape {name}")

@@ -146,4 +146,4 @@ def test_a_config_edit_and_the_advised_restart_reach_the_new_pod(chain: Chain, s
         targets = chain.prometheus[0].targets()
         return any(t["scrapeUrl"] == url and t["health"] == "up" for t in targets)
 
-    wait_until(scraped, 90, "Prometheus to scrape the new pod")
+    wait_until(scraped, 300, "Prometheus to scrape the new pod")
