@@ -8,18 +8,21 @@ VENV := $(CACHE)/venv
 PY := $(VENV)/bin/python
 export PATH := $(CACHE)/bin:$(VENV)/bin:$(PATH)
 
-# Debian packages the tests and the demo run for real; the image builds (mmdebstrap, buildah) and
-# the containers the image tests start (podman on runc).
-APT_PACKAGES := prosody prometheus etcd-server iproute2 mmdebstrap buildah podman runc
+# Debian packages the tests and the demo run for real; the image builds (mmdebstrap, buildah), the
+# containers the image tests start (podman on runc), and the test node's container runtime
+# (containerd, runc, the CNI plugins, iptables for kube-proxy; gcc and libc6-dev for the static
+# pause binary).
+APT_PACKAGES := prosody prometheus etcd-server iproute2 mmdebstrap buildah podman runc containerd \
+	containernetworking-plugins iptables gcc libc6-dev
 
-.PHONY: help install system-packages prosody-13 venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down manifests images clean
+.PHONY: help install system-packages prosody-13 venv lint test demo demo-down bench-exporter bench-operator cluster-bins cluster cluster-down node node-down manifests images clean
 
 help: ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 install: system-packages prosody-13 venv ## Install everything the tests and the demo need (apt + Prosody 13 + pinned Python venv).
 
-system-packages: ## Install Prosody, Prometheus, etcd, iproute2 and the image tools from Debian if missing.
+system-packages: ## Install the Debian packages above (Prosody, Prometheus, etcd, image tools, containerd, ...) if missing.
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
@@ -80,10 +83,11 @@ lint: venv ## ruff + mypy.
 test: install cluster-bins images ## Run the whole test suite (installs what it needs first).
 	$(PY) -m pytest
 
-demo: install cluster-bins ## Run the main job: the whole chain on a local cluster, printing what Prometheus sees.
+demo: install cluster-bins images ## Run the main job: the whole chain on a local cluster, printing what Prometheus sees.
 	$(PY) -m demo $(ARGS)
 
-demo-down: ## Stop what a demo left behind (the control plane, if it was started outside the demo) and its files.
+demo-down: ## Stop what a demo left behind (the node and control plane, if started outside the demo) and its files.
+	$(PY) -m testinfra.node down
 	$(PY) -m testinfra.controlplane down
 	rm -rf $(CACHE)/demo
 
@@ -94,17 +98,24 @@ bench-exporter: install ## Benchmark the sidecar against Prosody scraped directl
 bench-operator: install cluster-bins ## Benchmark the webhook and the reconciler against the local control plane.
 	$(PY) -m bench.operator $(ARGS)
 
-cluster-bins: ## Build kube-apiserver, kube-controller-manager, helm, prometheus-operator, Prometheus 3, actionlint into .cache/bin.
+cluster-bins: ## Build the Kubernetes binaries (one go build), helm, prometheus-operator, Prometheus 3, actionlint into .cache/bin.
 	$(PY) -m testinfra.controlplane build
 
 images: install ## Build the operator, sidecar and test Prosody images with buildah into .cache/images (OCI archives).
 	$(PY) -m testinfra.images build
 
-cluster: install cluster-bins ## Start a local control plane (etcd + kube-apiserver + controller-manager).
+cluster: install cluster-bins ## Start a local control plane (etcd, kube-apiserver, controller-manager, scheduler).
 	$(PY) -m testinfra.controlplane up
 
-cluster-down: ## Stop the local control plane and remove its state.
+cluster-down: ## Stop the node (if up) and the local control plane, and remove their state.
+	$(PY) -m testinfra.node down
 	$(PY) -m testinfra.controlplane down
+
+node: cluster images ## Start the test node (kubelet, containerd, kube-proxy) with the images in .cache/images.
+	$(PY) -m testinfra.node up
+
+node-down: ## Stop the test node and undo what it changed on the host.
+	$(PY) -m testinfra.node down
 
 manifests: venv cluster-bins ## Regenerate manifests/prosody-operator.yaml from the chart (its default values).
 	$(PY) -m tools.chart manifests

@@ -1,18 +1,19 @@
 """The whole chain, for real, on this machine: prosody-operator -> pods -> prometheus-operator ->
 Prometheus scrapes Prosody through the sidecar, printing what a user wants to see.
 
-1. a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager);
-2. testinfra.podrunner, standing in for the kubelet, scheduler and kube-proxy of one Node: it runs
-   pods' containers as local processes in network namespaces (the operator's pod: the real
-   `prosody-operator`; a Prosody pod: Debian's Prosody and the real prosody-exporter);
-3. `helm install` of charts/prosody-operator, as a user does; the operator's pod runs on the
-   Node above, and the API server calls its webhook through the chart's Service;
-4. a Prosody Deployment annotated for injection, its prosody.cfg.lua in a ConfigMap with
-   statistics_interval = "manual" (the setting only safe with a single scraper: the sidecar is
-   that scraper, at the chart's sidecar.manualInterval);
-5. prometheus-operator v0.85 and a Prometheus resource selecting the operator's ServiceMonitors;
-6. Prometheus v3.5, running the configuration prometheus-operator generated, discovering the pod
-   through the API server; a demo XMPP client logged in to the pod's Prosody.
+1. a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+   kube-scheduler) and a node (kubelet, containerd, kube-proxy: testinfra/node.py), with the
+   images `make images` built from the Dockerfiles loaded into it;
+2. `helm install` of charts/prosody-operator with those images, as a user does; the operator's
+   pod runs on the node, and the API server calls its webhook through the chart's Service;
+3. a Prosody Deployment annotated for injection (the Prosody image built from Debian's
+   package), its prosody.cfg.lua in a ConfigMap with statistics_interval = "manual" (the setting
+   only safe with a single scraper: the sidecar is that scraper, at the chart's
+   sidecar.manualInterval);
+4. prometheus-operator v0.85 and a Prometheus resource selecting the operator's ServiceMonitors:
+   its Prometheus v3.5 pod discovers the Prosody pod and scrapes the sidecar at the pod's IP;
+5. a demo XMPP client logged in to the pod's Prosody (its account made with prosodyctl, by
+   `kubectl exec`).
 """
 
 from __future__ import annotations
@@ -35,16 +36,15 @@ from kubernetes import client, config
 from testinfra import controlplane, e2e, gobuild
 from testinfra.kubeapi import create_namespace
 from testinfra.layout import CACHE_DIR
+from testinfra.node import Node
 from testinfra.operator import ChartRelease, helm
-from testinfra.podrunner import INJECT_LABEL, SIDECAR, PodRunner, RunningPod
-from testinfra.procs import wait_until
 from testinfra.workloads import prosody_deployment
 
 WORKDIR = CACHE_DIR / "demo"
 APP = "xmpp"
 LABELS = {"release": "demo"}
 PROMETHEUS = "demo"
-LIFETIME = 24 * 3600.0  # seconds the demo's background loops (pod runner, reloader...) run
+SIDECAR = "prosody-exporter"
 QUERIES = {
     "Prosody collections (manual mode, one per exporter interval)": (
         "prosody_stats_collection_seconds_count"
@@ -71,8 +71,8 @@ class Demo:
     api: client.ApiClient
     namespace: str
     release: ChartRelease
-    pod: RunningPod
-    prometheus: e2e.PrometheusFromOperator
+    pod: client.V1Pod
+    prometheus: e2e.PrometheusPod
 
     def operator_lines(self) -> Iterator[str]:
         namespace = self.release.namespace
@@ -88,6 +88,8 @@ class Demo:
                 f"  operator pod {pod.metadata.name}: {pod.status.phase}, IP {pod.status.pod_ip}, "
                 f"ready={ready}"
             )
+            for status in pod.status.container_statuses or []:
+                yield f"    container {status.name}: image {status.image}"
         name = self.release.webhook_configuration
         admission = client.AdmissionregistrationV1Api(self.api)
         config = admission.read_mutating_webhook_configuration(name).webhooks[0].client_config
@@ -100,14 +102,18 @@ class Demo:
 
     def pod_lines(self) -> Iterator[str]:
         core = client.CoreV1Api(self.api)
-        pod = core.read_namespaced_pod(self.pod.name, self.namespace)
+        pod = core.read_namespaced_pod(self.pod.metadata.name, self.namespace)
         name, status = f"{self.namespace}/{pod.metadata.name}", pod.status
         yield f"Pod {name}: {status.phase}, IP {status.pod_ip}, node {pod.spec.node_name}"
         status_annotation = pod.metadata.annotations.get("prosody-operator.io/status")
         yield f"  annotation prosody-operator.io/status: {status_annotation}"
         for container in pod.spec.containers:
             status = next(s for s in pod.status.container_statuses if s.name == container.name)
-            yield f"  container {container.name} ({container.image}) ready={status.ready}"
+            limits = (container.resources and container.resources.limits) or {}
+            yield (
+                f"  container {container.name} ({container.image}) ready={status.ready}, "
+                f"restarts {status.restart_count}, memory limit {limits.get('memory', '-')}"
+            )
             for var in container.env or []:
                 yield f"    {var.name}={var.value}"
 
@@ -163,39 +169,35 @@ def yaml_load(text: str) -> dict[str, Any]:
 
 
 def ensure_binaries() -> None:
-    """The control plane's binaries and Prometheus, built from their Go modules when missing
-    (a cold build takes about 15 minutes; later runs reuse them)."""
+    """The binaries built from their Go modules when missing (a cold build takes about 15
+    minutes; later runs reuse them)."""
     gobuild.build_all()
-    e2e.prometheus_binary()
 
 
 def run(once: bool, interval: float) -> None:
     shutil.rmtree(WORKDIR, ignore_errors=True)
     ensure_binaries()
     with ExitStack() as stack:
-        print("starting the local Kubernetes control plane ...")
+        print("starting the local Kubernetes control plane and its node ...")
         if controlplane.up():
             stack.callback(controlplane.stop)
+        node = Node()
+        if node.up():
+            stack.callback(node.stop)
         api = stack.enter_context(
             config.new_client_from_config(config_file=str(controlplane.ADMIN_KUBECONFIG))
         )
         core = client.CoreV1Api(api)
         release = ChartRelease(
             api,
-            values={"serviceMonitor.labels": LABELS, "sidecar.manualInterval": interval},
+            values={
+                "serviceMonitor.labels": LABELS,
+                "sidecar.manualInterval": interval,
+                **e2e.chart_image_values(node),
+            },
         )
         namespace = create_namespace(api, f"prosody-demo-{uuid.uuid4().hex[:5]}")
         stack.callback(core.delete_namespace, namespace)
-        print("starting the pod runner (kubelet, scheduler and kube-proxy of one Node) ...")
-        runner = stack.enter_context(
-            PodRunner(
-                api,
-                WORKDIR / "pods",
-                [namespace, release.namespace],
-                label_selectors=(INJECT_LABEL, release.selector),
-                lifetime=LIFETIME,
-            )
-        )
         values = " ".join(f"--set-json '{k}={json.dumps(v)}'" for k, v in release.values.items())
         print(f"helm install {release.name} charts/prosody-operator {values} ...")
         stack.callback(release.uninstall)
@@ -213,7 +215,7 @@ def run(once: bool, interval: float) -> None:
             ),
         )
         client.AppsV1Api(api).create_namespaced_deployment(
-            namespace, prosody_deployment(APP, "prosody")
+            namespace, prosody_deployment(APP, "prosody", image=e2e.prosody_image(node))
         )
         e2e.create_prometheus(
             api,
@@ -222,36 +224,17 @@ def run(once: bool, interval: float) -> None:
             controller_id=prometheus_operator.controller_id,
             service_monitor_labels=LABELS,
         )
-        files = e2e.service_account_files(
-            api,
-            namespace,
-            f"prometheus-{PROMETHEUS}",
-            runner.api_server_url,
-            WORKDIR / "sa",
-            LIFETIME,
-        )
-        wait_until(lambda: bool(runner.running_pods(namespace)), 60, "the Prosody pod to run")
-        pod = runner.running_pods(namespace)[0]
-        containers = core.read_namespaced_pod(pod.name, namespace).spec.containers
-        if SIDECAR not in [c.name for c in containers]:
-            log = runner.running_pods(release.namespace)[0].workdir / "operator.log"
-            raise RuntimeError(f"the pod was admitted without the sidecar; see {log}")
-        print(f"starting Prometheus {e2e.PROMETHEUS_VERSION} with the generated configuration ...")
-        prometheus = stack.enter_context(
-            e2e.PrometheusFromOperator(
-                api,
-                WORKDIR / "prometheus",
-                namespace,
-                PROMETHEUS,
-                runner.attach("prom", 250),
-                files,
-                lifetime=LIFETIME,
+        pod = e2e.wait_for_ready_pod(api, namespace, f"app={APP}")
+        if SIDECAR not in [c.name for c in pod.spec.containers]:
+            raise RuntimeError(
+                "the pod was admitted without the sidecar; see `kubectl logs` of the operator in "
+                f"namespace {release.namespace}"
             )
-        )
+        print(f"waiting for Prometheus {e2e.PROMETHEUS_VERSION} (prometheus-operator's pod) ...")
+        prometheus = e2e.PrometheusPod(api, namespace, PROMETHEUS).wait_ready()
         print("logging in a demo XMPP client ...")
-        assert pod.prosody_config is not None
-        e2e.register_in_pod(pod.prosody_config, "demo", "demo-password")
-        session = e2e.PodXmppSession(pod.netns, "demo", "demo-password").open()
+        e2e.register_in_pod(api, namespace, pod.metadata.name, "demo", "demo-password")
+        session = e2e.PodXmppSession(pod.status.pod_ip, "demo", "demo-password").open()
         stack.callback(session.close)
         prometheus.wait_for_series("prosody_mod_c2s__connections > 0", timeout=90)
         prometheus.wait_for_series("prosody_exporter_scrapes_total", timeout=30)
@@ -266,10 +249,12 @@ def run(once: bool, interval: float) -> None:
         print("\n".join(demo.event_lines()))
         print("\nWhat Prometheus sees:")
         print("\n".join(demo.prometheus_lines()))
-        print(f"\nThrough the sidecar (from this host): http://{pod.ip}:9755/metrics")
-        print(f"Prometheus:                           {prometheus.url}/targets")
-        print(f"kubectl:                              KUBECONFIG={controlplane.ADMIN_KUBECONFIG}")
-        runner.check()
+        print(f"\nPrometheus (from this host):  {prometheus.url}/targets")
+        print(
+            f"The sidecar:                  http://{pod.status.pod_ip}:9755/metrics "
+            "(403 from this host: it is outside the pod network)"
+        )
+        print(f"kubectl:                      KUBECONFIG={controlplane.ADMIN_KUBECONFIG}")
         if once:
             return
         print("\nRunning until Ctrl-C; refreshing every 10s.")

@@ -1,78 +1,81 @@
-"""The API server, seen from a pod network: it listens on 127.0.0.1 only, which another network
-namespace cannot reach. `ApiForwarder` forwards `<host>:<port>` (an address of the root namespace
-on the pod bridge) to it over TCP — TLS stays end to end, between the client and the API server —
-with a thread per direction per connection, at most MAX_CONNECTIONS at once, all closed by
-`stop()`. testinfra.podrunner serves the `kubernetes` Service's ClusterIP:443 with it, as
-kube-proxy would."""
+"""The API server, served inside the test node's network namespace.
+
+The API server listens on the host's 127.0.0.1 only, which no other network namespace can reach.
+This program creates its listening sockets *inside* the node's namespace (a socket stays in the
+namespace it was made in) and connects to the API server from the host's, forwarding bytes both
+ways — TLS stays end to end, between the client and the API server:
+
+    python -m testinfra.apiforwarder --netns /run/netns/NAME --to 127.0.0.1:PORT \\
+        127.0.0.1:PORT 198.18.94.1:6443
+
+* `127.0.0.1:PORT` in the node: the kubelet and kube-proxy use the admin kubeconfig's URL, whose
+  address the API server's certificate names;
+* `198.18.94.1:6443` (NODE_LOCAL_IP, on the node's loopback interface): the endpoint of the
+  `kubernetes` Service, which kube-proxy sends pods to (they connect to its ClusterIP, which the
+  certificate names too).
+
+Nothing listens in the host's namespace. A thread per direction per connection, at most
+MAX_CONNECTIONS at once. testinfra/node.py starts it with the node and stops it with the node.
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ctypes
+import os
 import socket
 import threading
-import time
+from collections.abc import Iterator
 
-from . import controlplane
+MAX_CONNECTIONS = 256
+FORWARDING = "forwarding"  # printed once every listening socket is open
+CLONE_NEWNET = 0x40000000
 
-MAX_CONNECTIONS = 64
+
+def address(text: str) -> tuple[str, int]:
+    host, port = text.rsplit(":", 1)
+    return host, int(port)
 
 
-class ApiForwarder:
-    """TCP from `listen_host:listen_port` (0: a free port) to the API server on loopback, for
-    `lifetime` seconds at most."""
+@contextlib.contextmanager
+def network_namespace(path: str) -> Iterator[None]:
+    """Run the block in the network namespace at `path` (this thread only), then come back."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as home, open(path) as target:
+        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
 
-    def __init__(self, listen_host: str, listen_port: int, lifetime: float) -> None:
-        self.listen_host = listen_host
-        self.lifetime = lifetime  # seconds the accepting thread runs at most
-        self.port = listen_port
-        self.target = ("127.0.0.1", controlplane.Ports.load().apiserver)
-        self._server: socket.socket | None = None
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        return f"https://{self.listen_host}:{self.port}"
+class Forwarder:
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
-    def start(self) -> ApiForwarder:
-        # reuse_port: pod runners of two processes may each serve the same ClusterIP:443; the
-        # kernel spreads connections over them, and either reaches the same API server.
-        server = socket.create_server((self.listen_host, self.port), reuse_port=True)
-        server.settimeout(0.5)
-        self._server, self.port = server, server.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, name="api-forwarder", daemon=True)
-        self._thread.start()
-        return self
-
-    def _accept(self) -> None:
-        assert self._server is not None
-        deadline = time.monotonic() + self.lifetime
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                downstream, _ = self._server.accept()
-            except TimeoutError:
+    def serve(self, server: socket.socket) -> None:
+        while True:
+            downstream, _ = server.accept()
+            if not self.slots.acquire(blocking=False):
+                downstream.close()
                 continue
-            except OSError:
-                return
-            with self._lock:
-                if len(self._sockets) >= 2 * MAX_CONNECTIONS:
-                    downstream.close()
-                    continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
                 downstream.close()
+                self.slots.release()
                 continue
             upstream.settimeout(None)
-            downstream.settimeout(None)
-            with self._lock:
-                self._sockets |= {downstream, upstream}
+            done = threading.Barrier(2, action=self.slots.release)
             for a, b in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self.pump, args=(a, b, done), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    @staticmethod
+    def pump(source: socket.socket, sink: socket.socket, done: threading.Barrier) -> None:
         try:
             while chunk := source.recv(65536):
                 sink.sendall(chunk)
@@ -82,25 +85,28 @@ class ApiForwarder:
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-                with self._lock:
-                    self._sockets.discard(sock)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                done.wait()
+            source.close()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server:
-            self._server.close()
-        if self._thread:
-            self._thread.join(timeout=5)
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
-    def __enter__(self) -> ApiForwarder:
-        return self.start()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testinfra.apiforwarder", description=__doc__)
+    parser.add_argument("--netns", required=True, help="the node's network namespace file")
+    parser.add_argument("--to", required=True, type=address, help="the API server (host side)")
+    parser.add_argument("listen", nargs="+", type=address, help="addresses inside the node")
+    args = parser.parse_args(argv)
+    with network_namespace(args.netns):
+        servers = [socket.create_server(listen) for listen in args.listen]
+    forwarder = Forwarder(args.to)
+    threads = [threading.Thread(target=forwarder.serve, args=(s,), daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    print(f"{FORWARDING} {args.listen} in {args.netns} to {args.to}", flush=True)
+    for thread in threads:
+        thread.join()
+    return os.EX_SOFTWARE  # a server socket failed
 
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""A real local Kubernetes control plane: etcd + kube-apiserver + kube-controller-manager.
+"""A real local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager and
+kube-scheduler.
 
     python -m testinfra.controlplane build   # build binaries into .cache/bin (make cluster-bins)
     python -m testinfra.controlplane up      # start it, or do nothing if it is already up
@@ -7,8 +8,8 @@
 
 Everything listens on 127.0.0.1 on free ports picked at start (see .cache/cluster/ports.json; the
 API server's URL is in the admin kubeconfig). The processes run in their own session, so they
-outlive `up` (and `make cluster`) until `down`. There is no kubelet: pods are created and
-scheduled by nobody, so they stay Pending.
+outlive `up` (and `make cluster`) until `down`. Pods run only once a node is up
+(testinfra/node.py, `make node`); until then they stay Pending.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import sys
@@ -34,22 +34,19 @@ from pathlib import Path
 
 import yaml
 
-from . import gobuild
+from . import daemons, gobuild
+from .addresses import KUBERNETES_SERVICE_IP, SERVICE_CIDR
+from .daemons import Component, spawn
 from .layout import BIN_DIR, CACHE_DIR, CLUSTER_DIR, CRD_DIR
 from .pki import CertificateAuthority, KeyPair, new_private_key, private_key_pem, public_key_pem
 
 ADMIN_KUBECONFIG = CLUSTER_DIR / "admin.kubeconfig"
 PKI_DIR = CLUSTER_DIR / "pki"
 LOG_DIR = CLUSTER_DIR / "logs"
-RUN_DIR = CLUSTER_DIR / "run"
 PORTS_FILE = CLUSTER_DIR / "ports.json"
 # Outside CLUSTER_DIR because `down` deletes that folder while holding the lock.
 LOCK_FILE = CACHE_DIR / "cluster.lock"
 
-# In the test range 198.18.0.0/15 like every address here: the PodRunner gives the `kubernetes`
-# Service's ClusterIP (the first address) to the pods, as kube-proxy would.
-SERVICE_CIDR = "198.19.240.0/24"
-KUBERNETES_SERVICE_IP = "198.19.240.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Every name the API server's serving certificate must carry, as in a kubeadm cluster.
 APISERVER_HOSTS = (
@@ -100,9 +97,14 @@ CONTROLLERS = (
     "resourcequota-controller",
     # Fills the built-in admin/edit/view ClusterRoles, which are empty aggregates without it.
     "clusterrole-aggregation-controller",
+    # Deletes the pods of a Node that is gone (a test node that was stopped), as in a cluster.
+    "pod-garbage-collector-controller",
+    # Lifts the not-ready taint a Node is created with once its kubelet reports it Ready.
+    "node-lifecycle-controller",
+    # The chart's PodDisruptionBudget gets its status.
+    "disruption-controller",
 )
 START_TIMEOUT = 60.0
-STOP_TIMEOUT = 20.0
 
 
 class ControlPlaneError(RuntimeError):
@@ -119,10 +121,11 @@ class Ports:
     etcd_peer: int
     apiserver: int
     controller_manager: int
+    scheduler: int
 
     @classmethod
     def pick_free(cls) -> Ports:
-        return cls(*free_ports(4))
+        return cls(*free_ports(5))
 
     @classmethod
     def load(cls) -> Ports:
@@ -162,115 +165,20 @@ def etcd_binary() -> Path:
 # --- processes ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Component:
-    name: str
-    binary: Path
-    args: tuple[str, ...]
-
-    @property
-    def log_path(self) -> Path:
-        return LOG_DIR / f"{self.name}.log"
-
-    @property
-    def pid_path(self) -> Path:
-        return RUN_DIR / f"{self.name}.pid"
-
-
 # Started in this order, stopped in the reverse one.
-COMPONENT_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager")
+COMPONENT_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
 
-def spawn(component: Component) -> int:
-    """Start a component in its own session (it outlives us), output appended to its log."""
-    file_actions = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (
-            os.POSIX_SPAWN_OPEN,
-            1,
-            str(component.log_path),
-            os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-            0o644,
-        ),
-        (os.POSIX_SPAWN_DUP2, 1, 2),
-    ]
-    argv = [str(component.binary), *component.args]
-    pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=file_actions, setsid=True)
-    component.pid_path.write_text(f"{pid}\n{argv[0]}\n")
-    return pid
-
-
-def recorded_process(name: str) -> tuple[int, str] | None:
-    """The pid and binary a pid file records, if the file exists."""
-    try:
-        pid, binary = (RUN_DIR / f"{name}.pid").read_text().split("\n")[:2]
-    except (FileNotFoundError, ValueError):
-        return None
-    return int(pid), binary
-
-
-def is_running(pid: int, binary: str) -> bool:
-    """Whether `pid` is alive and still runs `binary` (a recycled pid is someone else's)."""
-    try:
-        # Our own child (started by this process): waitpid knows, and reaps it once it exits.
-        # Its /proc cmdline is no proof: it reads empty for a moment while exec sets it up.
-        return os.waitpid(pid, os.WNOHANG)[0] == 0
-    except ChildProcessError:
-        pass  # started by an earlier `up` command
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return cmdline.split(b"\0")[0].decode() == binary
+def component(name: str, binary: Path, args: tuple[str, ...]) -> Component:
+    return Component(name, binary, args, CLUSTER_DIR)
 
 
 def running_pid(name: str) -> int | None:
-    recorded = recorded_process(name)
-    if recorded is None or not is_running(*recorded):
-        return None
-    return recorded[0]
-
-
-def stop_process(name: str) -> None:
-    recorded = recorded_process(name)
-    if recorded is None:
-        return
-    # SIGTERM once (a second one makes the API server skip its graceful shutdown), then SIGKILL.
-    for signal_to_send, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
-        if not is_running(*recorded):
-            return
-        with contextlib.suppress(ProcessLookupError):  # it may exit between check and kill
-            os.kill(recorded[0], signal_to_send)
-        wait_for_exit(*recorded, timeout)
-
-
-def wait_for_exit(pid: int, binary: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while is_running(pid, binary) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def log_tail(path: Path, lines: int = 8) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
+    return daemons.running_pid(CLUSTER_DIR, name)
 
 
 def wait_until_ready(component: Component, pid: int, is_ready: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while not is_ready():
-        problem = None
-        if not is_running(pid, str(component.binary)):
-            problem = "exited during start"
-        elif time.monotonic() > deadline:
-            problem = f"not ready after {START_TIMEOUT:.0f} s"
-        if problem:
-            raise ControlPlaneError(
-                f"{component.name} {problem}; log: {component.log_path}\n"
-                f"{log_tail(component.log_path)}"
-            )
-        time.sleep(0.2)
+    daemons.wait_until_ready(component, pid, is_ready, START_TIMEOUT, ControlPlaneError)
 
 
 # --- HTTP checks --------------------------------------------------------------------------------
@@ -332,6 +240,13 @@ def write_pki() -> None:
     ca.issue_client("system:kube-controller-manager").write(PKI_DIR, "controller-manager")
     serving = ca.issue_server("kube-controller-manager", ("127.0.0.1", "localhost"))
     serving.write(PKI_DIR, "controller-manager-serving")
+    ca.issue_client("system:kube-scheduler").write(PKI_DIR, "scheduler")
+    serving = ca.issue_server("kube-scheduler", ("127.0.0.1", "localhost"))
+    serving.write(PKI_DIR, "scheduler-serving")
+    # How the API server authenticates to kubelets (logs, exec, port-forward).
+    ca.issue_client("kube-apiserver-kubelet-client", ("system:masters",)).write(
+        PKI_DIR, "apiserver-kubelet-client"
+    )
     # The aggregation layer's own CA, as in kubeadm: the API server proxies requests to extension
     # API servers with this client certificate, and components read its CA to trust them.
     front_proxy_ca = CertificateAuthority.create("testinfra-front-proxy-ca")
@@ -379,7 +294,7 @@ def write_kubeconfig(path: Path, server: str, user: str, client_name: str) -> No
 def etcd_component(ports: Ports) -> Component:
     client_url = f"http://127.0.0.1:{ports.etcd_client}"
     peer_url = f"http://127.0.0.1:{ports.etcd_peer}"
-    return Component(
+    return component(
         "etcd",
         etcd_binary(),
         (
@@ -399,7 +314,7 @@ def etcd_component(ports: Ports) -> Component:
 
 def apiserver_component(ports: Ports) -> Component:
     pki = PKI_DIR
-    return Component(
+    return component(
         "kube-apiserver",
         built_binary("kube-apiserver"),
         (
@@ -421,51 +336,74 @@ def apiserver_component(ports: Ports) -> Component:
             "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
             f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
             "--authorization-mode=Node,RBAC",
             f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
             # Privileged pods are allowed by the server, so only PodSecurity can refuse them.
             "--allow-privileged=true",
-            # The `kubernetes` Service cannot have a loopback endpoint (validation refuses it).
+            # The `kubernetes` Service cannot have a loopback endpoint (validation refuses it):
+            # the test node writes its own, where it serves the API server to its pods.
             "--endpoint-reconciler-type=none",
             # Webhooks and aggregated APIs behind a Service are called at its endpoints' pod
-            # addresses (reachable on the pod bridge), not at its ClusterIP (no kube-proxy here).
+            # addresses (routed to the test node), not at its ClusterIP: ClusterIPs exist only
+            # inside the node's network namespace, where its kube-proxy programs them.
             "--enable-aggregator-routing=true",
             "--profiling=false",
         ),
     )
 
 
+def controller_args(name: str, port: int) -> tuple[str, ...]:
+    """What the controller manager and the scheduler share: their kubeconfig (`name`), their
+    HTTPS health port on loopback, a single instance (waiting for a leader lease would only slow
+    the start)."""
+    kubeconfig_path = CLUSTER_DIR / f"{name}.kubeconfig"
+    return (
+        f"--kubeconfig={kubeconfig_path}",
+        f"--authentication-kubeconfig={kubeconfig_path}",
+        f"--authorization-kubeconfig={kubeconfig_path}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--tls-cert-file={PKI_DIR / f'{name}-serving.crt'}",
+        f"--tls-private-key-file={PKI_DIR / f'{name}-serving.key'}",
+        "--leader-elect=false",
+        "--profiling=false",
+    )
+
+
 def controller_manager_component(ports: Ports) -> Component:
-    pki, kubeconfig_path = PKI_DIR, CLUSTER_DIR / "controller-manager.kubeconfig"
-    return Component(
+    return component(
         "kube-controller-manager",
         built_binary("kube-controller-manager"),
         (
-            f"--kubeconfig={kubeconfig_path}",
-            f"--authentication-kubeconfig={kubeconfig_path}",
-            f"--authorization-kubeconfig={kubeconfig_path}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={ports.controller_manager}",
-            f"--tls-cert-file={pki / 'controller-manager-serving.crt'}",
-            f"--tls-private-key-file={pki / 'controller-manager-serving.key'}",
+            *controller_args("controller-manager", ports.controller_manager),
             f"--controllers={','.join(CONTROLLERS)}",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--service-account-private-key-file={PKI_DIR / 'sa.key'}",
+            f"--root-ca-file={PKI_DIR / 'ca.crt'}",
             # Each controller acts as its own service account, limited by RBAC, as in kubeadm.
             "--use-service-account-credentials=true",
-            # A single instance: waiting for a leader lease would only slow the start.
-            "--leader-elect=false",
-            "--profiling=false",
         ),
     )
 
 
-def components(ports: Ports) -> tuple[Component, Component, Component]:
-    """Checks every binary first, so a missing one fails before anything starts."""
+def scheduler_component(ports: Ports) -> Component:
+    return component(
+        "kube-scheduler",
+        built_binary("kube-scheduler"),
+        controller_args("scheduler", ports.scheduler),
+    )
+
+
+def components(ports: Ports) -> tuple[Component, ...]:
+    """In start order; checks every binary first, so a missing one fails before anything
+    starts."""
     return (
         etcd_component(ports),
         apiserver_component(ports),
         controller_manager_component(ports),
+        scheduler_component(ports),
     )
 
 
@@ -534,12 +472,12 @@ def exclusive_lock() -> Iterator[None]:
 
 
 def is_up() -> bool:
-    """All three processes run and the API server answers /readyz."""
+    """All its processes run and the API server answers /readyz."""
     if not all(running_pid(name) for name in COMPONENT_NAMES):
         return False
     try:
         return apiserver_ready(Ports.load())
-    except (FileNotFoundError, OSError, ssl.SSLError):
+    except (FileNotFoundError, OSError, ssl.SSLError, TypeError):  # TypeError: an old ports.json
         return False
 
 
@@ -550,16 +488,15 @@ def up() -> bool:
             return False
         started = time.monotonic()
         ports = Ports.pick_free()
-        etcd, apiserver, controller_manager = components(ports)
+        parts = components(ports)
         crds = crd_files()
         stop_processes()  # leftovers of an earlier cluster that is only partly up
         shutil.rmtree(CLUSTER_DIR, ignore_errors=True)
-        for directory in (CLUSTER_DIR, LOG_DIR, RUN_DIR):
-            directory.mkdir(parents=True, exist_ok=True)
+        LOG_DIR.mkdir(parents=True)
         ports.save()
         write_pki()
         try:
-            start(ports, etcd, apiserver, controller_manager, crds)
+            start(ports, *parts, crds=crds)
         except BaseException:
             stop_processes()  # the logs stay for the error message to point at
             raise
@@ -573,34 +510,37 @@ def start(
     etcd: Component,
     apiserver: Component,
     controller_manager: Component,
+    scheduler: Component,
+    *,
     crds: list[Path],
 ) -> None:
     server = apiserver_url(ports)
     write_kubeconfig(ADMIN_KUBECONFIG, server, "kubernetes-admin", "admin")
-    write_kubeconfig(
-        CLUSTER_DIR / "controller-manager.kubeconfig",
-        server,
-        "system:kube-controller-manager",
-        "controller-manager",
-    )
+    for name, user in (
+        ("controller-manager", "system:kube-controller-manager"),
+        ("scheduler", "system:kube-scheduler"),
+    ):
+        write_kubeconfig(CLUSTER_DIR / f"{name}.kubeconfig", server, user, name)
     etcd_url = f"http://127.0.0.1:{ports.etcd_client}/health"
     wait_until_ready(etcd, spawn(etcd), lambda: responds_ok(etcd_url))
     wait_until_ready(apiserver, spawn(apiserver), lambda: apiserver_ready(ports))
-    # The controller manager starts while the CRDs are applied; neither needs the other.
-    controller_manager_pid = spawn(controller_manager)
+    # The controllers start while the CRDs are applied; neither needs the other.
+    pids = {component.name: spawn(component) for component in (controller_manager, scheduler)}
     crd_names = [apply_crd(ports, path) for path in crds]
-    kcm_context = ssl.create_default_context(cafile=str(PKI_DIR / "ca.crt"))
-    kcm_url = f"https://127.0.0.1:{ports.controller_manager}/healthz"
-    wait_until_ready(
-        controller_manager, controller_manager_pid, lambda: responds_ok(kcm_url, kcm_context)
-    )
+    context = ssl.create_default_context(cafile=str(PKI_DIR / "ca.crt"))
+    for component, port in (
+        (controller_manager, ports.controller_manager),
+        (scheduler, ports.scheduler),
+    ):
+        url = f"https://127.0.0.1:{port}/healthz"
+        wait_until_ready(component, pids[component.name], lambda url=url: responds_ok(url, context))
     wait_for_crds(ports, crd_names)
 
 
 def stop_processes() -> None:
     """Stop the components (newest first) but keep .cache/cluster, logs included."""
     for name in reversed(COMPONENT_NAMES):
-        stop_process(name)
+        daemons.stop_process(CLUSTER_DIR, name)
 
 
 def stop() -> None:

@@ -1,87 +1,49 @@
-"""prometheus-operator and a real Prometheus running the scrape configuration it generates.
+"""prometheus-operator, the Prometheus pods it makes, and what the end-to-end tests and the demo do
+with pods on the test node.
 
 The chain, end to end (all real, all local):
 
-    prosody-operator -> ServiceMonitor ─┐
-    PodRunner -> pods -> Endpoints  ────┤
-                                        v
-    prometheus-operator (.cache/bin, v0.85) -> Secret prometheus-<name> (prometheus.yaml.gz)
-                                        v
-    PrometheusFromOperator: Prometheus v3.5.0, built from its Go module (Debian's Prometheus has
-    no Kubernetes service discovery), in a network namespace on the pod bridge,
-    loading that configuration, discovering targets with kubernetes_sd through the `kubernetes`
-    Service's ClusterIP, which the PodRunner serves (testinfra.apiforwarder).
+    helm install -> prosody-operator pod -> webhook injects the sidecar into Prosody pods
+    prosody-operator -> Service + ServiceMonitor
+    prometheus-operator (.cache/bin, v0.85) -> Secret prometheus-<name> and a StatefulSet
+    test node (kubelet, containerd) -> Prometheus pods (v3.5 and the config-reloader, images
+    built from their Go modules) -> kubernetes_sd through the `kubernetes` Service -> scrape
+    the sidecars at their pod IPs
 
-* `PrometheusOperator`: the real binary, with the admin kubeconfig, its web server on a free
-  loopback port, limited to the given namespaces and to Prometheus objects carrying its
-  `--controller-id`. It also makes a StatefulSet, whose pods nobody runs (PodRunner only runs
-  Prosody pods): fine, Prometheus runs here instead.
+* `PrometheusOperator`: the real binary on the host, with the admin kubeconfig, its web server
+  on a free loopback port, limited to the given namespaces and to Prometheus objects carrying
+  its `--controller-id`. It runs on the host rather than in a pod: its own install manifests are
+  not this project's business, what it generates is.
 * `create_prometheus()`: a ServiceAccount with read access to services, endpoints,
-  endpointslices and pods of the namespace, and a `Prometheus` resource whose version is the
-  local Prometheus' (so the operator generates a configuration that version accepts).
-* `PrometheusFromOperator`: reads the generated configuration, applies the few rewrites that
-  stand in for the pod prometheus-operator would have run (see `rewrite_config`: what the
-  config-reloader fills in, where the API server is and the in-cluster credential files),
-  runs Prometheus, and keeps playing the config-reloader: when the Secret changes, it rewrites
-  the file again and sends SIGHUP (a thread, polling every RELOAD_POLL seconds).
+  endpointslices and pods of the namespace, and a `Prometheus` resource with the node's
+  Prometheus image, so prometheus-operator's StatefulSet runs it on the node.
+* `PrometheusPod`: one replica, read through its HTTP API at its pod IP (the host routes the pod
+  network to the node). A new scrape configuration reaches it as a real kubelet delivers a
+  changed Secret to a pod's volume, at its next sync of the pod: measured up to ~3 minutes here
+  (its config-reloader then reloads within a second), so waits on it allow 5 minutes.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import gzip
-import subprocess
-import sys
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
-import yaml
 from kubernetes import client
+from kubernetes.stream import stream
 
-from . import controlplane, gobuild
+from . import controlplane
+from .infraimages import CONFIG_RELOADER_IMAGE, PROMETHEUS_IMAGE
 from .kubeapi import or_none
-from .layout import BIN_DIR, GO_MODULES_DIR
-from .netns import Namespace
-from .procs import (
-    MissingPrerequisite,
-    Process,
-    ProcessOwner,
-    free_port,
-    http_ok,
-    require_program,
-    wait_until,
-)
+from .node import IMAGE_DIR, Node
+from .procs import MissingPrerequisite, Process, ProcessOwner, free_port, http_ok, wait_until
 from .xmpp import XmppSession
 
-# Prometheus itself is built from its Go module (testinfra/go/prometheus): Debian's package is
-# built without Kubernetes service discovery. v3.5.0 (module version v0.305.0) is the version
-# prometheus-operator v0.85 defaults to. The binary is not called `prometheus`, so that the
-# Debian one stays first on the Makefile's PATH for the other tests.
-PROMETHEUS = gobuild.PROMETHEUS
-PROMETHEUS_VERSION = PROMETHEUS.release
-
-
-def prometheus_binary() -> Path:
-    """The Prometheus built from its module; built first when missing or stale (a cold build
-    takes minutes: downloads and compile)."""
-    go_version = gobuild.run_go(["version"], GO_MODULES_DIR).strip()
-    if not gobuild.is_up_to_date(PROMETHEUS, go_version):
-        BIN_DIR.mkdir(parents=True, exist_ok=True)
-        gobuild.STAMP_DIR.mkdir(parents=True, exist_ok=True)
-        gobuild.log(f"building {PROMETHEUS.name} {PROMETHEUS.release} ({PROMETHEUS.package})")
-        gobuild.build_binary(PROMETHEUS, go_version)
-    return PROMETHEUS.path
-
-
-RELOAD_POLL = 1.0  # seconds between two reads of the generated configuration
-MAX_LIFETIME = 1800.0  # seconds: by default, background threads end on their own after this
+PROMETHEUS_VERSION = PROMETHEUS_IMAGE.name.rsplit(":", 1)[1]
 
 
 # --- prometheus-operator ------------------------------------------------------------------------
@@ -107,6 +69,7 @@ class PrometheusOperator(ProcessOwner):
             f"--web.listen-address=127.0.0.1:{self.port}",
             f"--controller-id={self.controller_id}",
             f"--namespaces={','.join(self.namespaces)}",
+            f"--prometheus-config-reloader={CONFIG_RELOADER_IMAGE.name}",
             "--kubelet-service=",  # no kubelet Service to maintain
             "--log-level=info",
         ]
@@ -175,10 +138,13 @@ def create_prometheus(
                 "annotations": {"operator.prometheus.io/controller-id": controller_id},
             },
             "spec": {
+                "image": PROMETHEUS_IMAGE.name,
                 "version": PROMETHEUS_VERSION,
                 "replicas": replicas,
                 "serviceAccountName": account,
                 "serviceMonitorSelector": {"matchLabels": service_monitor_labels},
+                # Scrape results and rule evaluations show up within a second or two.
+                "evaluationInterval": "1s",
             },
         },
     )
@@ -193,151 +159,133 @@ def generated_config(api: client.ApiClient, namespace: str, name: str) -> str | 
     return gzip.decompress(base64.b64decode(data)).decode() if data else None
 
 
-# --- Prometheus, with the generated configuration ---------------------------------------------
+# --- images -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class InClusterFiles:
-    """What a Prometheus pod gets from Kubernetes: where the API server is, and the service
-    account's CA and token files."""
-
-    api_server: str
-    ca_file: Path
-    token_file: Path
-
-
-def service_account_files(
-    api: client.ApiClient,
-    namespace: str,
-    account: str,
-    api_server: str,
-    directory: Path,
-    lifetime: float = MAX_LIFETIME,
-) -> InClusterFiles:
-    """A TokenRequest token (valid for `lifetime`, at least 10 minutes) and the cluster's CA."""
-    directory.mkdir(parents=True, exist_ok=True)
-    token = client.CoreV1Api(api).create_namespaced_service_account_token(
-        account,
-        namespace,
-        client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=max(600, int(lifetime)))
-        ),
+def loaded_image(node: Node, repository: str, tag_prefix: str = "") -> str:
+    """The reference of the image in the node whose repository's last segment is `repository`
+    (and whose tag starts with `tag_prefix`): `make images` names them."""
+    for reference in node.images():
+        name, _, tag = reference.rpartition(":")
+        if name.rsplit("/", 1)[-1] == repository and tag.startswith(tag_prefix):
+            return reference
+    raise MissingPrerequisite(
+        f"no image {repository}:{tag_prefix}* in the test node (it loads {IMAGE_DIR}/*.oci.tar): "
+        "run `make images`"
     )
-    token_file, ca_file = directory / "token", directory / "ca.crt"
-    token_file.write_text(token.status.token)
-    ca_file.write_bytes(controlplane.ca_cert_path().read_bytes())
-    return InClusterFiles(api_server, ca_file, token_file)
 
 
-def rewrite_config(text: str, files: InClusterFiles, pod: str, shard: int = 0) -> dict[str, Any]:
-    """The generated configuration, with what the Prometheus pod would have had instead.
+def chart_image_values(node: Node) -> dict[str, str]:
+    """`helm install --set` values that make the chart use the images built here."""
+    values = {}
+    for key, repository in (("image", "prosody-operator"), ("sidecar.image", "prosody-exporter")):
+        name, _, tag = loaded_image(node, repository).rpartition(":")
+        values |= {f"{key}.repository": name, f"{key}.tag": tag}
+    return values
 
-    Every rewrite, and nothing else:
-    1. `$(POD_NAME)` and `$(SHARD)` are replaced by the pod's name and shard number, as the
-       config-reloader sidecar does from its environment in a pod (they are in the external
-       label `prometheus_replica` and in the sharding `keep` rule of every job);
-    2. each `kubernetes_sd_configs` entry gets `api_server` (the `kubernetes` Service's
-       ClusterIP), `tls_config` (the CA file) and `authorization` (the token file): in a pod,
-       client-go's in-cluster config finds these in KUBERNETES_SERVICE_HOST and
-       /var/run/secrets/kubernetes.io/serviceaccount/.
-    """
-    text = text.replace("$(POD_NAME)", pod).replace("$(SHARD)", str(shard))
-    config: dict[str, Any] = yaml.safe_load(text)
-    for job in config.get("scrape_configs") or []:
-        for sd in job.get("kubernetes_sd_configs") or []:
-            assert "api_server" not in sd, f"unexpected api_server in {job['job_name']}"
-            sd["api_server"] = files.api_server
-            sd["tls_config"] = {"ca_file": str(files.ca_file)}
-            sd["authorization"] = {"credentials_file": str(files.token_file)}
-    return config
+
+def prosody_image(node: Node, version: str = "0.12") -> str:
+    """The Prosody image built here from Debian's packages."""
+    return loaded_image(node, "prosody", version)
+
+
+# --- pods ---------------------------------------------------------------------------------------
+
+
+def pod_ready(pod: client.V1Pod | None) -> bool:
+    conditions = (pod and pod.status and pod.status.conditions) or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def ready_pods(api: client.ApiClient, namespace: str, selector: str) -> list[client.V1Pod]:
+    """The Ready pods matching a label selector, none of them being deleted."""
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
+    return [p for p in pods if pod_ready(p) and p.metadata.deletion_timestamp is None]
+
+
+def wait_for_ready_pod(
+    api: client.ApiClient, namespace: str, selector: str, timeout: float = 120.0
+) -> client.V1Pod:
+    """The one Ready pod matching `selector` (waiting for it, and for any other to go)."""
+    found: list[client.V1Pod] = []
+
+    def one_ready() -> bool:
+        found[:] = ready_pods(api, namespace, selector)
+        everything = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector)
+        return len(found) == 1 and len(everything.items) == 1
+
+    wait_until(one_ready, timeout, f"one Ready pod {selector} in {namespace}", 0.5)
+    return found[0]
+
+
+def exec_in_pod(
+    api: client.ApiClient, namespace: str, pod: str, container: str, argv: list[str]
+) -> str:
+    """`kubectl exec`: through the API server to the kubelet and containerd."""
+    output: str = stream(
+        client.CoreV1Api(api).connect_get_namespaced_pod_exec,
+        pod,
+        namespace,
+        container=container,
+        command=argv,
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+        _request_timeout=60,
+    )
+    return output
+
+
+def register_in_pod(
+    api: client.ApiClient, namespace: str, pod: str, user: str, password: str
+) -> None:
+    """Create an account the way an admin does: prosodyctl, in the Prosody container."""
+    argv = ["prosodyctl", "register", user, "localhost", password]
+    exec_in_pod(api, namespace, pod, "prosody", argv)
+
+
+class PodXmppSession(XmppSession):
+    """testinfra.xmpp's real client, from the host to a Prosody pod's c2s port."""
+
+    def __init__(self, pod_ip: str, user: str, password: str, port: int = 5222) -> None:
+        super().__init__(None, user, password, host=pod_ip, port=port)
+
+
+# --- Prometheus pods ----------------------------------------------------------------------------
 
 
 @dataclass
-class PrometheusFromOperator(ProcessOwner):
-    """Debian's Prometheus in network namespace `netns`, running prometheus-operator's generated
-    configuration for Prometheus `name` (replica `replica`)."""
+class PrometheusPod:
+    """Replica `replica` of Prometheus `name`: the pod prometheus-operator's StatefulSet made."""
 
     api: client.ApiClient
-    workdir: Path
     namespace: str
     name: str
-    netns: Namespace
-    files: InClusterFiles
     replica: int = 0
     port: int = 9090
-    lifetime: float = MAX_LIFETIME  # seconds the config-reloader thread runs at most
-    process: Process | None = None
-    reloads: int = 0
-    _last: str | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
     @property
-    def address(self) -> str:
-        return self.netns.address("eth0", 4)
+    def pod_name(self) -> str:
+        return f"prometheus-{self.name}-{self.replica}"
+
+    def pod(self) -> client.V1Pod | None:
+        core = client.CoreV1Api(self.api)
+        return or_none(lambda: core.read_namespaced_pod(self.pod_name, self.namespace))
+
+    @property
+    def ip(self) -> str:
+        pod = self.pod()
+        assert pod is not None and pod.status.pod_ip, f"{self.pod_name} has no IP yet"
+        return str(pod.status.pod_ip)
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.port}"
+        return f"http://{self.ip}:{self.port}"
 
-    @property
-    def config_file(self) -> Path:
-        return self.workdir / "prometheus.yml"
-
-    @property
-    def config(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = yaml.safe_load(self.config_file.read_text())
-        return loaded
-
-    def _write_config(self) -> bool:
-        """Write the rewritten generated configuration; True when it changed."""
-        text = generated_config(self.api, self.namespace, self.name)
-        if text is None or text == self._last:
-            return False
-        pod = f"prometheus-{self.name}-{self.replica}"
-        config = rewrite_config(text, self.files, pod)
-        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        self._last = text
-        return True
-
-    def start(self, timeout: float = 60.0) -> PrometheusFromOperator:
-        binary = str(prometheus_binary())
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        wait_until(
-            self._write_config, timeout, f"prometheus-operator's config for {self.name}", 0.5
-        )
-        self.process = Process(
-            "prometheus",
-            [
-                binary,
-                f"--config.file={self.config_file}",
-                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                f"--web.listen-address={self.address}:{self.port}",
-            ],
-            self.workdir / "prometheus.log",
-            netns=self.netns.name,
-        )
-        self.process.wait_ready(lambda: http_ok(self.url + "/-/ready"), timeout)
-        self._thread = threading.Thread(target=self._reloader, name="reloader", daemon=True)
-        self._thread.start()
+    def wait_ready(self, timeout: float = 180.0) -> PrometheusPod:
+        wait_until(lambda: pod_ready(self.pod()), timeout, f"{self.pod_name} to be Ready", 0.5)
         return self
-
-    def _reloader(self) -> None:
-        """What prometheus-config-reloader does in the pod: new configuration, SIGHUP."""
-        deadline = time.monotonic() + self.lifetime
-        while not self._stop.wait(RELOAD_POLL) and time.monotonic() < deadline:
-            with contextlib.suppress(Exception):  # a failed read is retried next time
-                if self._write_config() and self.process:
-                    self.process.signal(1)  # SIGHUP
-                    self.reloads += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-        super().stop()
-
-    # --- the HTTP API ---------------------------------------------------------------------------
 
     def api_get(self, path: str, **params: str) -> Any:
         response = httpx.get(
@@ -359,17 +307,19 @@ class PrometheusFromOperator(ProcessOwner):
         yaml_text: str = self.api_get("status/config")["yaml"]
         return yaml_text
 
-    def wait_for_target(self, health: str, timeout: float = 60.0) -> dict[str, Any]:
+    def wait_for_target(self, job: str, health: str, timeout: float = 300.0) -> dict[str, Any]:
         found: list[dict[str, Any]] = []
 
         def has_target() -> bool:
-            found[:] = [t for t in self.targets() if t["health"] == health]
+            found[:] = [
+                t for t in self.targets() if t["scrapePool"] == job and t["health"] == health
+            ]
             return bool(found)
 
-        wait_until(has_target, timeout, f"a target with health {health} in {self.url}", 0.5)
+        wait_until(has_target, timeout, f"a {job} target {health} in {self.url}", 0.5)
         return found[0]
 
-    def wait_for_series(self, promql: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+    def wait_for_series(self, promql: str, timeout: float = 90.0) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
 
         def has_series() -> bool:
@@ -378,37 +328,3 @@ class PrometheusFromOperator(ProcessOwner):
 
         wait_until(has_series, timeout, f"{promql} in {self.url}", interval=0.5)
         return found
-
-
-# --- an XMPP client inside a pod's network namespace --------------------------------------------
-
-
-def register_in_pod(
-    prosody_config: Path, user: str, password: str, host: str = "localhost"
-) -> None:
-    """Create an account with prosodyctl and the pod's Prosody configuration."""
-    argv = [require_program("prosodyctl"), "--config", str(prosody_config), "register"]
-    subprocess.run([*argv, user, host, password], check=True, capture_output=True, timeout=60)
-
-
-class PodXmppSession(XmppSession):
-    """testinfra.xmpp's real client, run inside a pod's network namespace, logged in to the
-    pod's Prosody on 127.0.0.1:`port` (Prosody's default c2s port)."""
-
-    def __init__(self, netns: Namespace, user: str, password: str, port: int = 5222) -> None:
-        super().__init__(SimpleNamespace(c2s_port=port), user, password)  # type: ignore[arg-type]
-        self._argv = netns.argv(self._argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m testinfra.e2e build`: build the end-to-end tests' Prometheus ahead of time."""
-    args = argv if argv is not None else sys.argv[1:]
-    if args != ["build"]:
-        print("usage: python -m testinfra.e2e build", file=sys.stderr)
-        return 2
-    print(prometheus_binary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,12 @@
-"""Build the control plane's binaries from pinned upstream Go modules with the ordinary `go` client.
+"""Build the test infrastructure's binaries from pinned upstream Go modules with the ordinary `go`
+client.
 
 Each folder under testinfra/go/ is a tiny Go module whose go.mod pins one upstream release (and
-go.sum pins its dependencies); `tool` lines name the commands to build. A binary is rebuilt only
-when its fingerprint (go.mod, go.sum, go version, package, ldflags) differs from the stamp written
-next to it after the last successful build. Go's module and build caches stay at their defaults,
-so reruns on the same machine are warm.
+go.sum pins its dependencies); `tool` lines name the commands to build. All commands of a module
+are built by one `go build` (the five Kubernetes binaries share most of their packages). A
+module is rebuilt only when one of its binaries is missing or its fingerprint (go.mod, go.sum, go
+version, packages, ldflags) differs from the stamp written after its last successful build. Go's
+module and build caches stay at their defaults, so reruns on the same machine are warm.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ FALLBACK_GO = Path("/usr/local/go/bin/go")
 KUBERNETES_MODULE = "k8s.io/kubernetes"
 HELM_MODULE = "helm.sh/helm/v3"
 PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
+PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
 ACTIONLINT_MODULE = "github.com/rhysd/actionlint"
+COREDNS_MODULE = "github.com/coredns/coredns"
 # The CRDs upstream publishes (the same files as its bundle.yaml), shipped inside the module.
 CRD_SUBDIR = "example/prometheus-operator-crd"
 
@@ -38,19 +42,30 @@ class BuildError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class GoBinary:
-    name: str
-    module_dir: Path
+class GoModule:
+    """One folder under testinfra/go: a go.mod pinning `module`, whose `commands` (binary name ->
+    package) are built together by one `go build`, so the packages they share compile once and
+    the compiler keeps both cores busy to the end."""
+
+    folder: str
     module: str
-    package: str
+    commands: tuple[tuple[str, str], ...]
 
     @property
-    def path(self) -> Path:
-        return BIN_DIR / self.name
+    def module_dir(self) -> Path:
+        return GO_MODULES_DIR / self.folder
 
     @property
     def version(self) -> str:
         return module_version(self.module_dir, self.module)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.commands)
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(package for _, package in self.commands)
 
     def ldflags(self) -> str:
         # -s -w drop the symbol table and DWARF: the binaries are half the size and link faster.
@@ -68,82 +83,80 @@ def kubernetes_version_ldflags(version: str) -> list[str]:
     return flags
 
 
-def helm_version_ldflags(binary: GoBinary) -> list[str]:
+def helm_version_ldflags(module: GoModule) -> list[str]:
     """What helm's Makefile sets: its own version and the Kubernetes version it was built for."""
-    client_go = module_version(binary.module_dir, "k8s.io/client-go")  # e.g. v0.37.0 -> 1.37
+    client_go = module_version(module.module_dir, "k8s.io/client-go")  # e.g. v0.37.0 -> 1.37
     k8s_minor = client_go.removeprefix("v").split(".")[1]
-    flags = [f"-X helm.sh/helm/v3/internal/version.version={binary.version}"]
+    flags = [f"-X helm.sh/helm/v3/internal/version.version={module.version}"]
     flags.append("-X helm.sh/helm/v3/internal/version.gitTreeState=clean")
     for package in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
         flags += [f"-X {package}.k8sVersionMajor=1", f"-X {package}.k8sVersionMinor={k8s_minor}"]
     return flags
 
 
-def version_ldflags(binary: GoBinary) -> list[str]:
-    if binary.module == KUBERNETES_MODULE:
-        return kubernetes_version_ldflags(binary.version)
-    if binary.module == HELM_MODULE:
-        return helm_version_ldflags(binary)
-    if binary.module == PROMETHEUS_OPERATOR_MODULE:
-        return [f"-X github.com/prometheus/common/version.Version={binary.version[1:]}"]
-    if binary.module == ACTIONLINT_MODULE:
-        return [f"-X {ACTIONLINT_MODULE}.version={binary.version}"]
+def prometheus_release(module_version: str) -> str:
+    """v0.305.0 -> v3.5.0: Prometheus tags its Go module v0.<major><minor:02>.<patch>."""
+    minor, patch = module_version.removeprefix("v0.").split(".")[:2]
+    return f"v{int(minor) // 100}.{int(minor) % 100}.{patch}"
+
+
+def version_ldflags(module: GoModule) -> list[str]:
+    prometheus_version = "-X github.com/prometheus/common/version.Version="
+    if module.module == KUBERNETES_MODULE:
+        return kubernetes_version_ldflags(module.version)
+    if module.module == HELM_MODULE:
+        return helm_version_ldflags(module)
+    if module.module == PROMETHEUS_OPERATOR_MODULE:
+        return [prometheus_version + module.version[1:]]
+    if module.module == PROMETHEUS_MODULE:
+        return [prometheus_version + prometheus_release(module.version)[1:]]
+    if module.module == ACTIONLINT_MODULE:
+        return [f"-X {ACTIONLINT_MODULE}.version={module.version}"]
     return []
 
 
+KUBERNETES = GoModule(
+    "kubernetes",
+    KUBERNETES_MODULE,
+    tuple(
+        (name, f"k8s.io/kubernetes/cmd/{name}")
+        for name in (
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubelet",  # the test node's (testinfra/node.py)
+            "kube-proxy",
+        )
+    ),
+)
+PROMETHEUS_OPERATOR = GoModule(
+    "prometheus-operator",
+    PROMETHEUS_OPERATOR_MODULE,
+    (
+        ("prometheus-operator", f"{PROMETHEUS_OPERATOR_MODULE}/cmd/operator"),
+        # The sidecar of the Prometheus pods it makes (an image on the test node).
+        (
+            "prometheus-config-reloader",
+            f"{PROMETHEUS_OPERATOR_MODULE}/cmd/prometheus-config-reloader",
+        ),
+    ),
+)
 # Prometheus for the end-to-end tests: Debian's 2.42 has no Kubernetes service discovery, which
 # prometheus-operator's generated configuration needs. Named prometheus3 so that it does not
 # shadow Debian's `prometheus` on PATH.
-PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
-
-
-@dataclass(frozen=True)
-class PrometheusBinary(GoBinary):
-    @property
-    def release(self) -> str:
-        """v0.305.0 -> v3.5.0: Prometheus tags its Go module v0.<major><minor:02>.<patch>."""
-        minor, patch = self.version.removeprefix("v0.").split(".")[:2]
-        return f"v{int(minor) // 100}.{int(minor) % 100}.{patch}"
-
-    def ldflags(self) -> str:
-        return f"-s -w -X github.com/prometheus/common/version.Version={self.release[1:]}"
-
-
-PROMETHEUS = PrometheusBinary(
-    "prometheus3",
-    GO_MODULES_DIR / "prometheus",
-    PROMETHEUS_MODULE,
-    f"{PROMETHEUS_MODULE}/cmd/prometheus",
+PROMETHEUS = GoModule(
+    "prometheus", PROMETHEUS_MODULE, (("prometheus3", f"{PROMETHEUS_MODULE}/cmd/prometheus"),)
 )
-
-
-BINARIES = (
-    GoBinary(
-        "kube-apiserver",
-        GO_MODULES_DIR / "kubernetes",
-        KUBERNETES_MODULE,
-        "k8s.io/kubernetes/cmd/kube-apiserver",
-    ),
-    GoBinary(
-        "kube-controller-manager",
-        GO_MODULES_DIR / "kubernetes",
-        KUBERNETES_MODULE,
-        "k8s.io/kubernetes/cmd/kube-controller-manager",
-    ),
-    GoBinary("helm", GO_MODULES_DIR / "helm", HELM_MODULE, "helm.sh/helm/v3/cmd/helm"),
-    GoBinary(
-        "prometheus-operator",
-        GO_MODULES_DIR / "prometheus-operator",
-        PROMETHEUS_OPERATOR_MODULE,
-        "github.com/prometheus-operator/prometheus-operator/cmd/operator",
-    ),
+MODULES = (
+    KUBERNETES,
+    GoModule("helm", HELM_MODULE, (("helm", "helm.sh/helm/v3/cmd/helm"),)),
+    PROMETHEUS_OPERATOR,
     PROMETHEUS,
+    # The test node's cluster DNS: CoreDNS with the plugins it needs (testinfra/go/coredns/main.go).
+    GoModule("coredns", COREDNS_MODULE, (("coredns", "github.com/local/testinfra/coredns"),)),
     # Checks .github/workflows (tests/test_release.py).
-    GoBinary(
-        "actionlint",
-        GO_MODULES_DIR / "actionlint",
-        ACTIONLINT_MODULE,
-        f"{ACTIONLINT_MODULE}/cmd/actionlint",
+    GoModule(
+        "actionlint", ACTIONLINT_MODULE, (("actionlint", f"{ACTIONLINT_MODULE}/cmd/actionlint"),)
     ),
 )
 
@@ -184,50 +197,68 @@ def run_go(args: list[str], module_dir: Path) -> str:
     return result.stdout
 
 
-def fingerprint(binary: GoBinary, go_version: str) -> str:
+def fingerprint(module: GoModule, go_version: str) -> str:
     digest = hashlib.sha256()
-    for part in (go_version, binary.package, binary.ldflags()):
+    for part in (go_version, *(f"{n}={p}" for n, p in module.commands), module.ldflags()):
         digest.update(part.encode() + b"\0")
     for name in ("go.mod", "go.sum"):
-        digest.update((binary.module_dir / name).read_bytes())
+        digest.update((module.module_dir / name).read_bytes())
     return digest.hexdigest()
 
 
-def stamp_path(binary: GoBinary) -> Path:
-    return STAMP_DIR / f"{binary.name}.stamp"
+def stamp_path(module: GoModule) -> Path:
+    return STAMP_DIR / f"{module.folder}.stamp"
 
 
-def stamp_text(binary: GoBinary, go_version: str) -> str:
-    return f"{binary.package} {binary.version}\n{fingerprint(binary, go_version)}\n"
+def stamp_text(module: GoModule, go_version: str) -> str:
+    return f"{module.module} {module.version}\n{fingerprint(module, go_version)}\n"
 
 
-def is_up_to_date(binary: GoBinary, go_version: str) -> bool:
-    stamp = stamp_path(binary)
+def is_up_to_date(module: GoModule, go_version: str) -> bool:
+    stamp = stamp_path(module)
     return (
-        binary.path.exists()
+        all((BIN_DIR / name).exists() for name in module.names)
         and stamp.exists()
-        and stamp.read_text() == stamp_text(binary, go_version)
+        and stamp.read_text() == stamp_text(module, go_version)
     )
 
 
-def build_binary(binary: GoBinary, go_version: str) -> None:
-    stamp_path(binary).unlink(missing_ok=True)
+def build_module(module: GoModule, go_version: str) -> None:
+    """All of the module's commands in one `go build`, into a scratch folder beside BIN_DIR and
+    renamed into place, so an interrupted build never leaves half a binary."""
+    stamp_path(module).unlink(missing_ok=True)
     started = time.monotonic()
-    run_go(["mod", "download"], binary.module_dir)
+    run_go(["mod", "download"], module.module_dir)
     downloaded = time.monotonic()
-    # Build beside the target and rename, so an interrupted build never leaves half a binary.
-    partial = binary.path.with_name(binary.path.name + ".partial")
+    scratch = BIN_DIR / f".{module.folder}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    # With -o a folder, go writes each command under its package's last path element.
     run_go(
-        ["build", "-ldflags", binary.ldflags(), "-o", str(partial), binary.package],
-        binary.module_dir,
+        ["build", "-ldflags", module.ldflags(), "-o", f"{scratch}/", *module.packages],
+        module.module_dir,
     )
-    partial.rename(binary.path)
-    stamp_path(binary).write_text(stamp_text(binary, go_version))
+    for name, package in module.commands:
+        (scratch / package.rsplit("/", 1)[-1]).rename(BIN_DIR / name)
+    scratch.rmdir()
+    stamp_path(module).write_text(stamp_text(module, go_version))
     finished = time.monotonic()
     log(
-        f"built {binary.name} {binary.version}: download {downloaded - started:.0f} s, "
+        f"built {', '.join(module.names)} {module.version}: download {downloaded - started:.0f} s, "
         f"compile {finished - downloaded:.0f} s"
     )
+
+
+def ensure_built(module: GoModule, go_version: str | None = None) -> None:
+    """Build the module's commands when any is missing or its stamp differs."""
+    go_version = go_version or run_go(["version"], GO_MODULES_DIR).strip()
+    BIN_DIR.mkdir(parents=True, exist_ok=True)
+    STAMP_DIR.mkdir(parents=True, exist_ok=True)
+    if is_up_to_date(module, go_version):
+        log(f"{', '.join(module.names)} {module.version}: up to date")
+    else:
+        log(f"building {', '.join(module.names)} {module.version} ({module.module})")
+        build_module(module, go_version)
 
 
 def install_crds() -> None:
@@ -253,16 +284,11 @@ def install_crds() -> None:
 
 
 def build_all() -> None:
-    """Build every binary that is missing or stale (one at a time: 2-core CI) and copy the CRDs."""
-    BIN_DIR.mkdir(parents=True, exist_ok=True)
-    STAMP_DIR.mkdir(parents=True, exist_ok=True)
+    """Build every module whose binaries are missing or stale (one module at a time: each
+    `go build` already uses both cores of a 2-core CI machine) and copy the CRDs."""
     go_version = run_go(["version"], GO_MODULES_DIR).strip()
-    for binary in BINARIES:
-        if is_up_to_date(binary, go_version):
-            log(f"{binary.name} {binary.version} is up to date")
-        else:
-            log(f"building {binary.name} {binary.version} ({binary.package})")
-            build_binary(binary, go_version)
+    for module in MODULES:
+        ensure_built(module, go_version)
     install_crds()
 
 

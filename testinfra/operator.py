@@ -1,7 +1,7 @@
 """The real `prosody-operator` against the local control plane, two ways:
 
-* `ChartRelease`: `helm install` of charts/prosody-operator, as a user does; a PodRunner runs the
-  operator's pod, and the API server calls its webhook through the chart's Service;
+* `ChartRelease`: `helm install` of charts/prosody-operator, as a user does; the test node runs
+  the operator's pod, and the API server calls its webhook through the chart's Service;
 * `OperatorProcess`: the operator as a local process on loopback, with the chart's RBAC only
   (a token of the chart's ServiceAccount, never admin) — for tests that need its log, its
   restart or a free hand with its settings, and no pod network.
@@ -41,8 +41,8 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 @dataclass
 class ChartRelease:
     """The chart, installed with `helm install --create-namespace --wait` into a namespace named
-    like the release. Run a PodRunner over `namespace` with `selector` first: `--wait` lasts
-    until the operator's pod is ready, which only a pod runner makes it."""
+    like the release. Start the test node first (and set the image values to images it has,
+    testinfra.e2e.chart_image_values): `--wait` lasts until the operator's pod is Ready."""
 
     api: client.ApiClient
     values: dict[str, Any] = field(default_factory=dict)  # --set-json key=value
@@ -81,6 +81,12 @@ class ChartRelease:
         endpoints = [e for s in slices.items for e in s.endpoints or []]
         ready = any(e.conditions and e.conditions.ready for e in endpoints)
         return bool(webhook.ca_bundle) and ready
+
+    def test(self, timeout: float = 180.0) -> str:
+        """`helm test`: the chart's test pod, run on the node; helm's report. (The pod is
+        deleted once it succeeds, so `--logs` cannot follow it.)"""
+        argv = ["test", self.name, "--namespace", self.namespace]
+        return helm(*argv, "--timeout", f"{timeout:g}s").stdout
 
     def uninstall(self) -> None:
         """`helm uninstall`, then the namespace; safe after a failed install."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 INJECT = "prosody-operator.io/inject"
+# The official image, for tests whose pods never run; on the test node, pods run the Prosody
+# image built here (testinfra.e2e.prosody_image).
+PROSODY_IMAGE = "prosody/prosody:0.12"
 
 
 def prosody_config(interval: str, *, modules: tuple[str, ...] = (), extra: str = "") -> str:
@@ -26,12 +29,14 @@ VirtualHost "localhost"
 """
 
 
-def prosody_pod_spec(configmap: str | None, env: dict[str, str] | None = None) -> dict[str, Any]:
+def prosody_pod_spec(
+    configmap: str | None, env: dict[str, str] | None = None, image: str = PROSODY_IMAGE
+) -> dict[str, Any]:
     """A Prosody pod spec, its config from a ConfigMap mounted at /etc/prosody, compliant with
     Pod Security "restricted"."""
     container: dict[str, Any] = {
         "name": "prosody",
-        "image": "prosody/prosody:0.12",
+        "image": image,
         "ports": [{"name": "c2s", "containerPort": 5222}],
         "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
         "securityContext": {
@@ -76,6 +81,7 @@ def prosody_workload(
     env: dict[str, str] | None = None,
     opted_in: bool = True,
     containers: list[dict[str, Any]] | None = None,
+    image: str = PROSODY_IMAGE,
 ) -> dict[str, Any]:
     """A Prosody Deployment, StatefulSet or DaemonSet (see prosody_pod_spec); `opted_in`: its pod
     template has the inject label and annotation, as the README says; `annotations` are more
@@ -88,7 +94,7 @@ def prosody_workload(
                 "labels": {"app": name, **inject},
                 "annotations": {**inject, **(annotations or {})},
             },
-            "spec": prosody_pod_spec(configmap, env),
+            "spec": prosody_pod_spec(configmap, env, image),
         },
     }
     if containers is not None:
@@ -106,9 +112,12 @@ def prosody_deployment(
     *,
     annotations: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
+    image: str = PROSODY_IMAGE,
 ) -> dict[str, Any]:
     """An annotated Prosody Deployment (see prosody_workload)."""
-    return prosody_workload("Deployment", name, configmap, annotations=annotations, env=env)
+    return prosody_workload(
+        "Deployment", name, configmap, annotations=annotations, env=env, image=image
+    )
 
 
 def jitsi_prosody_statefulset(

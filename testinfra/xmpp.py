@@ -29,8 +29,18 @@ def register_account(prosody: ProsodyServer, user: str, password: str) -> None:
 class XmppSession:
     """A logged-in client session; `close()` logs out."""
 
-    def __init__(self, prosody: ProsodyServer, user: str, password: str) -> None:
-        self._argv = [sys.executable, "-m", "testinfra.xmpp", user, password, str(prosody.c2s_port)]
+    def __init__(
+        self,
+        prosody: ProsodyServer | None,
+        user: str,
+        password: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> None:
+        """Logs in to `prosody` on loopback, or to the Prosody at `host`:`port`."""
+        port = port if prosody is None else prosody.c2s_port
+        self._argv = [sys.executable, "-m", "testinfra.xmpp", user, password, host, str(port)]
         self._process: subprocess.Popen[str] | None = None
 
     def open(self, timeout: float = 30.0) -> XmppSession:
@@ -54,8 +64,10 @@ class XmppSession:
             self._process.wait(15)
 
 
-async def _stay_logged_in(jid: str, password: str, port: int, timeout: float = 20.0) -> None:
-    # The test Prosody has no certificate: plain TCP on loopback, SCRAM auth.
+async def _stay_logged_in(
+    jid: str, password: str, host: str, port: int, timeout: float = 20.0
+) -> None:
+    # The test Prosody has no certificate: plain TCP (on loopback, or to a pod), SCRAM auth.
     client = slixmpp.ClientXMPP(
         jid, password, plugin_config={"feature_mechanisms": {"unencrypted_scram": True}}
     )
@@ -66,7 +78,7 @@ async def _stay_logged_in(jid: str, password: str, port: int, timeout: float = 2
     client.add_event_handler("session_start", lambda _: started.set())
     client.add_event_handler("failed_auth", lambda _: sys.exit("authentication failed"))
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    client.connect("127.0.0.1", port)
+    client.connect(host, port)
     await asyncio.wait_for(started.wait(), timeout)
     client.send_presence()
     print(SESSION_STARTED, flush=True)
@@ -75,5 +87,5 @@ async def _stay_logged_in(jid: str, password: str, port: int, timeout: float = 2
 
 
 if __name__ == "__main__":
-    user, password, port = sys.argv[1:4]
-    asyncio.run(_stay_logged_in(f"{user}@localhost", password, int(port)))
+    user, password, host, port = sys.argv[1:5]
+    asyncio.run(_stay_logged_in(f"{user}@localhost", password, host, int(port)))

@@ -1,7 +1,11 @@
-"""Fixtures shared by every test folder: the local Kubernetes control plane and its API client.
+"""Fixtures shared by every test folder: the local Kubernetes control plane, its API client and
+the test node.
 
-The control plane is started once per session, or reused when `make cluster` already runs one
-(then it is left running). Tests that use it are marked `cluster`.
+The control plane and the node are started once per session, or reused when `make cluster` /
+`make node` already run them (then they are left running). Tests that use them are marked
+`cluster` and `node`. The `node` tests run last: while the node is registered, the Nodes'
+podCIDRs (the sidecar's default allowlist) include its pod network, and pods other tests create
+get scheduled and run.
 """
 
 from __future__ import annotations
@@ -14,6 +18,13 @@ from kubernetes import client, config
 
 from testinfra import controlplane
 from testinfra.kubeapi import create_namespace, or_none
+from testinfra.node import Node, NodeError
+from testinfra.procs import MissingPrerequisite
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked `node` last, in their order."""
+    items.sort(key=lambda item: item.get_closest_marker("node") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +58,18 @@ def namespace(k8s_client: client.ApiClient) -> Iterator[str]:
         yield create_namespace(k8s_client, name)
     finally:
         or_none(lambda: client.CoreV1Api(k8s_client).delete_namespace(name))
+
+
+@pytest.fixture(scope="session")
+def node(control_plane: None) -> Iterator[Node]:
+    """The test node, Ready; fails (never skips) with the reason when it cannot start."""
+    test_node = Node()
+    try:
+        started_here, problem = test_node.up(), None
+    except (NodeError, MissingPrerequisite, controlplane.ControlPlaneError) as error:
+        started_here, problem = False, str(error)
+    if problem:
+        pytest.fail(f"the test node did not start: {problem}", pytrace=False)
+    yield test_node
+    if started_here:
+        test_node.stop()  # its logs stay in .cache/node/logs; `up` clears them

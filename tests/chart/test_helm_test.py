@@ -1,15 +1,13 @@
 """The chart's `helm test` check (files/helm_test.py), run for real against a helm-installed
-operator.
+operator on the test node.
 
-No kubelet runs here yet, so `helm test` cannot start its pod: testinfra.podrunner runs the
-operator's pod for real (its webhook behind the chart's Service, its caBundle applied at
-start-up), and the check runs as a local process with exactly the script and arguments of the
-release's test hook (`helm get hooks`), a token of the hook's ServiceAccount and the cluster's CA,
-as its pod would have. Two addresses differ, both chosen by arguments of the check: the API
-server's own (the `kubernetes` Service's ClusterIP is the same for every local control plane on
-this machine, so from the host it may reach another test run's), and the operator pod's for the
-webhook (ClusterIPs are not served here; the API server, too, reaches the webhook at the pod's
-address). TLS is still verified for the Service's name.
+`helm test` runs the hook's pod on the node: from inside the cluster it finds the operator's
+Deployment ready and reaches the webhook at its Service's DNS name, over TLS its caBundle
+verifies. The failures are checked by running the same script as a local process with exactly
+the arguments of the release's test hook (`helm get hooks`), a token of the hook's ServiceAccount
+and the cluster's CA, as its pod would have, and the API server's and the operator pod's
+addresses (reachable from the host) instead of the cluster's names — the only way to point it at
+an address where nothing answers without a second chart.
 """
 
 from __future__ import annotations
@@ -27,18 +25,17 @@ import yaml
 from kubernetes import client
 
 from testinfra import controlplane, e2e
+from testinfra.node import Node
 from testinfra.operator import ChartRelease, helm
-from testinfra.podrunner import PodRunner
 from testinfra.procs import free_port
 
-pytestmark = [pytest.mark.cluster, pytest.mark.netns]
+pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
 
 @dataclass
 class Installed:
     api: client.ApiClient
     release: ChartRelease
-    runner: PodRunner
     workdir: Path
 
     def hook(self) -> dict[str, Any]:
@@ -49,31 +46,34 @@ class Installed:
         return found
 
     def operator_address(self) -> str:
-        (operator,) = self.runner.running_pods(self.release.namespace)
-        deployment = client.AppsV1Api(self.api).read_namespaced_deployment(
-            self.release.name, self.release.namespace
-        )
-        (container,) = deployment.spec.template.spec.containers
+        operator = e2e.wait_for_ready_pod(self.api, self.release.namespace, self.release.selector)
+        (container,) = operator.spec.containers
         (port,) = [p.container_port for p in container.ports if p.name == "webhook"]
-        return f"{operator.ip}:{port}"
+        return f"{operator.status.pod_ip}:{port}"
+
+    def credentials(self, account: str) -> tuple[Path, Path]:
+        """A TokenRequest token of `account` and the cluster's CA, as files."""
+        token = client.CoreV1Api(self.api).create_namespaced_service_account_token(
+            account,
+            self.release.namespace,
+            client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[])),
+        )
+        token_file, ca_file = self.workdir / "token", self.workdir / "ca.crt"
+        token_file.write_text(token.status.token)
+        ca_file.write_bytes(controlplane.ca_cert_path().read_bytes())
+        return token_file, ca_file
 
     def check(self, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         pod = self.hook()
         (container,) = pod["spec"]["containers"]
         assert container["command"] == ["python", "-c"]
         script, *args = container["args"]
-        files = e2e.service_account_files(
-            self.api,
-            self.release.namespace,
-            pod["spec"]["serviceAccountName"],
-            self.api.configuration.host,
-            self.workdir / "sa",
-        )
+        token_file, ca_file = self.credentials(pod["spec"]["serviceAccountName"])
         argv = [
             *args,
-            f"--api-server={files.api_server}",
-            f"--token-file={files.token_file}",
-            f"--ca-file={files.ca_file}",
+            f"--api-server={self.api.configuration.host}",
+            f"--token-file={token_file}",
+            f"--ca-file={ca_file}",
             f"--timeout={timeout:g}",
             *(extra or [f"--address={self.operator_address()}"]),
         ]
@@ -87,18 +87,22 @@ class Installed:
 
 @pytest.fixture(scope="module")
 def installed(
-    k8s_client: client.ApiClient, tmp_path_factory: pytest.TempPathFactory
+    k8s_client: client.ApiClient, node: Node, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Installed]:
-    workdir = tmp_path_factory.mktemp("helm-test")
-    release = ChartRelease(k8s_client)
-    with PodRunner(
-        k8s_client, workdir / "pods", [release.namespace], label_selectors=(release.selector,)
-    ) as runner:
-        try:
-            release.install()
-            yield Installed(k8s_client, release, runner, workdir)
-        finally:
-            release.uninstall()
+    release = ChartRelease(k8s_client, values=e2e.chart_image_values(node))
+    try:
+        release.install()
+        yield Installed(k8s_client, release, tmp_path_factory.mktemp("helm-test"))
+    finally:
+        release.uninstall()
+
+
+def test_helm_test_passes_as_a_pod_on_the_node(installed: Installed) -> None:
+    """`helm test`: the hook pod ran on the node and exited 0, every check passed from inside
+    the cluster (the Service's DNS name through CoreDNS, its ClusterIP through kube-proxy)."""
+    report = installed.release.test()
+    assert f"TEST SUITE:     {installed.release.name}-test" in report, report
+    assert "Phase:          Succeeded" in report, report
 
 
 def test_the_check_passes_against_the_running_operator(installed: Installed) -> None:
@@ -126,21 +130,18 @@ def test_the_check_fails_when_the_ca_bundle_does_not_verify_the_webhook(
     admission = client.AdmissionregistrationV1Api(installed.api)
     name = installed.release.webhook_configuration
     config = admission.read_mutating_webhook_configuration(name)
+    bundles = {w.name: w.client_config.ca_bundle for w in config.webhooks}
     other = base64.b64encode(controlplane.ca_cert_path().read_bytes()).decode()
 
-    def with_bundle(bundle: str | None = None) -> dict[str, Any]:
-        """Every webhook's caBundle set to `bundle`, or back to what it was."""
-        webhooks = [
-            {"name": w.name, "clientConfig": {"caBundle": bundle or w.client_config.ca_bundle}}
-            for w in config.webhooks
-        ]
-        return {"webhooks": webhooks}
+    def patch(bundle: dict[str, str]) -> None:  # every webhook of the configuration
+        webhooks = [{"name": n, "clientConfig": {"caBundle": b}} for n, b in bundle.items()]
+        admission.patch_mutating_webhook_configuration(name, {"webhooks": webhooks})
 
-    admission.patch_mutating_webhook_configuration(name, with_bundle(other))
+    patch(dict.fromkeys(bundles, other))
     try:
         done = installed.check(timeout=4)
     finally:
-        admission.patch_mutating_webhook_configuration(name, with_bundle())
+        patch(bundles)
     assert done.returncode == 1
     assert "the caBundle does not verify its certificate" in done.stdout, done.stdout
 

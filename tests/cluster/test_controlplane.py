@@ -87,7 +87,7 @@ def test_deployment_becomes_replicaset_and_pods(
         return pods if len(pods) == 2 else None
 
     pods = eventually(two_pods, "the replicaset controller to create 2 pods")
-    # No kubelet and no scheduler: the pods exist but never run.
+    # No node is up while these run (the node tests run last): the pods are never scheduled.
     assert {p.status.phase for p in pods} == {"Pending"}
     assert all(p.metadata.labels["app"] == "web" for p in pods)
 

@@ -1,9 +1,8 @@
-"""The chain every end-to-end test runs on, started once for tests/e2e (~20 s): the chart
-`helm install`ed, its operator in a pod the pod runner runs, prometheus-operator, and three
-Prometheus processes running the configuration it generates — replicas 0 and 1 of the Prometheus
-resource `k8s` on the pod network, and one outside the pod network (198.19.x), which the sidecar's
-default allowlist (the Node's podCIDRs) refuses. Each test module deploys its own Prosody
-workloads into the chain's namespace (`Chain.deploy`).
+"""The chain every end-to-end test runs on, started once for tests/e2e, on the test node: the
+chart `helm install`ed with the images built here (its operator in a pod, restartOnDrift on),
+prometheus-operator, and the two Prometheus pods of the Prometheus resource `k8s` that
+prometheus-operator's StatefulSet runs. Each test module deploys its own Prosody workloads into
+the chain's namespace (`Chain.deploy`).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,13 +19,13 @@ from kubernetes import client, utils
 
 from testinfra import e2e
 from testinfra.kubeapi import create_namespace, or_none
+from testinfra.node import Node
 from testinfra.operator import ChartRelease
-from testinfra.podrunner import INJECT_LABEL, PodRunner
-from testinfra.procs import wait_until
 
 LABELS = {"release": "e2e"}  # on the ServiceMonitors, and what the Prometheus selects
 MANUAL_INTERVAL = 2  # seconds: the chart's sidecar.manualInterval
 PROMETHEUS = "k8s"
+SIDECAR = "prosody-exporter"
 
 
 @dataclass
@@ -35,9 +33,8 @@ class Chain:
     api: client.ApiClient
     namespace: str
     release: ChartRelease
-    runner: PodRunner
-    prometheus: list[e2e.PrometheusFromOperator]  # replicas 0 and 1, on the pod network
-    outsider: e2e.PrometheusFromOperator  # the same configuration, outside the pod network
+    node: Node
+    prometheus: list[e2e.PrometheusPod]  # replicas 0 and 1
     manual_interval: int = MANUAL_INTERVAL  # the chart's sidecar.manualInterval
 
     def deploy(self, configmap: str, config: str, workload: dict[str, Any]) -> None:
@@ -50,10 +47,9 @@ class Chain:
         )
         utils.create_from_dict(self.api, workload, namespace=self.namespace)
 
-    def pod(self, app: str) -> Any:
-        pods = self.runner.running_pods(self.namespace, f"{app}-")
-        assert len(pods) == 1, f"pods of {app}: {[p.name for p in pods]}"
-        return pods[0]
+    def pod(self, app: str) -> client.V1Pod:
+        """The one Ready pod labelled app=`app` (a Deployment of testinfra.workloads)."""
+        return e2e.wait_for_ready_pod(self.api, self.namespace, f"app={app}")
 
     def service_monitor(self, app: str) -> dict[str, Any]:
         found: dict[str, Any] = client.CustomObjectsApi(self.api).get_namespaced_custom_object(  # type: ignore[assignment]
@@ -80,19 +76,15 @@ class Chain:
         found: dict[str, Any] = jobs.get(self.job(app), {})
         return found
 
-    def target(self, prometheus: e2e.PrometheusFromOperator, app: str, health: str) -> Any:
-        found: list[dict[str, Any]] = []
+    def target(self, prometheus: e2e.PrometheusPod, app: str, health: str) -> Any:
+        return prometheus.wait_for_target(self.job(app), health)
 
-        def has_target() -> bool:
-            found[:] = [
-                t
-                for t in prometheus.targets()
-                if t["scrapePool"] == self.job(app) and t["health"] == health
-            ]
-            return bool(found)
-
-        wait_until(has_target, 60, f"{app} target {health} in {prometheus.url}", 0.5)
-        return found[0]
+    def scraped(self, app: str, pod: str, replica: int = 0) -> bool:
+        """Whether Prometheus `replica` scrapes pod `pod` of `app` successfully now."""
+        return any(
+            t["scrapePool"] == self.job(app) and t["health"] == "up" and t["labels"]["pod"] == pod
+            for t in self.prometheus[replica].targets()
+        )
 
 
 @pytest.fixture(scope="package")
@@ -106,29 +98,27 @@ def e2e_namespace(k8s_client: client.ApiClient) -> Iterator[str]:
 
 @pytest.fixture(scope="package")
 def chain(
-    k8s_client: client.ApiClient, e2e_namespace: str, tmp_path_factory: pytest.TempPathFactory
+    k8s_client: client.ApiClient,
+    node: Node,
+    e2e_namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Chain]:
-    e2e.prometheus_binary()  # built once (minutes when cold), before anything starts
-    work: Path = tmp_path_factory.mktemp("e2e")
     namespace = e2e_namespace
     with ExitStack() as stack:
         release = ChartRelease(
             k8s_client,
-            values={"serviceMonitor.labels": LABELS, "sidecar.manualInterval": MANUAL_INTERVAL},
-        )
-        # The runner registers its Node first: the sidecar's allowlist is the Nodes' podCIDRs.
-        runner = stack.enter_context(
-            PodRunner(
-                k8s_client,
-                work / "pods",
-                [namespace, release.namespace],
-                label_selectors=(INJECT_LABEL, release.selector),
-            )
+            values={
+                "serviceMonitor.labels": LABELS,
+                "sidecar.manualInterval": MANUAL_INTERVAL,
+                # What a Deployment whose pods missed the webhook needs (test_real_node.py).
+                "sidecar.restartOnDrift": True,
+                **e2e.chart_image_values(node),
+            },
         )
         stack.callback(release.uninstall)
         release.install()
         prometheus_operator = stack.enter_context(
-            e2e.PrometheusOperator(work / "prometheus-operator", [namespace])
+            e2e.PrometheusOperator(tmp_path_factory.mktemp("prometheus-operator"), [namespace])
         )
         e2e.create_prometheus(
             k8s_client,
@@ -138,24 +128,10 @@ def chain(
             service_monitor_labels=LABELS,
             replicas=2,
         )
-        files = e2e.service_account_files(
-            k8s_client, namespace, f"prometheus-{PROMETHEUS}", runner.api_server_url, work / "sa"
-        )
-
-        def prometheus(role: str, netns: Any, replica: int) -> e2e.PrometheusFromOperator:
-            return stack.enter_context(
-                e2e.PrometheusFromOperator(
-                    k8s_client, work / role, namespace, PROMETHEUS, netns, files, replica
-                )
-            )
-
-        outside = str(runner.network.network_address + (1 << 16) + 250)  # 198.19.x.250
         yield Chain(
             k8s_client,
             namespace,
             release,
-            runner,
-            [prometheus(f"prom{i}", runner.attach(f"prom{i}", 250 + i), i) for i in (0, 1)],
-            prometheus("outsider", runner.attach_outside("outsider", f"{outside}/32"), 0),
+            node,
+            [e2e.PrometheusPod(k8s_client, namespace, PROMETHEUS, i).wait_ready() for i in (0, 1)],
         )
-        runner.check()

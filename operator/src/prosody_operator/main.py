@@ -4,6 +4,8 @@ operator cluster-wide."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 
 import kopf
@@ -42,6 +44,10 @@ def main() -> None:
     from . import handlers  # noqa: F401 - registers the handlers with kopf
 
     kopf.configure(verbose=False)
+    # kopf names this process after the passwd database's user name, which a container running
+    # as a uid the image does not list (65532 here, any on OpenShift) lacks: it would crash.
+    # POD_ID, kopf's documented override, is the pod's name: the host name in a pod.
+    os.environ.setdefault("POD_ID", socket.gethostname())
     # kopf logs every handled event and aiohttp every webhook call at INFO: keep decisions only.
     for noisy in ("kopf.objects", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
