@@ -1,14 +1,16 @@
-"""End to end in PodMonitor mode, on the chain of conftest.py: no Service, and the real Prometheus
-scrapes Prosody's sidecar through the configuration prometheus-operator generates from the
-operator's PodMonitor.
+"""End to end in PodMonitor mode, on the chain of conftest.py (the test node): no Service, and the
+Prometheus pods scrape Prosody's sidecar through the configuration prometheus-operator generates
+from the operator's PodMonitor.
 
 A Prosody Deployment (`pods`) gets its Service and ServiceMonitor first, as the chain's release
 is installed. Then, as a user would: `helm upgrade --reuse-values` sets `serviceMonitor.kind:
 PodMonitor` with a relabeling (a `cluster` label on every target) and a metric relabeling (drop
 `prosody_exporter_build_info`), and the Prometheus resource gets a `podMonitorSelector`. The
 operator replaces the Service and ServiceMonitor with a PodMonitor, and Prometheus scrapes the
-same pod through the `podMonitor/...` job with both relabelings applied. Afterwards the release is
-rolled back and the selector removed, so the chain is as the other modules expect it.
+same pod through the `podMonitor/...` job with both relabelings applied (once the kubelet has
+delivered the new configuration to the Prometheus pods: minutes, see testinfra.e2e). Afterwards
+the release is rolled back and the selector removed, so the chain is as the other modules expect
+it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from testinfra.workloads import prosody_config, prosody_deployment, prosody_pod
 
 from .conftest import LABELS, PROMETHEUS, Chain
 
-pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 
 APP = "pods"
 MONITOR = f"{APP}-prosody-metrics"
@@ -53,21 +55,6 @@ def kinds(chain: Chain) -> set[str]:
             found.add(kind)
     services = core.list_namespaced_service(chain.namespace).items
     return found | ({"Service"} if any(s.metadata.name == MONITOR for s in services) else set())
-
-
-def running_pod(chain: Chain) -> client.V1Pod:
-    """The Deployment's one running pod, as the API server reports it."""
-    found: list[client.V1Pod] = []
-
-    def one_running() -> bool:
-        pods = client.CoreV1Api(chain.api).list_namespaced_pod(
-            chain.namespace, label_selector=f"app={APP}"
-        )
-        found[:] = [p for p in pods.items if p.status.phase == "Running" and p.status.pod_ip]
-        return len(found) == len(pods.items) == 1
-
-    wait_until(one_running, 60, f"one running pod of {APP}")
-    return found[0]
 
 
 def events(chain: Chain, reason: str) -> list[str]:
@@ -103,11 +90,10 @@ def select_pod_monitors(chain: Chain, selector: dict[str, Any] | None) -> None:
 @pytest.fixture(scope="module")
 def pod_monitor_mode(chain: Chain) -> Iterator[str]:
     """The Deployment, first with a ServiceMonitor; then the release in PodMonitor mode."""
-    chain.deploy(
-        f"{APP}-config", prosody_config(str(INTERVAL)), prosody_deployment(APP, f"{APP}-config")
-    )
+    workload = prosody_deployment(APP, f"{APP}-config", image=e2e.prosody_image(chain.node))
+    chain.deploy(f"{APP}-config", prosody_config(str(INTERVAL)), workload)
     wait_until(lambda: kinds(chain) == {"Service", "ServiceMonitor"}, 60, "the ServiceMonitor")
-    running_pod(chain)
+    chain.pod(APP)  # Ready
     release = chain.release
     try:
         select_pod_monitors(chain, {"matchLabels": LABELS})
@@ -142,26 +128,15 @@ def test_prometheus_scrapes_the_pod_through_the_pod_monitor_job(chain, pod_monit
     job = generated()
     assert job is not None and job["scrape_interval"] == f"{INTERVAL}s"
 
-    pod = running_pod(chain)
+    pod = chain.pod(APP)
     name = pod.metadata.name
-    found: list[dict[str, Any]] = []
-
-    def target_up() -> bool:
-        found[:] = [
-            t
-            for t in chain.prometheus[0].targets()
-            if t["scrapePool"] == job_name and t["health"] == "up"
-        ]
-        return bool(found)
-
-    wait_until(target_up, 60, f"{job_name} up in {chain.prometheus[0].url}", 0.5)
-    target = found[0]
+    prometheus = chain.prometheus[0]
+    target = prometheus.wait_for_target(job_name, "up")  # minutes: see testinfra.e2e
     assert target["scrapeUrl"] == f"http://{pod.status.pod_ip}:9755/metrics"  # the sidecar's port
     assert target["labels"]["pod"] == name
     assert target["labels"]["service"] == MONITOR  # as a ServiceMonitor's: alerts, dashboard
     assert target["labels"]["cluster"] == "e2e"  # serviceMonitor.relabelings
 
-    prometheus = chain.prometheus[0]
     scraped = f'prosody_exporter_up{{pod="{name}", job="{chain.namespace}/{MONITOR}"}}'
     series = prometheus.wait_for_series(scraped)
     assert series[0]["metric"]["cluster"] == "e2e"
