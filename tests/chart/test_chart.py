@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,15 @@ import pytest
 import yaml
 
 from prosody_operator import __version__, builders
-from prosody_operator.settings import ENV_PREFIX, OperatorSettings
+from prosody_operator import annotations as ann
+from prosody_operator.intervals import EffectiveInterval, format_duration
+from prosody_operator.settings import (
+    ENV_PREFIX,
+    RESTRICTED_SIDECAR,
+    OperatorSettings,
+    RelabelConfig,
+    SecurityContext,
+)
 from testinfra.procs import require_program
 from tools import chart, dashboard, promql
 
@@ -190,6 +199,36 @@ BAD_VALUES = [
         "at '/operator/securityContext/seccompProfile/type'",
     ),
     ({"test.enabled": "true"}, "at '/test/enabled': got string, want boolean"),
+    ({"serviceMonitor.enabled": "no"}, "at '/serviceMonitor/enabled': got string, want boolean"),
+    ({"serviceMonitor.kind": "PodMonitors"}, "at '/serviceMonitor/kind': value must be one of"),
+    ({"serviceMonitor.sampleLimit": -1}, "at '/serviceMonitor/sampleLimit': minimum"),
+    ({"serviceMonitor.sampleLimit": "1000"}, "at '/serviceMonitor/sampleLimit': got string"),
+    ({"serviceMonitor.honorLabels": "true"}, "at '/serviceMonitor/honorLabels': got string"),
+    ({"serviceMonitor.scrapeTimeout": "15"}, "at '/serviceMonitor/scrapeTimeout'"),
+    ({"serviceMonitor.scrapeTimeout": "0s"}, "at '/serviceMonitor/scrapeTimeout'"),
+    ({"serviceMonitor.scrapeTimeout": "1d"}, "at '/serviceMonitor/scrapeTimeout'"),
+    (
+        {"serviceMonitor.relabelings": [{"action": "dorp"}]},
+        "at '/serviceMonitor/relabelings/0/action': value must be one of",
+    ),
+    (
+        {"serviceMonitor.metricRelabelings": [{"source_labels": ["__name__"]}]},
+        "additional properties 'source_labels' not allowed",
+    ),
+    (
+        {"serviceMonitor.metricRelabelings": [{"sourceLabels": ["a-b"]}]},
+        "at '/serviceMonitor/metricRelabelings/0/sourceLabels/0'",
+    ),
+    ({"serviceMonitor.relabelings": {"action": "drop"}}, "got object, want array"),
+    (
+        {"sidecar.prometheusScrapeAnnotations": "on"},
+        "at '/sidecar/prometheusScrapeAnnotations': got string, want boolean",
+    ),
+    (
+        {"sidecar.securityContext": {"runAsUsr": 1}},
+        "additional properties 'runAsUsr' not allowed",
+    ),
+    ({"sidecar.securityContext.runAsUser": -1}, "at '/sidecar/securityContext/runAsUser'"),
     (
         {"serviceAccount.create": False},
         "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is",
@@ -235,7 +274,19 @@ def test_env_is_what_the_operator_accepts(ci_values: Path, monkeypatch: pytest.M
     assert [str(n) for n in settings.pod_cidrs] == sidecar.get("podCIDRs", [])
     assert settings.restart_on_drift is sidecar.get("restartOnDrift", False)
     assert settings.exporter_port == sidecar.get("port", 9755)
-    assert settings.service_monitor_labels == values.get("serviceMonitor", {}).get("labels", {})
+    monitors = values.get("serviceMonitor", {})
+    assert settings.service_monitor_labels == monitors.get("labels", {})
+    assert settings.service_monitor_enabled is monitors.get("enabled", True)
+    assert settings.monitor_kind == monitors.get("kind", "ServiceMonitor")
+    assert settings.service_monitor_relabelings == monitors.get("relabelings", [])
+    assert settings.service_monitor_metric_relabelings == monitors.get("metricRelabelings", [])
+    assert settings.service_monitor_sample_limit == monitors.get("sampleLimit", 0)
+    assert settings.service_monitor_honor_labels is monitors.get("honorLabels", False)
+    timeout = settings.service_monitor_scrape_timeout
+    assert (format_duration(timeout) if timeout else "") == monitors.get("scrapeTimeout", "")
+    assert settings.prometheus_scrape_annotations is sidecar.get(
+        "prometheusScrapeAnnotations", False
+    )
     assert settings.webhook_service == f"{NAMESPACE}/{only(objects, 'Service')['metadata']['name']}"
     assert (
         settings.webhook_configuration
@@ -736,6 +787,63 @@ def test_openshift_mode_leaves_ids_to_the_scc_and_keeps_run_as_non_root(
     assert pod_ids == (FIXED_IDS if fixed_ids else set())
     if not fixed_ids:
         assert not [c for c in contexts if FIXED_IDS & c.keys()]
+
+
+@pytest.mark.parametrize(
+    ("mode", "api_versions", "fixed_ids"),
+    [("auto", (), True), ("auto", (OPENSHIFT_API,), False), ("force", (), False)],
+)
+def test_openshift_mode_reaches_the_sidecars_security_context(
+    mode: str, api_versions: tuple[str, ...], fixed_ids: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator builds the sidecar from its setting, which the chart renders from
+    sidecar.securityContext the same way as the operator's own contexts."""
+    objects = render(
+        chart.CHART / "ci" / "security-context-values.yaml",
+        api_versions=api_versions,
+        **{"global.compatibility.openshift.adaptSecurityContext": mode},
+    )
+    context = operator_settings(env_of(objects), monkeypatch).sidecar_security_context
+    assert context["runAsNonRoot"] is True
+    assert {k for k in context if k in FIXED_IDS} == (
+        {"runAsUser", "runAsGroup"} if fixed_ids else set()
+    )
+    interval = EffectiveInterval(60.0, 60.0, "x")
+    sidecar = builders.build_sidecar_container(
+        operator_settings(env_of(objects), monkeypatch), ann.Overrides(), [], interval
+    )
+    assert sidecar["securityContext"] == context
+
+
+def test_sidecar_security_context_defaults_to_the_operators_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chart's default and the operator's own (without the chart) are the same context."""
+    settings = operator_settings(env_of(render()), monkeypatch)
+    assert settings.sidecar_security_context == RESTRICTED_SIDECAR
+
+
+def _schema_keys(definition: dict[str, Any]) -> dict[str, Any]:
+    """A schema definition's properties, their enums where they have one."""
+    return {k: v.get("enum") for k, v in definition["properties"].items()}
+
+
+def test_schema_and_settings_accept_the_same_fields() -> None:
+    """What the schema lets through reaches the operator, whose settings must accept it too
+    (or it would exit at start-up on a value helm accepted)."""
+    definitions = json.loads((chart.CHART / "values.schema.json").read_text())["definitions"]
+    relabel, relabel_types = (
+        _schema_keys(definitions["relabelConfig"]),
+        typing.get_type_hints(RelabelConfig),
+    )
+    assert relabel.keys() == relabel_types.keys()
+    assert relabel["action"] == list(typing.get_args(relabel_types["action"]))
+    context, context_types = (
+        _schema_keys(definitions["securityContext"]),
+        typing.get_type_hints(SecurityContext),
+    )
+    assert context.keys() == context_types.keys()
+    assert context["procMount"] == list(typing.get_args(context_types["procMount"]))
 
 
 def test_security_contexts_are_the_values() -> None:

@@ -84,6 +84,26 @@ def test_effective_interval_order(annotation, config, env, expected, source):
             [ann.PORT, ann.INTERVAL, ann.ALLOW_CIDRS, ann.IMAGE, ann.RESOURCES],
         ),
         ({ann.INJECT: "true", ann.RESOURCES: "{not json"}, ann.Overrides(), [ann.RESOURCES]),
+        (
+            {ann.SCRAPE_TIMEOUT: "1m30s", ann.SAMPLE_LIMIT: "20000"},
+            ann.Overrides(scrape_timeout=90.0, sample_limit=20000),
+            [],
+        ),
+        (
+            {ann.SCRAPE_TIMEOUT: "500ms", ann.SAMPLE_LIMIT: "0"},
+            ann.Overrides(scrape_timeout=0.5, sample_limit=0),
+            [],
+        ),
+        (
+            {ann.SCRAPE_TIMEOUT: "manual", ann.SAMPLE_LIMIT: "-1"},
+            ann.Overrides(),
+            [ann.SCRAPE_TIMEOUT, ann.SAMPLE_LIMIT],
+        ),
+        (
+            {ann.SCRAPE_TIMEOUT: "0s", ann.SAMPLE_LIMIT: "lots"},
+            ann.Overrides(),
+            [ann.SCRAPE_TIMEOUT, ann.SAMPLE_LIMIT],
+        ),
     ],
 )
 def test_parse_annotations(annotations, overrides, problem_keys):

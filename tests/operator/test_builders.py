@@ -98,6 +98,47 @@ def test_service_and_service_monitor(name, workload):
     )
 
 
+KNOBS = builders.ScrapeOptions(
+    timeout=15.0,
+    honor_labels=True,
+    relabelings=({"targetLabel": "cluster", "replacement": "eu-1", "action": "replace"},),
+    metric_relabelings=(
+        {"sourceLabels": ["__name__"], "regex": "prosody_mod_http_.*", "action": "drop"},
+    ),
+    sample_limit=20000,
+)
+
+
+@pytest.mark.parametrize(("name", "workload"), [("", DEPLOYMENT), ("statefulset-", STATEFULSET)])
+def test_pod_monitor(name, workload):
+    interval = EffectiveInterval(45.0, 45.0, "prosody.cfg.lua:12")
+    check_golden(
+        f"{name}podmonitor",
+        builders.build_pod_monitor(
+            workload, interval, SETTINGS.service_monitor_labels, "monitoring/k8s"
+        ),
+    )
+
+
+@pytest.mark.parametrize("build", [builders.build_service_monitor, builders.build_pod_monitor])
+def test_monitors_with_every_knob(build):
+    interval = EffectiveInterval(45.0, 45.0, "prosody.cfg.lua:12")
+    monitor = build(DEPLOYMENT, interval, SETTINGS.service_monitor_labels, "none", KNOBS)
+    check_golden(f"{monitor['kind'].lower()}-knobs", monitor)
+
+
+def test_sidecar_security_context_is_the_setting():
+    """The chart's OpenShift mode passes a context without runAsUser and runAsGroup."""
+    context = {"runAsNonRoot": True, "allowPrivilegeEscalation": False}
+    settings = SETTINGS.model_copy(update={"sidecar_security_context": context})
+    sidecar = builders.build_sidecar_container(
+        settings, ann.Overrides(), [], EffectiveInterval(60.0, 60.0, "x")
+    )
+    assert sidecar["securityContext"] == context
+    sidecar["securityContext"]["runAsUser"] = 0  # a copy: the settings stay as they are
+    assert settings.sidecar_security_context == context
+
+
 def test_the_hash_is_of_the_built_object():
     """A new operator version that builds an object differently gives it a new hash, whatever
     the inputs: that is how the change reaches every existing object."""

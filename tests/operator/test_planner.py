@@ -17,7 +17,7 @@ from prosody_operator.observation import Admission, Workload
 from prosody_operator.planner import plan_admission, plan_reconcile
 from prosody_operator.prosody import ConfigMount
 from prosody_operator.selection import PrometheusSelectors
-from prosody_operator.settings import OperatorSettings
+from prosody_operator.settings import RESTRICTED_SIDECAR, OperatorSettings
 from prosody_operator.workloads import ObjectRef, label_selector, pod_owner
 
 NAMESPACE = "chat"
@@ -95,10 +95,15 @@ def pod(name: str, *, sidecar_interval: str | None = None, phase: str = "Running
     }
 
 
-def built(body: dict[str, Any], interval: str = "60s", selected_by: str = "none") -> dict:
+def built(
+    body: dict[str, Any],
+    interval: str = "60s",
+    selected_by: str = "none",
+    settings: OperatorSettings = SETTINGS,
+) -> dict:
     """The live objects of an earlier reconcile, as the API server returns them."""
     plan = plan_reconcile(
-        SETTINGS,
+        settings,
         Workload(body, {}, owned={}),
     )
     owned = {}
@@ -107,8 +112,10 @@ def built(body: dict[str, Any], interval: str = "60s", selected_by: str = "none"
         live["metadata"]["uid"] = f"uid-{obj['kind']}"
         live["metadata"]["resourceVersion"] = "1"
         owned[obj["kind"]] = live
-    assert owned["ServiceMonitor"]["spec"]["endpoints"][0]["interval"] == interval
-    assert owned["ServiceMonitor"]["metadata"]["annotations"][ann.SELECTED_BY] == selected_by
+    monitor = owned.get("ServiceMonitor") or owned["PodMonitor"]
+    endpoints = monitor["spec"].get("endpoints") or monitor["spec"]["podMetricsEndpoints"]
+    assert endpoints[0]["interval"] == interval
+    assert monitor["metadata"]["annotations"][ann.SELECTED_BY] == selected_by
     return owned
 
 
@@ -134,7 +141,12 @@ def restarted(body: dict[str, Any], minutes_ago: float) -> dict[str, Any]:
 
 KPS = PrometheusSelectors("monitoring", "kps", {"matchLabels": {"release": "kps"}}, {})
 OTHER = PrometheusSelectors("monitoring", "other", {"matchLabels": {"release": "x"}}, {})
+KPS_PODS = PrometheusSelectors(
+    "monitoring", "kps", None, None, {"matchLabels": {"release": "kps"}}, {}
+)
 DRIFT = SETTINGS.model_copy(update={"restart_on_drift": True})
+PODS = SETTINGS.model_copy(update={"monitor_kind": "PodMonitor"})
+INJECT_ONLY = SETTINGS.model_copy(update={"service_monitor_enabled": False})
 
 
 # Each row: the observation (and settings), then what the plan must hold — the kinds it applies
@@ -404,6 +416,101 @@ RECONCILE = {
             DRIFT,
         ),
         [], [], {"NotSelectedByPrometheus": "", "SidecarMissing": "Restarting"}, True,
+    ),
+    # -- the monitor's kind: ServiceMonitor (above), PodMonitor, or none (inject only) --
+    "PodMonitor mode: a PodMonitor and no Service": (
+        (Workload(opted_in(), {}), PODS),
+        ["PodMonitor"], [],
+        {"MetricsConfigured": "PodMonitor xmpp-prosody-metrics: interval 60s (from Prosody's "
+         "default), pod port 9755",
+         "NotSelectedByPrometheus": "No Prometheus selects PodMonitor xmpp-prosody-metrics"},
+        False,
+    ),
+    "PodMonitor mode, as built before: no write": (
+        (Workload(opted_in(), {}, owned=built(opted_in(), settings=PODS)), PODS),
+        [], [], {"NotSelectedByPrometheus": ""}, False,
+    ),
+    "switched to PodMonitor: the Service and the ServiceMonitor go": (
+        (Workload(opted_in(), {}, owned=built(opted_in())), PODS),
+        ["PodMonitor"], ["Service", "ServiceMonitor"],
+        {"MetricsConfigured": "PodMonitor", "NotSelectedByPrometheus": "",
+         "MetricsRemoved": "the monitor kind is PodMonitor: deleted Service xmpp-prosody-metrics "
+         "and ServiceMonitor xmpp-prosody-metrics"},
+        False,
+    ),
+    "switched back to ServiceMonitor: the PodMonitor goes": (
+        Workload(opted_in(), {}, owned=built(opted_in(), settings=PODS)),
+        ["Service", "ServiceMonitor"], ["PodMonitor"],
+        {"MetricsConfigured": "Service port 9755", "NotSelectedByPrometheus": "",
+         "MetricsRemoved": "the monitor kind is ServiceMonitor: deleted PodMonitor "
+         "xmpp-prosody-metrics"},
+        False,
+    ),
+    "PodMonitor mode, a Service of our name not ours: left alone, no conflict": (
+        (Workload(opted_in(), {}, owned=foreign(built(opted_in()), "Service")), PODS),
+        ["PodMonitor"], ["ServiceMonitor"],
+        {"MetricsConfigured": "", "NotSelectedByPrometheus": "", "MetricsRemoved": ""},
+        False,
+    ),
+    "PodMonitor mode, a PodMonitor of our name not ours: NameConflict": (
+        (Workload(opted_in(), {}, owned=foreign(built(opted_in(), settings=PODS), "PodMonitor")),
+         PODS),
+        [], [],
+        {"NameConflict": "PodMonitor xmpp-prosody-metrics exists but is not owned",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "PodMonitor mode: selected by a Prometheus' podMonitorSelector": (
+        (Workload(opted_in(), {}, prometheuses=(KPS_PODS,)), PODS),
+        ["PodMonitor"], [],
+        {"MetricsConfigured": "",
+         "SelectedByPrometheus": "PodMonitor xmpp-prosody-metrics is selected by Prometheus "
+         "monitoring/kps"},
+        False,
+    ),
+    "PodMonitor mode: a Prometheus selecting ServiceMonitors only": (
+        (Workload(opted_in(), {}, prometheuses=(KPS,)), PODS),
+        ["PodMonitor"], [],
+        {"MetricsConfigured": "",
+         "NotSelectedByPrometheus": "monitoring/kps has no podMonitorSelector (selects none)"},
+        False,
+    ),
+    "ServiceMonitor mode: a Prometheus selecting PodMonitors only": (
+        Workload(opted_in(), {}, prometheuses=(KPS_PODS,)),
+        ["Service", "ServiceMonitor"], [],
+        {"MetricsConfigured": "",
+         "NotSelectedByPrometheus": "monitoring/kps has no serviceMonitorSelector"},
+        False,
+    ),
+    "inject only: no Service, no monitor, nothing to select": (
+        (Workload(opted_in(), {}, prometheuses=(KPS,)), INJECT_ONLY),
+        [], [], {}, False,
+    ),
+    "inject only: what was made before goes": (
+        (Workload(opted_in(), {}, owned=built(opted_in())), INJECT_ONLY),
+        [], ["Service", "ServiceMonitor"],
+        {"MetricsRemoved": "inject only (PROSODY_OPERATOR_SERVICE_MONITOR_ENABLED is false): "
+         "deleted Service xmpp-prosody-metrics and ServiceMonitor xmpp-prosody-metrics"},
+        False,
+    ),
+    "inject only: pods without the sidecar are still reported": (
+        (Workload(opted_in(), {}, pods=(pod("xmpp-1"),)), INJECT_ONLY),
+        [], [], {"SidecarMissing": "xmpp-1"}, False,
+    ),
+    "a scrape timeout above the interval: the interval, and said so": (
+        (Workload(opted_in(pod={ann.INTERVAL: "30s", ann.SCRAPE_TIMEOUT: "45s"}), {}), SETTINGS),
+        ["Service", "ServiceMonitor"], [],
+        {"MetricsConfigured": "scrapeTimeout 30s, not the 45s of annotation "
+         f"{ann.SCRAPE_TIMEOUT}: a timeout cannot exceed the interval",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "invalid monitor annotations: reported, the settings used": (
+        Workload(opted_in(pod={ann.SCRAPE_TIMEOUT: "soon", ann.SAMPLE_LIMIT: "-5"}), {}),
+        ["Service", "ServiceMonitor"], [],
+        {"InvalidAnnotation": f"{ann.SAMPLE_LIMIT}='-5' ignored", "MetricsConfigured": "",
+         "NotSelectedByPrometheus": ""},
+        False,
     ),
     # -- every workload kind --
     "StatefulSet": (
@@ -735,3 +842,150 @@ def test_event_log_memory_is_bounded():
     for name in ("a", "b", "c", "a"):
         log.report(ObjectRef("apps/v1", "Deployment", NAMESPACE, name, f"uid-{name}"), [event])
     assert posted == ["a", "b", "c", "a"]  # "a" was forgotten to make room for "c"
+
+
+# --- what the monitor says ------------------------------------------------------------------------
+
+RELABEL = {"targetLabel": "cluster", "replacement": "eu-1", "action": "replace"}
+DROP_HTTP = {"sourceLabels": ["__name__"], "regex": "prosody_mod_http_.*", "action": "drop"}
+KNOBS = SETTINGS.model_copy(
+    update={
+        "service_monitor_relabelings": [RELABEL],
+        "service_monitor_metric_relabelings": [DROP_HTTP],
+        "service_monitor_sample_limit": 5000,
+        "service_monitor_honor_labels": True,
+        "service_monitor_scrape_timeout": 15.0,
+    }
+)
+SERVICE_LABEL = {
+    "action": "replace",
+    "targetLabel": "service",
+    "replacement": "xmpp-prosody-metrics",
+}
+DEFAULT_ENDPOINT = {
+    "port": "metrics",
+    "path": "/metrics",
+    "interval": "60s",
+    "scrapeTimeout": "10s",
+}
+KNOB_ENDPOINT = {
+    **DEFAULT_ENDPOINT,
+    "scrapeTimeout": "15s",
+    "honorLabels": True,
+    "relabelings": [RELABEL],
+    "metricRelabelings": [DROP_HTTP],
+}
+
+# Each row: the settings and the pod template's annotations, then the monitor's endpoint and its
+# sampleLimit (None: not set).
+MONITOR = {
+    "defaults: prometheus-operator's own for everything but interval and timeout": (
+        SETTINGS, {}, DEFAULT_ENDPOINT, None,
+    ),
+    "every knob from the settings": (KNOBS, {}, KNOB_ENDPOINT, 5000),
+    "the workload's annotations beat the settings": (
+        KNOBS, {ann.SCRAPE_TIMEOUT: "20s", ann.SAMPLE_LIMIT: "20000"},
+        {**KNOB_ENDPOINT, "scrapeTimeout": "20s"}, 20000,
+    ),
+    "sample-limit 0: no limit, whatever the setting": (
+        KNOBS, {ann.SAMPLE_LIMIT: "0"}, KNOB_ENDPOINT, None,
+    ),
+    "a timeout above the interval is the interval": (
+        KNOBS.model_copy(update={"service_monitor_scrape_timeout": 90.0}), {},
+        {**KNOB_ENDPOINT, "scrapeTimeout": "60s"}, 5000,
+    ),
+    "the interval annotation bounds the timeout too": (
+        SETTINGS, {ann.INTERVAL: "5s", ann.SCRAPE_TIMEOUT: "8s"},
+        {**DEFAULT_ENDPOINT, "interval": "5s", "scrapeTimeout": "5s"}, None,
+    ),
+    "PodMonitor: the same knobs, the service label first": (
+        KNOBS.model_copy(update={"monitor_kind": "PodMonitor"}), {},
+        {**KNOB_ENDPOINT, "relabelings": [SERVICE_LABEL, RELABEL]}, 5000,
+    ),
+    "PodMonitor, defaults: only the service label": (
+        PODS, {}, {**DEFAULT_ENDPOINT, "relabelings": [SERVICE_LABEL]}, None,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("row", MONITOR)
+def test_monitor_fields(row):
+    settings, annotations, endpoint, sample_limit = MONITOR[row]
+    body = opted_in(pod=annotations)
+    plan = plan_reconcile(settings, Workload(body, {}))
+    (monitor,) = [obj for obj in plan.apply if obj["kind"] == settings.monitor_kind]
+    spec = monitor["spec"]
+    endpoints = spec[
+        "endpoints" if settings.monitor_kind == "ServiceMonitor" else "podMetricsEndpoints"
+    ]
+    assert endpoints == [endpoint]
+    assert spec.get("sampleLimit") == sample_limit
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    if settings.monitor_kind == "PodMonitor":  # the workload's own pods
+        assert spec["selector"] == body["spec"]["selector"]
+        assert [obj["kind"] for obj in plan.apply] == ["PodMonitor"]
+
+
+def test_pod_monitor_selects_with_the_workloads_whole_selector():
+    """A Service can select by labels only; a PodMonitor takes matchExpressions too."""
+    body = opted_in()
+    body["spec"]["selector"]["matchExpressions"] = [
+        {"key": "tier", "operator": "In", "values": ["xmpp"]}
+    ]
+    (monitor,) = plan_reconcile(PODS, Workload(body, {})).apply
+    assert monitor["spec"]["selector"] == body["spec"]["selector"]
+
+
+# --- what the webhook adds besides the sidecar ---------------------------------------------------
+
+SCRAPE_ANNOTATIONS = SETTINGS.model_copy(update={"prometheus_scrape_annotations": True})
+OPENSHIFT = SETTINGS.model_copy(
+    update={
+        "sidecar_security_context": {
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+    }
+)
+PROMETHEUS_IO = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": "9755",
+    "prometheus.io/path": "/metrics",
+    "prometheus.io/scheme": "http",
+}
+
+# Each row: the settings and the pod's annotations, then the annotations the patch sets besides
+# the status, and the sidecar's securityContext.
+INJECTED_EXTRAS = {
+    "defaults: no prometheus.io annotations, the restricted context": (
+        SETTINGS, {}, {}, dict(RESTRICTED_SIDECAR),
+    ),
+    "prometheus.io annotations on": (
+        SCRAPE_ANNOTATIONS, {}, PROMETHEUS_IO, dict(RESTRICTED_SIDECAR),
+    ),
+    "prometheus.io annotations follow the port annotation": (
+        SCRAPE_ANNOTATIONS, {ann.PORT: "9100"}, {**PROMETHEUS_IO, "prometheus.io/port": "9100"},
+        dict(RESTRICTED_SIDECAR),
+    ),
+    "the pod's own prometheus.io annotations are kept": (
+        SCRAPE_ANNOTATIONS, {"prometheus.io/scrape": "false", "prometheus.io/path": "/x"},
+        {"prometheus.io/port": "9755", "prometheus.io/scheme": "http"}, dict(RESTRICTED_SIDECAR),
+    ),
+    "the OpenShift mode's context: no runAsUser or runAsGroup": (
+        OPENSHIFT, {}, {}, OPENSHIFT.sidecar_security_context,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("row", INJECTED_EXTRAS)
+def test_injected_annotations_and_security_context(row):
+    settings, annotations, added, context = INJECTED_EXTRAS[row]
+    plan = plan_admission(settings, admission(new_pod(labels=OPTED, annotations=annotations)))
+    assert plan.patch is not None
+    patched = dict(plan.patch["metadata"]["annotations"])
+    assert patched.pop(ann.STATUS)
+    assert patched == added
+    assert plan.patch["spec"]["containers"][-1]["securityContext"] == context

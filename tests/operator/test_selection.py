@@ -79,3 +79,45 @@ def test_select(prometheuses, selected, reason):
     assert selection.summary == (",".join(selected) or "none")
     if reason:
         assert any(reason in r for r in selection.reasons), selection.reasons
+
+
+def pod_prometheus(monitors=None, namespaces=None, service_monitors=None):
+    return PrometheusSelectors("monitoring", "k8s", service_monitors, {}, monitors, namespaces)
+
+
+@pytest.mark.parametrize(
+    ("prometheus", "selected", "reason"),
+    [
+        (pod_prometheus(monitors={}, namespaces={}), True, None),
+        (pod_prometheus(service_monitors={}), False, "has no podMonitorSelector (selects none)"),
+        (
+            pod_prometheus(monitors={"matchLabels": {"release": "prom"}}, namespaces={}),
+            False,
+            "selects PodMonitors with release=prom",
+        ),
+        (pod_prometheus(monitors={}), False, "only looks in its own namespace monitoring"),
+        (
+            pod_prometheus(monitors={}, namespaces={"matchLabels": {"monitoring": "on"}}),
+            False,
+            "looks only in namespaces with monitoring=on",
+        ),
+    ],
+)
+def test_select_pod_monitors(prometheus, selected, reason):
+    """The same rules with the Prometheus' podMonitorSelector and podMonitorNamespaceSelector."""
+    selection = select([prometheus], LABELS, "chat", {}, kind="PodMonitor")
+    assert bool(selection.selected_by) is selected
+    if reason:
+        assert any(reason in r for r in selection.reasons), selection.reasons
+
+
+def test_selectors_of_a_prometheus_resource():
+    spec = {
+        "serviceMonitorSelector": {"matchLabels": {"a": "1"}},
+        "podMonitorSelector": {"matchLabels": {"b": "2"}},
+        "podMonitorNamespaceSelector": {},
+    }
+    found = PrometheusSelectors.of({"metadata": {"namespace": "m", "name": "p"}, "spec": spec})
+    assert found == PrometheusSelectors(
+        "m", "p", {"matchLabels": {"a": "1"}}, None, {"matchLabels": {"b": "2"}}, {}
+    )

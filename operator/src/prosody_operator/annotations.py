@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .intervals import parse_duration
 from .prosody_config import Interval, parse_interval_value
 
 PREFIX = "prosody-operator.io/"
@@ -24,6 +25,11 @@ INTERVAL = PREFIX + "interval"
 IMAGE = PREFIX + "image"
 RESOURCES = PREFIX + "resources"
 CONTAINER = PREFIX + "container"
+# Per-workload monitor settings (pod template): the scrape timeout and the sample limit depend
+# on the workload (how many hosts and components, hence series, its Prosody serves); the other
+# monitor settings are the Prometheus installation's conventions and only global.
+SCRAPE_TIMEOUT = PREFIX + "scrape-timeout"
+SAMPLE_LIMIT = PREFIX + "sample-limit"
 # Written by the webhook: what it injected (version and a hash of the sidecar), as Istio does.
 STATUS = PREFIX + "status"
 # Written on generated objects: a hash of the object as built, to skip no-op updates and to roll
@@ -52,6 +58,8 @@ class Overrides:
     image: str | None = None
     resources: Mapping[str, Any] | None = None
     container: str | None = None
+    scrape_timeout: float | None = None  # seconds
+    sample_limit: int | None = None  # 0: none
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,13 @@ def _resources(value: str) -> Mapping[str, Any]:
     return resources
 
 
+def _sample_limit(value: str) -> int:
+    limit = int(value)
+    if limit < 0:
+        raise ValueError("must be 0 (no limit) or more")
+    return limit
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     PORT: ("port", _port),
     ALLOW_CIDRS: ("allow_cidrs", _cidrs),
@@ -100,6 +115,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     IMAGE: ("image", _image),
     RESOURCES: ("resources", _resources),
     CONTAINER: ("container", str),
+    SCRAPE_TIMEOUT: ("scrape_timeout", parse_duration),
+    SAMPLE_LIMIT: ("sample_limit", _sample_limit),
 }
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
@@ -22,6 +24,8 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "prosody-operator"}
 # metrics by it); the other serves opted-in namespaces.
 POD_WEBHOOK = "inject.prosody-operator.io"
 NAMESPACE_WEBHOOK = "namespace.inject.prosody-operator.io"
+PROMETHEUS_IO = "prometheus.io/"
+MONITORING = "monitoring.coreos.com/v1"
 
 Obj = dict[str, Any]
 
@@ -87,16 +91,9 @@ def build_sidecar_container(
         # metrics (prosody_exporter_up, prosody_exporter_snapshot_stale) instead.
         "readinessProbe": probe("/healthz"),
         "resources": sidecar_resources(settings, overrides.resources),
-        # Passes Pod Security "restricted".
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 65532,
-            "runAsGroup": 65532,
-            "readOnlyRootFilesystem": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        # The default passes Pod Security "restricted"; the chart's OpenShift mode leaves
+        # runAsUser and runAsGroup out of it.
+        "securityContext": copy.deepcopy(dict(settings.sidecar_security_context)),
     }
 
 
@@ -104,12 +101,26 @@ def injection_status(sidecar: Mapping[str, Any]) -> str:
     return json.dumps({"version": __version__, "hash": hash_of(sidecar)}, sort_keys=True)
 
 
-def build_injection_patch(pod: Mapping[str, Any], sidecar: Obj) -> Obj:
-    """The merge patch that adds the sidecar and records what was injected."""
+def build_injection_patch(
+    pod: Mapping[str, Any], sidecar: Obj, annotations: Mapping[str, str] | None = None
+) -> Obj:
+    """The merge patch that adds the sidecar and records what was injected (and sets
+    `annotations` on the pod)."""
     containers = [*pod.get("spec", {}).get("containers", []), sidecar]
     return {
-        "metadata": {"annotations": {ann.STATUS: injection_status(sidecar)}},
+        "metadata": {"annotations": {**(annotations or {}), ann.STATUS: injection_status(sidecar)}},
         "spec": {"containers": containers},
+    }
+
+
+def prometheus_scrape_annotations(port: int) -> dict[str, str]:
+    """What a Prometheus without the Operator reads (the `kubernetes-pods` job of the
+    prometheus-community chart and of Prometheus' own example configuration)."""
+    return {
+        PROMETHEUS_IO + "scrape": "true",
+        PROMETHEUS_IO + "port": str(port),
+        PROMETHEUS_IO + "path": "/metrics",
+        PROMETHEUS_IO + "scheme": "http",
     }
 
 
@@ -190,35 +201,89 @@ def monitor_labels(workload: Mapping[str, Any], labels: Mapping[str, str]) -> di
     return {**labels, **workload_labels(workload)}
 
 
+@dataclass(frozen=True)
+class ScrapeOptions:
+    """How Prometheus scrapes a workload beyond its interval: the same in a ServiceMonitor and
+    a PodMonitor. Empty values leave the field out (prometheus-operator's defaults)."""
+
+    timeout: float | None = None  # seconds, at most the interval; None: the interval's default
+    honor_labels: bool = False
+    relabelings: tuple[Mapping[str, Any], ...] = ()
+    metric_relabelings: tuple[Mapping[str, Any], ...] = ()
+    sample_limit: int = 0  # 0: none
+
+
+def _monitor(
+    kind: str,
+    workload: Mapping[str, Any],
+    interval: EffectiveInterval,
+    labels: Mapping[str, str],
+    selected_by: str,
+    scrape: ScrapeOptions,
+    relabelings: Sequence[Mapping[str, Any]] = (),
+) -> Obj:
+    """A ServiceMonitor or PodMonitor without its selector; `relabelings` come before the
+    configured ones."""
+    metadata = _metadata(workload)
+    metadata["labels"] = monitor_labels(workload, labels)
+    metadata["annotations"] = {ann.INTERVAL_SOURCE: interval.source, ann.SELECTED_BY: selected_by}
+    timeout = interval.scrape_timeout if scrape.timeout is None else format_duration(scrape.timeout)
+    endpoint: Obj = {
+        "port": METRICS_PORT_NAME,
+        "path": "/metrics",
+        "interval": interval.scrape_interval,
+        "scrapeTimeout": timeout,
+    }
+    if scrape.honor_labels:
+        endpoint["honorLabels"] = True
+    if relabelings or scrape.relabelings:
+        endpoint["relabelings"] = [dict(r) for r in (*relabelings, *scrape.relabelings)]
+    if scrape.metric_relabelings:
+        endpoint["metricRelabelings"] = [dict(r) for r in scrape.metric_relabelings]
+    endpoints = "endpoints" if kind == "ServiceMonitor" else "podMetricsEndpoints"
+    spec: Obj = {
+        "namespaceSelector": {"matchNames": [workload["metadata"]["namespace"]]},
+        endpoints: [endpoint],
+    }
+    if scrape.sample_limit:
+        spec["sampleLimit"] = scrape.sample_limit
+    return {"apiVersion": MONITORING, "kind": kind, "metadata": metadata, "spec": spec}
+
+
 def build_service_monitor(
     workload: Mapping[str, Any],
     interval: EffectiveInterval,
     labels: Mapping[str, str],
     selected_by: str,
+    scrape: ScrapeOptions = ScrapeOptions(),
 ) -> Obj:
     """`selected_by`: which Prometheus resources select it ("none" is worth a look)."""
-    metadata = _metadata(workload)
-    metadata["labels"] = monitor_labels(workload, labels)
-    metadata["annotations"] = {ann.INTERVAL_SOURCE: interval.source, ann.SELECTED_BY: selected_by}
-    return with_hash(
-        {
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "ServiceMonitor",
-            "metadata": metadata,
-            "spec": {
-                "selector": {"matchLabels": workload_labels(workload)},
-                "namespaceSelector": {"matchNames": [workload["metadata"]["namespace"]]},
-                "endpoints": [
-                    {
-                        "port": METRICS_PORT_NAME,
-                        "path": "/metrics",
-                        "interval": interval.scrape_interval,
-                        "scrapeTimeout": interval.scrape_timeout,
-                    }
-                ],
-            },
-        }
-    )
+    monitor = _monitor("ServiceMonitor", workload, interval, labels, selected_by, scrape)
+    monitor["spec"]["selector"] = {"matchLabels": workload_labels(workload)}
+    return with_hash(monitor)
+
+
+def build_pod_monitor(
+    workload: Mapping[str, Any],
+    interval: EffectiveInterval,
+    labels: Mapping[str, str],
+    selected_by: str,
+    scrape: ScrapeOptions = ScrapeOptions(),
+) -> Obj:
+    """The PodMonitor mode: no Service; the workload's own pod selector, the sidecar's named
+    port (pods not injected yet have none, so they are no targets). Its targets get the
+    `service` label a ServiceMonitor's would have, so the chart's alerts and dashboard work in
+    both modes."""
+    name = metrics_object_name(workload["metadata"]["name"])
+    service = {"action": "replace", "targetLabel": "service", "replacement": name}
+    monitor = _monitor("PodMonitor", workload, interval, labels, selected_by, scrape, [service])
+    selector = workload["spec"]["selector"]
+    monitor["spec"]["selector"] = {
+        key: copy.deepcopy(selector[key])
+        for key in ("matchLabels", "matchExpressions")
+        if selector.get(key)
+    }
+    return with_hash(monitor)
 
 
 def is_subset(wanted: Any, actual: Any) -> bool:

@@ -22,6 +22,7 @@ from .planner import (
     AdmissionPlan,
     ReconcilePlan,
     candidate,
+    monitor_kinds,
     plan_admission,
     plan_reconcile,
     workload_candidate,
@@ -56,7 +57,8 @@ class Indexes:
     namespaces: Index = field(default_factory=dict)  # name -> labels
     workloads: Index = field(default_factory=dict)  # (namespace, kind, name) -> WorkloadSummary
     by_configmap: Index = field(default_factory=dict)  # (namespace, configmap) -> (kind, name)
-    owners: Index = field(default_factory=dict)  # (namespace, kind, name) of owners -> True
+    # (namespace, kind, name) of owners -> the kinds of the objects of ours they own
+    owners: Index = field(default_factory=dict)
     prometheuses: Index = field(default_factory=dict)  # None -> PrometheusSelectors
 
     @staticmethod
@@ -146,10 +148,14 @@ class Controller:
         ref = ObjectRef.of(workload)
         namespace_labels = self._namespace_labels(ref.namespace, indexes)
         prosody = workload_candidate(workload, namespace_labels)
+        # What it owns (to delete what the plan no longer builds), and what the plan builds.
+        kinds = set(indexes.owners.get(ref.key) or ())
+        if prosody.wanted:
+            kinds.update(monitor_kinds(self.settings))
         owned: dict[str, Obj] = {}
-        if prosody.wanted or Indexes.first(indexes.owners, ref.key):
+        if kinds:
             name = builders.metrics_object_name(ref.name)
-            owned = self.kube.metrics_objects(ref.namespace, name)
+            owned = self.kube.metrics_objects(ref.namespace, name, kinds)
         if not prosody.wanted:
             return observation.Workload(workload, namespace_labels, owned=owned)
         template = workload["spec"].get("template") or {}

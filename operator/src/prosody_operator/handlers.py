@@ -19,7 +19,7 @@ import kopf
 from . import annotations as ann
 from . import builders
 from .controller import Controller, Indexes, summarize
-from .kube import Kube, load_config
+from .kube import MONITOR_PLURALS, MONITORING_GROUP, MONITORING_VERSION, Kube, load_config
 from .prosody import prosody_configmaps
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
@@ -75,7 +75,12 @@ def _indexes(kwargs: Mapping[str, Any]) -> Indexes:
         namespaces=kwargs.get("namespace_labels") or {},
         workloads=merged("workloads"),
         by_configmap=merged("configmaps_of"),
-        owners=_Merged(kwargs.get("owned_services") or {}, kwargs.get("owned_monitors") or {}),
+        owners=_Merged(
+            *(
+                kwargs.get(f"owned_{plural}") or {}
+                for plural in ("services", *MONITOR_PLURALS.values())
+            )
+        ),
         prometheuses=kwargs.get("prometheus_selectors") or {},
     )
 
@@ -173,18 +178,20 @@ def _configmaps_of(
     return {(namespace, configmap): (body["kind"], name) for configmap in names}
 
 
-def _owner(body: kopf.Body, namespace: str, **_: Any) -> dict[tuple[str, str, str], bool]:
-    """Objects of ours -> the workload they are for, so that it is cleaned up and re-checked."""
+def _owner(body: kopf.Body, namespace: str, **_: Any) -> dict[tuple[str, str, str], str]:
+    """Objects of ours -> the workload they are for (the object's kind), so that it is cleaned
+    up and re-checked."""
     for owner in body.get("metadata", {}).get("ownerReferences") or []:
         if owner.get("controller") and owner.get("kind") in KINDS:
-            return {(namespace, owner["kind"], owner["name"]): True}
+            return {(namespace, owner["kind"], owner["name"]): str(body.get("kind"))}
     return {}
 
 
 kopf.index("", "v1", "services", id="owned_services", labels=OWNED)(_owner)
-kopf.index("monitoring.coreos.com", "v1", "servicemonitors", id="owned_monitors", labels=OWNED)(
-    _owner
-)
+for _plural in MONITOR_PLURALS.values():
+    kopf.index(MONITORING_GROUP, MONITORING_VERSION, _plural, id=f"owned_{_plural}", labels=OWNED)(
+        _owner
+    )
 
 
 @kopf.index("monitoring.coreos.com", "v1", "prometheuses", id="prometheus_selectors")
@@ -221,9 +228,10 @@ def owned_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) ->
 
 
 kopf.on.event("", "v1", "services", id="owned-service-changed", labels=OWNED)(owned_changed)
-kopf.on.event(
-    "monitoring.coreos.com", "v1", "servicemonitors", id="owned-monitor-changed", labels=OWNED
-)(owned_changed)
+for _plural in MONITOR_PLURALS.values():
+    kopf.on.event(
+        MONITORING_GROUP, MONITORING_VERSION, _plural, id=f"owned-{_plural}-changed", labels=OWNED
+    )(owned_changed)
 
 
 @kopf.on.event("", "v1", "configmaps", id="configmap-changed")

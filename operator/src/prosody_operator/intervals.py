@@ -15,6 +15,17 @@ from .prosody_config import MANUAL, Interval, parse_interval_value
 PROSODY_DEFAULT_INTERVAL = 60.0
 
 
+def parse_duration(value: object) -> float:
+    """A positive duration: 10, "10", "10s", "1m30s", "500ms" (not "manual")."""
+    try:
+        seconds = parse_interval_value(value)
+    except ValueError:
+        seconds = MANUAL
+    if seconds == MANUAL:
+        raise ValueError(f"{value!r} is not a duration (examples: 10s, 1m, 500ms)")
+    return seconds
+
+
 def format_duration(seconds: float) -> str:
     """A Prometheus duration: whole seconds as "30s", anything finer in milliseconds."""
     millis = round(seconds * 1000)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
@@ -23,7 +23,8 @@ log = logging.getLogger("prosody_operator")
 FIELD_MANAGER = "prosody-operator"
 APPLY = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
-SM_GROUP, SM_VERSION, SM_PLURAL = "monitoring.coreos.com", "v1", "servicemonitors"
+MONITORING_GROUP, MONITORING_VERSION = "monitoring.coreos.com", "v1"
+MONITOR_PLURALS = {"ServiceMonitor": "servicemonitors", "PodMonitor": "podmonitors"}
 T = TypeVar("T")
 
 
@@ -80,15 +81,23 @@ class Kube:
         )
         return dict(found) if found else None
 
-    def metrics_objects(self, namespace: str, name: str) -> dict[str, dict[str, Any]]:
-        """The Service and the ServiceMonitor named `name` that exist, by kind."""
-        service = _or_none(lambda: self.core.read_namespaced_service(name, namespace))
-        monitor: Any = _or_none(
-            lambda: self.custom.get_namespaced_custom_object(
-                SM_GROUP, SM_VERSION, namespace, SM_PLURAL, name
-            )
-        )
-        found = {"Service": self._plain(service), "ServiceMonitor": dict(monitor or {})}
+    def metrics_objects(
+        self, namespace: str, name: str, kinds: Iterable[str]
+    ) -> dict[str, dict[str, Any]]:
+        """The objects named `name` of these kinds (Service, ServiceMonitor, PodMonitor) that
+        exist, by kind."""
+        found: dict[str, Any] = {}
+        for kind in sorted(set(kinds)):
+            if kind == "Service":
+                service = _or_none(partial(self.core.read_namespaced_service, name, namespace))
+                found[kind] = self._plain(service)
+            else:
+                plural = MONITOR_PLURALS[kind]
+                read: Callable[[], Any] = partial(
+                    self.custom.get_namespaced_custom_object,
+                    MONITORING_GROUP, MONITORING_VERSION, namespace, plural, name,
+                )  # fmt: skip
+                found[kind] = dict(_or_none(read) or {})
         return {kind: obj for kind, obj in found.items() if obj}
 
     def configmap_data(self, namespace: str, names: set[str]) -> dict[str, dict[str, str]]:
@@ -120,7 +129,7 @@ class Kube:
     # --- writes --------------------------------------------------------------------------
 
     def apply(self, obj: dict[str, Any]) -> None:
-        """Server-side apply a Service or a ServiceMonitor (creating it if need be)."""
+        """Server-side apply a Service, ServiceMonitor or PodMonitor (creating it if need be)."""
         meta = obj["metadata"]
         apply: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True}
         try:
@@ -130,7 +139,8 @@ class Kube:
                 )
             else:
                 self.custom.patch_namespaced_custom_object(
-                    SM_GROUP, SM_VERSION, meta["namespace"], SM_PLURAL, meta["name"], obj,
+                    MONITORING_GROUP, MONITORING_VERSION, meta["namespace"],
+                    MONITOR_PLURALS[obj["kind"]], meta["name"], obj,
                     _content_type=APPLY, **apply,
                 )  # fmt: skip
         except ApiException as error:
@@ -149,8 +159,9 @@ class Kube:
                 self.core.delete_namespaced_service(meta["name"], meta["namespace"], body=options)
             else:
                 self.custom.delete_namespaced_custom_object(
-                    SM_GROUP, SM_VERSION, meta["namespace"], SM_PLURAL, meta["name"], body=options
-                )
+                    MONITORING_GROUP, MONITORING_VERSION, meta["namespace"],
+                    MONITOR_PLURALS[obj["kind"]], meta["name"], body=options,
+                )  # fmt: skip
         except ApiException as error:
             if error.status not in (404, 409):  # gone, or replaced: not ours to delete any more
                 raise

@@ -19,11 +19,19 @@ def main() -> None:
     try:
         settings = OperatorSettings()
     except ValidationError as error:
+        named = set()
         for item in error.errors():
-            field = str(item["loc"][0]) if item["loc"] else "?"
+            field, *inside = item["loc"] or ("?",)
+            if field in named:
+                continue  # one line per setting: its first problem
+            named.add(field)
+            # Where in a JSON setting: [0].action, runAsUser.
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inside)
             message = item["msg"].removeprefix("Value error, ")
+            if where:
+                message = f"{where.lstrip('.')}: {message}"
             print(
-                f"prosody-operator: invalid setting {ENV_PREFIX}{field.upper()}: {message}",
+                f"prosody-operator: invalid setting {ENV_PREFIX}{str(field).upper()}: {message}",
                 file=sys.stderr,
             )
         sys.exit(2)

@@ -12,7 +12,7 @@ from typing import Any
 from . import annotations as ann
 from . import builders, optin, prosody
 from .events import Event
-from .intervals import EffectiveInterval
+from .intervals import EffectiveInterval, format_duration
 from .observation import Admission, Workload
 from .prosody import Evaluator
 from .selection import Selection, select
@@ -43,6 +43,10 @@ RECONCILE_REASONS = frozenset(
 )
 # The sidecar's allowlist when no pod network is known: loopback only.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+MONITOR_BUILDERS = {
+    "ServiceMonitor": builders.build_service_monitor,
+    "PodMonitor": builders.build_pod_monitor,
+}
 
 
 @dataclass(frozen=True)
@@ -160,8 +164,15 @@ def plan_admission(
         cidrs = list(LOOPBACK)
     sidecar = builders.build_sidecar_container(settings, overrides, cidrs, decision.interval)
     interval = decision.interval
+    annotations = {}
+    if settings.prometheus_scrape_annotations:
+        # Those the pod already has are the user's: kept (prometheus.io/scrape: "false" too).
+        port = overrides.port or settings.exporter_port
+        present = metadata.get("annotations") or {}
+        wanted = builders.prometheus_scrape_annotations(port)
+        annotations = {k: v for k, v in wanted.items() if k not in present}
     return plan(
-        builders.build_injection_patch(pod, sidecar),
+        builders.build_injection_patch(pod, sidecar, annotations),
         f"injected ({opt_in.source}), interval {interval.scrape_interval} ({interval.source})",
         events,
     )
@@ -188,14 +199,26 @@ def plan_reconcile(
     )
     events += [Event.warning("ProsodyConfig", str(finding)) for finding in decision.findings]
     port = overrides.port or settings.exporter_port
-    monitor_labels = builders.monitor_labels(workload, settings.service_monitor_labels)
-    selection = select(seen.prometheuses, monitor_labels, ref.namespace, seen.namespace_labels)
-    built = (
-        builders.build_service(workload, port),
-        builders.build_service_monitor(
-            workload, decision.interval, settings.service_monitor_labels, selection.summary
-        ),
-    )
+    kinds = monitor_kinds(settings)
+    built: list[Obj] = []
+    if "Service" in kinds:
+        built.append(builders.build_service(workload, port))
+    monitor, selection, note = None, None, ""
+    if kinds:
+        kind = kinds[-1]
+        monitor_labels = builders.monitor_labels(workload, settings.service_monitor_labels)
+        selection = select(
+            seen.prometheuses, monitor_labels, ref.namespace, seen.namespace_labels, kind
+        )
+        scrape, note = scrape_options(settings, overrides, decision.interval)
+        monitor = MONITOR_BUILDERS[kind](
+            workload,
+            decision.interval,
+            settings.service_monitor_labels,
+            selection.summary,
+            scrape,
+        )
+        built.append(monitor)
     apply = []
     for obj in built:
         live = seen.owned.get(obj["kind"])
@@ -203,13 +226,70 @@ def plan_reconcile(
             events.append(_name_conflict(obj, ref))
         elif not builders.up_to_date(live, obj):
             apply.append(obj)
+    # The kinds another mode made (monitor kind switched, or inject only): ours go.
+    stale = tuple(
+        live
+        for kind, live in sorted(seen.owned.items())
+        if kind not in kinds and controller_uid(live) == ref.uid
+    )
+    if stale:
+        why = (
+            f"the monitor kind is {settings.monitor_kind}"
+            if kinds
+            else "inject only (PROSODY_OPERATOR_SERVICE_MONITOR_ENABLED is false)"
+        )
+        events.append(Event.normal("MetricsRemoved", f"{why}: deleted {_names(stale)}"))
     pods = _active(seen.pods)
-    name = built[1]["metadata"]["name"]
-    if apply:
-        events.append(_configured(ref, name, decision.interval, port, pods))
-    events.append(_selection_event(settings, selection, name))
+    if monitor is not None and selection is not None:
+        if apply:
+            events.append(_configured(ref, monitor, decision.interval, port, pods, note))
+        events.append(_selection_event(settings, selection, monitor))
     drift, restart = _check_sidecars(settings, seen, ref, pod_metadata, opt_in, pods)
-    return ReconcilePlan(ref, tuple(apply), (), (*events, *drift), restart)
+    return ReconcilePlan(ref, tuple(apply), stale, (*events, *drift), restart)
+
+
+def monitor_kinds(settings: OperatorSettings) -> tuple[str, ...]:
+    """What each opted-in workload gets, the monitor last: a Service and a ServiceMonitor, a
+    PodMonitor alone, or (inject only) nothing."""
+    if not settings.service_monitor_enabled:
+        return ()
+    if settings.monitor_kind == "PodMonitor":
+        return ("PodMonitor",)
+    return ("Service", "ServiceMonitor")
+
+
+def scrape_options(
+    settings: OperatorSettings, overrides: ann.Overrides, interval: EffectiveInterval
+) -> tuple[builders.ScrapeOptions, str]:
+    """The monitor's scrape options, from the settings and the workload's annotations; and a
+    note when the scrape timeout asked for exceeds the interval (prometheus-operator refuses
+    such a monitor): it is the interval then."""
+    timeout, note = overrides.scrape_timeout, ""
+    source = f"annotation {ann.SCRAPE_TIMEOUT}"
+    if timeout is None:
+        timeout = settings.service_monitor_scrape_timeout
+        source = "PROSODY_OPERATOR_SERVICE_MONITOR_SCRAPE_TIMEOUT"
+    if timeout is not None and timeout > interval.scrape_seconds:
+        note = (
+            f"scrapeTimeout {interval.scrape_interval}, not the {format_duration(timeout)} of "
+            f"{source}: a timeout cannot exceed the interval"
+        )
+        timeout = interval.scrape_seconds
+    limit = overrides.sample_limit
+    return (
+        builders.ScrapeOptions(
+            timeout=timeout,
+            honor_labels=settings.service_monitor_honor_labels,
+            relabelings=tuple(settings.service_monitor_relabelings),
+            metric_relabelings=tuple(settings.service_monitor_metric_relabelings),
+            sample_limit=settings.service_monitor_sample_limit if limit is None else limit,
+        ),
+        note,
+    )
+
+
+def _names(objects: tuple[Mapping[str, Any], ...]) -> str:
+    return " and ".join(f"{o['kind']} {o['metadata']['name']}" for o in objects)
 
 
 def _plan_removal(ref: ObjectRef, seen: Workload, opt_in: optin.OptIn) -> ReconcilePlan:
@@ -223,8 +303,7 @@ def _plan_removal(ref: ObjectRef, seen: Workload, opt_in: optin.OptIn) -> Reconc
             why = f'its {opt_in.source} says "false"'
         else:
             why = "not opted in any more"
-        names = " and ".join(f"{o['kind']} {o['metadata']['name']}" for o in ours)
-        events.append(Event.normal("MetricsRemoved", f"{why}: deleted {names}"))
+        events.append(Event.normal("MetricsRemoved", f"{why}: deleted {_names(ours)}"))
     return ReconcilePlan(ref, (), ours, tuple(events))
 
 
@@ -245,12 +324,20 @@ def _sidecar_interval(pod: Mapping[str, Any]) -> str | None:
 
 
 def _configured(
-    ref: ObjectRef, name: str, interval: EffectiveInterval, port: int, pods: list[Obj]
+    ref: ObjectRef,
+    monitor: Mapping[str, Any],
+    interval: EffectiveInterval,
+    port: int,
+    pods: list[Obj],
+    note: str,
 ) -> Event:
+    where = "Service port" if monitor["kind"] == "ServiceMonitor" else "pod port"
     message = (
-        f"ServiceMonitor {name}: interval {interval.scrape_interval} "
-        f"(from {interval.source}), Service port {port}"
+        f"{monitor['kind']} {monitor['metadata']['name']}: interval {interval.scrape_interval} "
+        f"(from {interval.source}), {where} {port}"
     )
+    if note:
+        message += f"; {note}"
     behind = [pod for pod in pods if _sidecar_interval(pod) not in (None, interval.scrape_interval)]
     if behind:
         message += (
@@ -261,12 +348,14 @@ def _configured(
     return Event.normal("MetricsConfigured", message)
 
 
-def _selection_event(settings: OperatorSettings, selection: Selection, monitor: str) -> Event:
-    """Selection diagnostics: the ServiceMonitor is useless unless a Prometheus selects it."""
+def _selection_event(
+    settings: OperatorSettings, selection: Selection, monitor: Mapping[str, Any]
+) -> Event:
+    """Selection diagnostics: the monitor is useless unless a Prometheus selects it."""
+    named = f"{monitor['kind']} {monitor['metadata']['name']}"
     if selection.selected_by:
         return Event.normal(
-            "SelectedByPrometheus",
-            f"ServiceMonitor {monitor} is selected by Prometheus {selection.summary}",
+            "SelectedByPrometheus", f"{named} is selected by Prometheus {selection.summary}"
         )
     where = (
         f"namespaces {', '.join(settings.watch_namespaces)}"
@@ -276,7 +365,7 @@ def _selection_event(settings: OperatorSettings, selection: Selection, monitor: 
     why = "; ".join(selection.reasons) or f"there is no Prometheus resource in {where}"
     return Event.warning(
         "NotSelectedByPrometheus",
-        f"No Prometheus selects ServiceMonitor {monitor}: {why}. Its labels come from "
+        f"No Prometheus selects {named}: {why}. Its labels come from "
         "PROSODY_OPERATOR_SERVICE_MONITOR_LABELS (the chart's serviceMonitor.labels).",
     )
 

@@ -1,10 +1,11 @@
-"""Does any Prometheus select a ServiceMonitor? (pure)
+"""Does any Prometheus select a ServiceMonitor, or a PodMonitor? (pure)
 
-The classic silent failure: the ServiceMonitor exists, but no Prometheus picks it up because its
+The classic silent failure: the monitor exists, but no Prometheus picks it up because its
 labels (often kube-prometheus-stack's `release`) or its namespace do not match the Prometheus'
-selectors. The rules are prometheus-operator's: a missing `serviceMonitorSelector` selects
-nothing, an empty one everything; a missing `serviceMonitorNamespaceSelector` means the
-Prometheus' own namespace only, an empty one every namespace.
+selectors. The rules are prometheus-operator's, the same for both kinds with their own fields:
+a missing `serviceMonitorSelector` (`podMonitorSelector`) selects nothing, an empty one
+everything; a missing `serviceMonitorNamespaceSelector` (`podMonitorNamespaceSelector`) means
+the Prometheus' own namespace only, an empty one every namespace.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class PrometheusSelectors:
     name: str
     monitor_selector: Mapping[str, Any] | None
     namespace_selector: Mapping[str, Any] | None
+    pod_monitor_selector: Mapping[str, Any] | None = None
+    pod_monitor_namespace_selector: Mapping[str, Any] | None = None
 
     @classmethod
     def of(cls, prometheus: Mapping[str, Any]) -> PrometheusSelectors:
@@ -56,6 +59,8 @@ class PrometheusSelectors:
             prometheus["metadata"]["name"],
             spec.get("serviceMonitorSelector"),
             spec.get("serviceMonitorNamespaceSelector"),
+            spec.get("podMonitorSelector"),
+            spec.get("podMonitorNamespaceSelector"),
         )
 
     @property
@@ -63,24 +68,34 @@ class PrometheusSelectors:
         return f"{self.namespace}/{self.name}"
 
     def why_not(
-        self, monitor_labels: Mapping[str, str], namespace: str, namespace_labels: Mapping[str, str]
+        self,
+        monitor_labels: Mapping[str, str],
+        namespace: str,
+        namespace_labels: Mapping[str, str],
+        kind: str = "ServiceMonitor",
     ) -> str | None:
-        """None if this Prometheus selects the ServiceMonitor, else the reason it does not."""
-        if self.monitor_selector is None:
-            return f"{self.ref} has no serviceMonitorSelector (selects none)"
-        if not matches(self.monitor_selector, monitor_labels):
-            return f"{self.ref} selects ServiceMonitors with {describe(self.monitor_selector)}"
-        if self.namespace_selector is None:
+        """None if this Prometheus selects the monitor of that kind, else the reason it does
+        not."""
+        if kind == "PodMonitor":
+            selector, namespaces = self.pod_monitor_selector, self.pod_monitor_namespace_selector
+        else:
+            selector, namespaces = self.monitor_selector, self.namespace_selector
+        if selector is None:
+            field = "podMonitorSelector" if kind == "PodMonitor" else "serviceMonitorSelector"
+            return f"{self.ref} has no {field} (selects none)"
+        if not matches(selector, monitor_labels):
+            return f"{self.ref} selects {kind}s with {describe(selector)}"
+        if namespaces is None:
             if namespace != self.namespace:
                 return f"{self.ref} only looks in its own namespace {self.namespace}"
-        elif not matches(self.namespace_selector, namespace_labels):
-            return f"{self.ref} looks only in namespaces with {describe(self.namespace_selector)}"
+        elif not matches(namespaces, namespace_labels):
+            return f"{self.ref} looks only in namespaces with {describe(namespaces)}"
         return None
 
 
 @dataclass(frozen=True)
 class Selection:
-    selected_by: tuple[str, ...]  # namespace/name of each Prometheus selecting the ServiceMonitor
+    selected_by: tuple[str, ...]  # namespace/name of each Prometheus selecting the monitor
     reasons: tuple[str, ...]  # why each other Prometheus does not
 
     @property
@@ -93,10 +108,11 @@ def select(
     monitor_labels: Mapping[str, str],
     namespace: str,
     namespace_labels: Mapping[str, str],
+    kind: str = "ServiceMonitor",
 ) -> Selection:
     selected, reasons = [], []
     for prometheus in sorted(prometheuses, key=lambda p: p.ref):
-        reason = prometheus.why_not(monitor_labels, namespace, namespace_labels)
+        reason = prometheus.why_not(monitor_labels, namespace, namespace_labels, kind)
         if reason is None:
             selected.append(prometheus.ref)
         else:

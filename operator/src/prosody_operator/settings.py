@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, IPvAnyNetwork, field_validator
+from pydantic import ConfigDict, Field, IPvAnyNetwork, field_validator, with_config
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import TypedDict
 
 from . import __version__
+from .intervals import parse_duration
 
 ENV_PREFIX = "PROSODY_OPERATOR_"
 
@@ -46,6 +49,103 @@ def _parse_labels(value: Any) -> Any:
     return dict(pairs)
 
 
+# --- The monitors' and the sidecar's settings, JSON in the environment (the chart renders them
+# from its values), checked as strictly as the Prometheus Operator's and Kubernetes' schemas do,
+# so a typo exits the operator instead of being dropped by the API server.
+
+MonitorKind = Literal["ServiceMonitor", "PodMonitor"]
+STRICT = ConfigDict(extra="forbid", strict=True)
+LabelName = Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]
+UnixId = Annotated[int, Field(ge=0)]
+
+
+@with_config(STRICT)
+class RelabelConfig(TypedDict, total=False):
+    """prometheus-operator's RelabelConfig (monitoring.coreos.com/v1)."""
+
+    sourceLabels: list[LabelName]
+    separator: str
+    targetLabel: str
+    regex: str
+    modulus: Annotated[int, Field(ge=0)]
+    replacement: str
+    action: Literal[
+        "replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod",
+        "labelmap", "LabelMap", "labeldrop", "LabelDrop", "labelkeep", "LabelKeep",
+        "lowercase", "Lowercase", "uppercase", "Uppercase", "keepequal", "KeepEqual",
+        "dropequal", "DropEqual",
+    ]  # fmt: skip
+
+
+@with_config(STRICT)
+class Capabilities(TypedDict, total=False):
+    add: list[str]
+    drop: list[str]
+
+
+@with_config(STRICT)
+class Profile(TypedDict, total=False):
+    type: Literal["RuntimeDefault", "Unconfined", "Localhost"]
+    localhostProfile: str
+
+
+@with_config(STRICT)
+class SELinuxOptions(TypedDict, total=False):
+    user: str
+    role: str
+    type: str
+    level: str
+
+
+@with_config(STRICT)
+class SecurityContext(TypedDict, total=False):
+    """A container's securityContext (core/v1 SecurityContext, Linux fields)."""
+
+    runAsNonRoot: bool
+    runAsUser: UnixId
+    runAsGroup: UnixId
+    readOnlyRootFilesystem: bool
+    allowPrivilegeEscalation: bool
+    privileged: bool
+    capabilities: Capabilities
+    procMount: Literal["Default", "Unmasked"]
+    seccompProfile: Profile
+    appArmorProfile: Profile
+    seLinuxOptions: SELinuxOptions
+    windowsOptions: dict[str, Any]
+
+
+# The sidecar's default: passes Pod Security "restricted". The image's user is 65532.
+RESTRICTED_SIDECAR: SecurityContext = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "runAsGroup": 65532,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _json(value: Any) -> Any:
+    """A JSON value from the environment; an empty string is an empty list."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return []
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error})") from None
+
+
+def _duration(value: Any) -> Any:
+    """A duration (10s, 1m30s, 500ms) or seconds; empty: none."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return parse_duration(value)
+
+
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
 
@@ -75,6 +175,51 @@ class OperatorSettings(BaseSettings):
         default_factory=dict,
         description="Labels on every ServiceMonitor, so a Prometheus selects them "
         "(e.g. release=kube-prometheus-stack).",
+    )
+    service_monitor_enabled: bool = Field(
+        True,
+        description="Make a monitor (ServiceMonitor and Service, or PodMonitor) for each opted-in "
+        "workload; false: inject the sidecar only, and delete the monitors made before.",
+    )
+    monitor_kind: MonitorKind = Field(
+        "ServiceMonitor",
+        description="ServiceMonitor (with a Service per workload) or PodMonitor (no Service); "
+        "switching deletes the other kind.",
+    )
+    service_monitor_relabelings: Annotated[list[RelabelConfig], NoDecode] = Field(
+        default_factory=list,
+        description="JSON list of relabelings (prometheus-operator RelabelConfig) on every "
+        "monitor's endpoint.",
+    )
+    service_monitor_metric_relabelings: Annotated[list[RelabelConfig], NoDecode] = Field(
+        default_factory=list,
+        description="JSON list of metricRelabelings on every monitor's endpoint.",
+    )
+    service_monitor_sample_limit: int = Field(
+        0,
+        ge=0,
+        description="sampleLimit of every monitor (0: none); the sample-limit annotation "
+        "overrides it.",
+    )
+    service_monitor_honor_labels: bool = Field(
+        False, description="honorLabels on every monitor's endpoint."
+    )
+    service_monitor_scrape_timeout: Annotated[float | None, NoDecode] = Field(
+        None,
+        gt=0,
+        description="scrapeTimeout of every monitor (e.g. 15s; empty: the smaller of 10 s and "
+        "80 % of the interval; never above the interval); the scrape-timeout annotation "
+        "overrides it.",
+    )
+    prometheus_scrape_annotations: bool = Field(
+        False,
+        description="Add prometheus.io/scrape, port, path and scheme annotations for the sidecar "
+        "to injected pods (for a Prometheus without the Operator).",
+    )
+    sidecar_security_context: Annotated[SecurityContext, NoDecode] = Field(
+        default_factory=lambda: copy.deepcopy(RESTRICTED_SIDECAR),
+        description="JSON securityContext of the sidecar container (default: passes Pod "
+        "Security restricted, user 65532).",
     )
     sidecar_cpu_request: str = Field("10m", description="Sidecar CPU request.")
     sidecar_memory_request: str = Field("32Mi", description="Sidecar memory request.")
@@ -109,3 +254,10 @@ class OperatorSettings(BaseSettings):
     )
     _names = field_validator("watch_namespaces")(_namespaces)
     _labels = field_validator("service_monitor_labels", mode="before")(_parse_labels)
+    _json_values = field_validator(
+        "service_monitor_relabelings",
+        "service_monitor_metric_relabelings",
+        "sidecar_security_context",
+        mode="before",
+    )(_json)
+    _durations = field_validator("service_monitor_scrape_timeout", mode="before")(_duration)
