@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import socket
 import sys
 
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         # loopback peer; the allowlist decides on the real TCP peer (see access.py).
         proxy_headers=False,
         access_log=False,  # one log line per state change, not one per scrape
-        # One idle limit, whichever way a request was answered: server.py's head deadline
-        # (uvicorn's keep-alive timer, 5 s by default, runs only after answers from the app).
-        timeout_keep_alive=settings.header_timeout,
+        # One idle limit, whichever way a request was answered: server.py's head deadline.
+        # uvicorn's keep-alive timer (5 s by default) runs only after answers from the app.
+        timeout_keep_alive=math.ceil(settings.header_timeout),
         server_header=False,
         log_config=None,  # keep our handlers
         timeout_graceful_shutdown=5,
