@@ -6,12 +6,16 @@ sends (malformed, oversized, a hang, old mod_prometheus output) come from a loop
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 from pathlib import Path
 
 import httpx
 import pytest
 
+from prosody_exporter.upstream import ErrorReason, Upstream, UpstreamError
+from testinfra.pki import CertificateAuthority
 from testinfra.procs import wait_until
 from testinfra.prosody import ProsodyServer
 from testinfra.standin import Answer, StandInProsody
@@ -164,3 +168,27 @@ def test_metrics_answers_head_and_refuses_other_methods(start_exporter):
     assert head.headers["content-type"] == get.headers["content-type"]
     assert abs(int(head.headers["content-length"]) - len(get.content)) < 100  # own metrics move
     assert post.status_code == 405
+
+
+def test_an_https_upstream_is_verified(tmp_path):
+    """An http upstream gets a TLS context that trusts nothing (it never uses TLS, and httpx's CA
+    bundle costs 2 MiB); an https one keeps httpx's verification: an unknown CA is refused."""
+    pair = CertificateAuthority.create("unknown CA").issue_server("127.0.0.1", ("127.0.0.1",))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*pair.write(tmp_path, "upstream"))
+    standin = StandInProsody(Answer(body=(DATA / "prosody-0.12.txt").read_bytes()))
+    standin.server.socket = context.wrap_socket(standin.server.socket, server_side=True)
+
+    async def fetch() -> bytearray:
+        upstream = Upstream(url, host=None, timeout=5, max_body_bytes=1 << 20)
+        try:
+            return await upstream.fetch()
+        finally:
+            await upstream.aclose()
+
+    with standin:
+        url = standin.url.replace("http:", "https:")
+        with pytest.raises(UpstreamError) as refused:
+            asyncio.run(fetch())
+    assert refused.value.reason is ErrorReason.CONNECT
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.value.detail, refused.value.detail

@@ -4,7 +4,8 @@ FastAPI is the application: its routes answer the probes, 404 and 405, and its l
 the collection. In front of it, `Exporter` (the ASGI callable uvicorn serves) applies the
 allowlist to every request before any routing, and answers GET /metrics itself from finished
 bodies: a scrape is the hot path, and FastAPI's middleware, routing and Request/Response objects
-were most of its cost (bench/README.md).
+were most of its cost (bench/README.md). The HTTP server (server.py) goes one step further and
+writes an allowed GET /metrics' answer without any ASGI call, from `Exporter.answer_metrics`.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ class Exporter:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.api(scope, receive, send)
             return
-        denied = self._decide(scope)
+        client = scope.get("client")
+        denied = self._decide(client[0] if client else None, scope["headers"])
         if denied is not None:
             self._denied[denied].inc()
             await _respond(send, 403, *self._forbidden[denied])
@@ -137,13 +139,17 @@ class Exporter:
         else:
             await self.api(scope, receive, send)  # HEAD /metrics, 404, 405
 
-    def _decide(self, scope: Scope) -> DenyReason | None:
+    def answer_metrics(self, peer: str | None, headers: Headers) -> tuple[Headers, bytes] | None:
+        """For the HTTP server: GET /metrics' answer when allowed; None for a refused client,
+        whose request the server then passes to `__call__` (the 403 and its count)."""
+        if self._decide(peer, headers) is not None:
+            return None
+        return self.metrics_response(headers)
+
+    def _decide(self, peer: str | None, headers: Headers) -> DenyReason | None:
         """Why the request is refused (None: allowed)."""
-        peer = scope.get("client")
-        key = (
-            peer[0] if peer else None,
-            _header_values(scope["headers"], b"x-forwarded-for") if self._trust_forwarded else (),
-        )
+        forwarded = _header_values(headers, b"x-forwarded-for") if self._trust_forwarded else ()
+        key = (peer, forwarded)
         if key not in self._decisions:
             if len(self._decisions) >= MEMO_SIZE:
                 self._decisions.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import socket
 import sys
 
@@ -72,16 +73,22 @@ def main(argv: list[str] | None = None) -> None:
         settings.upstream_url,
         settings.interval,
     )
+    exporter = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        exporter,
         host=settings.listen_host,
         port=settings.listen_port,
-        http=bounded_protocol(settings.max_connections, settings.header_timeout),
+        http=bounded_protocol(
+            settings.max_connections, settings.header_timeout, exporter.answer_metrics
+        ),
         ws="none",  # nothing here speaks WebSocket; "auto" would import a library for it
         # Uvicorn would otherwise rewrite the client address from X-Forwarded-For sent by any
         # loopback peer; the allowlist decides on the real TCP peer (see access.py).
         proxy_headers=False,
         access_log=False,  # one log line per state change, not one per scrape
+        # One idle limit, whichever way a request was answered: server.py's head deadline.
+        # uvicorn's keep-alive timer (5 s by default) runs only after answers from the app.
+        timeout_keep_alive=math.ceil(settings.header_timeout),
         server_header=False,
         log_config=None,  # keep our handlers
         timeout_graceful_shutdown=5,
