@@ -10,7 +10,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import AnyHttpUrl, TypeAdapter, ValidationError
+
 from .prosody_config import Interval, parse_interval_value
+from .prosody_versions import dialect_of_version
 
 PREFIX = "prosody-operator.io/"
 
@@ -24,6 +27,11 @@ INTERVAL = PREFIX + "interval"
 IMAGE = PREFIX + "image"
 RESOURCES = PREFIX + "resources"
 CONTAINER = PREFIX + "container"
+# Which Prosody runs, so that its config is read in that version's dialect (default: the
+# container's image tag, for the official images), and where the sidecar collects /metrics
+# (default: where Prosody's evaluated config serves it).
+PROSODY_VERSION = PREFIX + "prosody-version"
+METRICS_URL = PREFIX + "metrics-url"
 # Written by the webhook: what it injected (version and a hash of the sidecar), as Istio does.
 STATUS = PREFIX + "status"
 # Written on generated objects: a hash of the object as built, to skip no-op updates and to roll
@@ -52,6 +60,8 @@ class Overrides:
     image: str | None = None
     resources: Mapping[str, Any] | None = None
     container: str | None = None
+    prosody_version: str | None = None  # a version a dialect is known for ("13.0", "0.12.3")
+    metrics_url: str | None = None  # Prosody's /metrics, as the sidecar reaches it
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,28 @@ def _resources(value: str) -> Mapping[str, Any]:
     return resources
 
 
+def _prosody_version(value: str) -> str:
+    if dialect_of_version(value) is None:
+        raise ValueError('not a Prosody version the operator knows (e.g. "13.0", "0.12")')
+    return value
+
+
+# The exporter's own type for its upstream URL: what passes here, the sidecar accepts.
+_URL = TypeAdapter(AnyHttpUrl)
+
+
+def _metrics_url(value: str) -> str:
+    try:
+        url = _URL.validate_python(value)
+    except ValidationError:
+        raise ValueError("not a URL (e.g. http://127.0.0.1:5280/metrics)") from None
+    if url.scheme != "http" or url.username or url.password or url.fragment:
+        # Prosody's HTTPS certificate is not for a loopback address; credentials would show
+        # in the pod spec.
+        raise ValueError("expected a plain http:// URL without credentials or fragment")
+    return str(url)
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     PORT: ("port", _port),
     ALLOW_CIDRS: ("allow_cidrs", _cidrs),
@@ -100,6 +132,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     IMAGE: ("image", _image),
     RESOURCES: ("resources", _resources),
     CONTAINER: ("container", str),
+    PROSODY_VERSION: ("prosody_version", _prosody_version),
+    METRICS_URL: ("metrics_url", _metrics_url),
 }
 
 
