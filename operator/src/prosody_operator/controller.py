@@ -254,7 +254,7 @@ def evaluations(settings: OperatorSettings) -> Evaluations:
     return Evaluations(
         Limits(
             timeout=settings.evaluation_timeout,
-            memory_bytes=settings.evaluation_memory * 1024 * 1024,
+            memory_bytes=settings.evaluation_memory_mib * 1024 * 1024,
             workers=settings.evaluation_workers,
             cache_size=settings.evaluation_cache_size,
         )

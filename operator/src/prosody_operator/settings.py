@@ -113,7 +113,7 @@ class OperatorSettings(BaseSettings):
         description="Seconds a pod's admission waits for a config not evaluated yet; then the "
         "sidecar is injected with the fallbacks and the reconciler follows up.",
     )
-    evaluation_memory: int = Field(
+    evaluation_memory_mib: int = Field(
         128,
         ge=64,
         description="Address-space limit, in MiB, of each config evaluation process.",
