@@ -14,12 +14,18 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from prosody_operator import evaluation
+from prosody_operator.controller import Controller
 from prosody_operator.evaluation import Busy, Evaluations, Limits
 from prosody_operator.prosody import ConfigInputs
+from prosody_operator.prosody_config import DIALECTS, StatisticsConfig
+from prosody_operator.settings import OperatorSettings
 from testinfra.procs import wait_until
 
 MAIN = "prosody.cfg.lua"
@@ -191,3 +197,22 @@ def test_workers_die_with_the_operator():
     operator.send_signal(signal.SIGKILL)
     operator.wait()
     wait_until(lambda: not alive(worker), RESULT_TIMEOUT, f"worker {worker} to die")
+
+
+def test_a_caller_waits_its_budget_in_all_then_falls_back(pool: Evaluations):
+    """What admission does: at most its wait for every dialect together, then None (the
+    fallbacks); the evaluation goes on, and its result is there for the next caller."""
+    controller = Controller(OperatorSettings(), SimpleNamespace(post_event=None), pool)  # type: ignore[arg-type]
+    waiting: list[Future[StatisticsConfig]] = []
+    unknown = replace(inputs(NEVER_ENDS), version_known=False)
+    evaluate = controller.evaluator(0.2, waiting)
+    first, second = (replace(unknown, dialect=d) for d in DIALECTS)
+    assert evaluate(first) is None
+    assert len(pool._pending) == 2  # both dialects queued at once, not one after the other
+    assert evaluate(second) is None
+    assert len(waiting) == 2
+    for future in waiting:
+        assert "stopped evaluating" in future.result(RESULT_TIMEOUT).findings[0].message
+    assert pool.evaluated == 2
+    again = controller.evaluator(0.0, [])(unknown)
+    assert again is not None and again.interval is None

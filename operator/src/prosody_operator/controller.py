@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as NotYet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import annotations as ann
@@ -30,7 +30,7 @@ from .planner import (
     workload_candidate,
 )
 from .prosody import ConfigInputs, Evaluator, evaluate
-from .prosody_config import StatisticsConfig
+from .prosody_config import DIALECTS, StatisticsConfig
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
 from .workloads import ObjectRef, label_selector, pod_owner, pod_ref
@@ -88,21 +88,26 @@ class Controller:
         # reconciled: one thread, run when the evaluation is done.
         self._followups = ThreadPoolExecutor(1, thread_name_prefix="reconcile-evaluated")
 
-    def _evaluator(self, wait: float, waiting: list[Future[StatisticsConfig]]) -> Evaluator:
-        """Evaluates through the workers, waiting at most `wait` seconds for a result not
-        cached yet (None then; its Future goes to `waiting`)."""
+    def evaluator(self, wait: float, waiting: list[Future[StatisticsConfig]]) -> Evaluator:
+        """Evaluates through the workers, waiting at most `wait` seconds in all (a config read
+        in both dialects is two evaluations) for results not cached yet: None then, and the
+        Future goes to `waiting`."""
         evaluations = self.evaluations
         if evaluations is None:
             return evaluate
+        deadline = time.monotonic() + wait
 
         def bounded(inputs: ConfigInputs) -> StatisticsConfig | None:
             try:
+                if not inputs.version_known:  # to be read in every dialect: start them together
+                    for dialect in DIALECTS:
+                        evaluations.submit(replace(inputs, dialect=dialect))
                 future = evaluations.submit(inputs)
             except Busy as error:
                 log.warning("config not evaluated: %s", error)
                 return None
             try:
-                return future.result(timeout=wait)
+                return future.result(timeout=max(0.0, deadline - time.monotonic()))
             except NotYet:
                 waiting.append(future)
                 return None
@@ -118,7 +123,7 @@ class Controller:
     def admit(self, pod: Obj, dry_run: bool, indexes: Indexes) -> AdmissionPlan:
         """Observe, plan, report; the caller (kopf's webhook) returns the patch. A config not
         evaluated within the admission's wait is left to the workload's reconcile."""
-        evaluate = self._evaluator(self.settings.evaluation_admission_wait, [])
+        evaluate = self.evaluator(self.settings.evaluation_admission_wait, [])
         plan = plan_admission(self.settings, self.observe_pod(pod, dry_run, indexes), evaluate)
         self.events.report(plan.target, plan.events)
         return plan
@@ -169,7 +174,7 @@ class Controller:
         waiting: list[Future[StatisticsConfig]] = []
         wait = self.settings.evaluation_timeout + RECONCILE_SLACK
         plan = plan_reconcile(
-            self.settings, self.observe_workload(workload, indexes), self._evaluator(wait, waiting)
+            self.settings, self.observe_workload(workload, indexes), self.evaluator(wait, waiting)
         )
         self.execute(plan)
         if waiting:  # queued behind other evaluations: reconcile again once they are done
@@ -249,8 +254,8 @@ class Controller:
         )
 
 
-def evaluations(settings: OperatorSettings) -> Evaluations:
-    """The config evaluation workers, bounded as the settings say."""
+def start_evaluations(settings: OperatorSettings) -> Evaluations:
+    """The config evaluation workers, bounded as the settings say, started."""
     return Evaluations(
         Limits(
             timeout=settings.evaluation_timeout,

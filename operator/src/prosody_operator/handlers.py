@@ -18,7 +18,7 @@ import kopf
 
 from . import annotations as ann
 from . import builders
-from .controller import Controller, Indexes, evaluations, summarize
+from .controller import Controller, Indexes, start_evaluations, summarize
 from .kube import Kube, load_config
 from .prosody import prosody_configmaps
 from .selection import PrometheusSelectors
@@ -121,7 +121,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     operator_settings: OperatorSettings = memo.settings  # checked and built once, by main()
     load_config()
     controller = memo.controller = Controller(
-        operator_settings, Kube(), evaluations(operator_settings)
+        operator_settings, Kube(), start_evaluations(operator_settings)
     )
     certificate = _certificate(operator_settings)
     settings.admission.server = WebhookServer(

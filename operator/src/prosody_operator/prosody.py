@@ -161,7 +161,7 @@ Evaluator = Callable[[ConfigInputs], StatisticsConfig | None]
 
 
 def evaluate(inputs: ConfigInputs) -> StatisticsConfig:
-    """Evaluate in this process: what a worker of evaluation.py runs, and the tests' evaluator.
+    """Evaluate in this process, as a worker of evaluation.py does: the tests' evaluator.
     Unbounded in time (see prosody_config.py): the operator never calls it itself."""
     return evaluate_prosody_config(
         dict(inputs.files),
