@@ -182,13 +182,6 @@ def test_scrape_interval_is_prosodys_statistics_interval(chain: Chain):
     assert chain.running_job("xmpp")["scrape_interval"] == f"{STATISTICS_INTERVAL}s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found on the test node: the operator never reads prosody-operator.io/prosody-version "
-    "(prosody_versions is used by no code path since the planner and Prosody 13 work merged), "
-    "so a 13.0 config is evaluated in 0.12's dialect: 'attempt to index a nil value (global "
-    "'modules_enabled')', interval 60s",
-)
 def test_prosody_13_is_read_in_its_dialect_and_scraped(chain: Chain):
     """The pod runs the Prosody 13.0 image; the operator reads its config as 13.0 does (0.12
     cannot evaluate `:append`), and Prometheus scrapes 13.0's own metrics through the sidecar."""

@@ -51,9 +51,18 @@ def check_golden(name: str, obj: object) -> None:
     assert rendered == path.read_text(), f"{name} differs from {path}"
 
 
+DEFAULT_URL = "http://127.0.0.1:5280/metrics"
 CASES = {
-    "sidecar-defaults": (ann.Overrides(), EffectiveInterval(60.0, 60.0, "Prosody's default")),
-    "sidecar-manual": (ann.Overrides(), EffectiveInterval("manual", 30.0, "prosody.cfg.lua:7")),
+    "sidecar-defaults": (
+        ann.Overrides(),
+        EffectiveInterval(60.0, 60.0, "Prosody's default"),
+        DEFAULT_URL,
+    ),
+    "sidecar-manual": (
+        ann.Overrides(),
+        EffectiveInterval("manual", 30.0, "prosody.cfg.lua:7"),
+        DEFAULT_URL,
+    ),
     "sidecar-overrides": (
         ann.Overrides(
             port=9100,
@@ -62,22 +71,23 @@ CASES = {
             resources={"requests": {"cpu": "5m"}},
         ),
         EffectiveInterval(15.0, 15.0, "annotation"),
+        "http://[::1]:5281/prosody/metrics",  # where the config, or the annotation, says
     ),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_sidecar(case):
-    overrides, interval = CASES[case]
+    overrides, interval, url = CASES[case]
     sidecar = builders.build_sidecar_container(
-        SETTINGS, overrides, ["198.18.0.0/16", "2001:db8:1::/64"], interval
+        SETTINGS, overrides, ["198.18.0.0/16", "2001:db8:1::/64"], interval, upstream_url=url
     )
     check_golden(case, sidecar)
 
 
 def test_sidecar_passes_pod_security_restricted():
     sidecar = builders.build_sidecar_container(
-        SETTINGS, ann.Overrides(), [], EffectiveInterval(60.0, 60.0, "x")
+        SETTINGS, ann.Overrides(), [], EffectiveInterval(60.0, 60.0, "x"), upstream_url=DEFAULT_URL
     )
     context = sidecar["securityContext"]
     assert context["runAsNonRoot"] and context["readOnlyRootFilesystem"]
@@ -132,7 +142,7 @@ def test_sidecar_security_context_is_the_setting():
     context = {"runAsNonRoot": True, "allowPrivilegeEscalation": False}
     settings = SETTINGS.model_copy(update={"sidecar_security_context": context})
     sidecar = builders.build_sidecar_container(
-        settings, ann.Overrides(), [], EffectiveInterval(60.0, 60.0, "x")
+        settings, ann.Overrides(), [], EffectiveInterval(60.0, 60.0, "x"), upstream_url=DEFAULT_URL
     )
     assert sidecar["securityContext"] == context
     sidecar["securityContext"]["runAsUser"] = 0  # a copy: the settings stay as they are
@@ -208,7 +218,7 @@ def test_up_to_date(change, expected):
 def test_injection_patch_appends_the_sidecar_and_records_it():
     pod = {"metadata": {}, "spec": {"containers": [{"name": "prosody", "image": "prosody:0.12"}]}}
     sidecar = builders.build_sidecar_container(
-        SETTINGS, ann.Overrides(), [], EffectiveInterval(60.0, 60.0, "x")
+        SETTINGS, ann.Overrides(), [], EffectiveInterval(60.0, 60.0, "x"), upstream_url=DEFAULT_URL
     )
     patch = builders.build_injection_patch(pod, sidecar)
     assert [c["name"] for c in patch["spec"]["containers"]] == ["prosody", "prosody-exporter"]

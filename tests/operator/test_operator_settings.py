@@ -152,6 +152,8 @@ def test_readme_documents_every_setting_and_annotation():
         ann.IMAGE,
         ann.RESOURCES,
         ann.CONTAINER,
+        ann.PROSODY_VERSION,
+        ann.METRICS_URL,
         ann.STATUS,
         ann.OBJECT_HASH,
         ann.SCRAPE_TIMEOUT,

@@ -15,7 +15,7 @@ from prosody_operator import builders, optin, planner
 from prosody_operator.events import Event, EventLog
 from prosody_operator.observation import Admission, Workload
 from prosody_operator.planner import plan_admission, plan_reconcile
-from prosody_operator.prosody import ConfigMount
+from prosody_operator.prosody import ConfigInputs, ConfigMount
 from prosody_operator.selection import PrometheusSelectors
 from prosody_operator.settings import RESTRICTED_SIDECAR, OperatorSettings
 from prosody_operator.workloads import ObjectRef, label_selector, pod_owner
@@ -31,11 +31,22 @@ SETTINGS = OperatorSettings(
 PROSODY = {"name": "prosody", "image": "prosody/prosody:0.12"}
 JITSI = {"name": "jitsi-meet", "image": "ghcr.io/jitsi/prosody:stable-10008"}
 NGINX = {"name": "web", "image": "nginx:1.27"}
+DEFAULT_URL = "http://127.0.0.1:5280/metrics"
 MAIN = "prosody.cfg.lua"
 CONFIG = (
     'modules_enabled = { "http_openmetrics" }\nstatistics = "internal"\nstatistics_interval = 45\n'
 )
 OPTED = {ann.INJECT: "true"}
+PROSODY_13 = {"name": "prosody", "image": "prosodyim/prosody:13.0"}
+UNKNOWN = {"name": "prosody", "image": "registry.example/team/prosody:2025"}  # no version known
+# Read alike by 0.12 and 13.0: /metrics on another port.
+PORT_5281 = CONFIG + "http_ports = { 5281 }\n"
+# 13.0 reads an option back in its section (0.12 reads nil): 90 s in 13.0, 45 s in 0.12.
+READ_BACK = CONFIG + "statistics_interval = statistics_interval and statistics_interval * 2 or 45\n"
+# Only 13.0 has the Lua global: 0.12 cannot evaluate it.
+LUA_GLOBAL = 'modules_enabled = { "http_openmetrics" }\nstatistics_interval = Lua.tonumber("30")\n'
+UNREACHABLE = CONFIG + 'http_interfaces = { "198.18.0.1" }\n'
+METRICS_5281 = "http://127.0.0.1:5281/metrics"
 
 
 def mounted(container: dict[str, Any], configmap: str = "prosody") -> dict[str, Any]:
@@ -83,10 +94,18 @@ def opted_in(**kwargs: Any) -> dict[str, Any]:
     return workload(pod_labels=OPTED, pod_annotations={**OPTED, **kwargs.pop("pod", {})}, **kwargs)
 
 
-def pod(name: str, *, sidecar_interval: str | None = None, phase: str = "Running") -> dict:
+def pod(
+    name: str,
+    *,
+    sidecar_interval: str | None = None,
+    sidecar_url: str | None = None,
+    phase: str = "Running",
+) -> dict:
     containers: list[dict[str, Any]] = [PROSODY]
     if sidecar_interval:
         env = [{"name": "PROSODY_EXPORTER_INTERVAL", "value": sidecar_interval}]
+        if sidecar_url:
+            env.append({"name": builders.UPSTREAM_ENV, "value": sidecar_url})
         containers.append({"name": builders.SIDECAR_NAME, "env": env})
     return {
         "metadata": {"name": name},
@@ -100,11 +119,12 @@ def built(
     interval: str = "60s",
     selected_by: str = "none",
     settings: OperatorSettings = SETTINGS,
+    configmaps: dict[str, dict[str, str]] | None = None,
 ) -> dict:
     """The live objects of an earlier reconcile, as the API server returns them."""
     plan = plan_reconcile(
         settings,
-        Workload(body, {}, owned={}),
+        Workload(body, {}, configmaps=configmaps or {}, owned={}),
     )
     owned = {}
     for obj in plan.apply:
@@ -117,6 +137,9 @@ def built(
     assert endpoints[0]["interval"] == interval
     assert monitor["metadata"]["annotations"][ann.SELECTED_BY] == selected_by
     return owned
+
+
+BUILT_5281 = built(opted_in(configmap="prosody"), "45s", configmaps={"prosody": {MAIN: PORT_5281}})
 
 
 def hand_edited(owned: dict[str, dict], interval: str) -> dict[str, dict]:
@@ -345,10 +368,168 @@ RECONCILE = {
             pods=(pod("xmpp-1", sidecar_interval="60s"),),
         ),
         ["ServiceMonitor"], [],
-        {"MetricsConfigured": "1 pod(s) still collect at another interval: Prosody reads "
-         "statistics_interval only when it starts",
+        {"MetricsConfigured": "Pods still collect at another interval or from another URL: "
+         "Prosody reads statistics_interval and its HTTP settings only when it starts",
          "NotSelectedByPrometheus": ""},
         False,
+    ),
+    # -- which Prosody reads the config: its dialect (prosody_versions.py) --
+    "the image's tag: a 13.0 config read as 13.0 reads it": (
+        Workload(
+            opted_in(configmap="prosody", containers=[PROSODY_13]),
+            {},
+            configmaps={"prosody": {MAIN: READ_BACK}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"MetricsConfigured": "interval 90s (from prosody.cfg.lua:4)",
+         "ProsodyConfig": "Duplicate option", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "the version annotation beats the image": (
+        Workload(
+            opted_in(configmap="prosody", pod={ann.PROSODY_VERSION: "13.0.1"}),
+            {},
+            configmaps={"prosody": {MAIN: LUA_GLOBAL}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"MetricsConfigured": "interval 30s (from prosody.cfg.lua:2)",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "version known: a config error is Prosody refusing to start": (
+        Workload(opted_in(configmap="prosody"), {}, configmaps={"prosody": {MAIN: LUA_GLOBAL}}),
+        ["Service", "ServiceMonitor"], [],
+        {"ProsodyConfig": "prosody.cfg.lua:2: config error, Prosody refuses to start: attempt "
+         "to index a nil value (global 'Lua')",
+         "MetricsConfigured": "(from Prosody's default)", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "an invalid version annotation: reported, the image decides": (
+        Workload(
+            opted_in(configmap="prosody", containers=[PROSODY_13], pod={ann.PROSODY_VERSION: "x"}),
+            {},
+            configmaps={"prosody": {MAIN: LUA_GLOBAL}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"InvalidAnnotation": f"{ann.PROSODY_VERSION}='x' ignored: not a Prosody version",
+         "MetricsConfigured": "interval 30s", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "version unknown, both read it alike: nothing to say": (
+        Workload(
+            opted_in(configmap="prosody", containers=[UNKNOWN]),
+            {},
+            configmaps={"prosody": {MAIN: PORT_5281}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"MetricsConfigured": f"interval 45s (from prosody.cfg.lua:3), Service port 9755; the "
+         f"sidecar collects {METRICS_5281} (from prosody.cfg.lua:4 (http_ports))",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "version unknown, they read it differently: 13.0's reading, and a Warning": (
+        Workload(
+            opted_in(configmap="prosody", containers=[UNKNOWN]),
+            {},
+            configmaps={"prosody": {MAIN: READ_BACK}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"ProsodyVersionUnknown": "The Prosody version of container prosody is not known (image "
+         "registry.example/team/prosody:2025 is not an official Prosody image), and its config "
+         "reads differently in each (0.12: interval 45s from prosody.cfg.lua:4, /metrics at "
+         f"{DEFAULT_URL}; 13.0: interval 90s from prosody.cfg.lua:4, /metrics at "
+         f"{DEFAULT_URL}). Used 13.0's reading: the current release",
+         "MetricsConfigured": "interval 90s", "ProsodyConfig": "Duplicate option",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "version unknown, only 13.0 reads it: 13.0's reading, no claim that Prosody fails": (
+        Workload(
+            opted_in(configmap="prosody", containers=[UNKNOWN]),
+            {},
+            configmaps={"prosody": {MAIN: LUA_GLOBAL}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"ProsodyVersionUnknown": "(0.12: a config error; 13.0: interval 30s from "
+         "prosody.cfg.lua:2, /metrics at http://127.0.0.1:5280/metrics). Used 13.0's reading: "
+         "the only one that reads it without an error",
+         "MetricsConfigured": "interval 30s", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "version unknown, neither reads it: an error as 13.0 reads it, not a sure failure": (
+        Workload(
+            opted_in(configmap="prosody", containers=[UNKNOWN]),
+            {},
+            configmaps={"prosody": {MAIN: "statistics_interval = = 5\n"}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"ProsodyConfig": "config error as Prosody 13.0 reads it (which Prosody runs here is not "
+         "known)",
+         "MetricsConfigured": "(from Prosody's default)", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    # -- where the sidecar collects /metrics --
+    "/metrics where the config serves it": (
+        Workload(opted_in(configmap="prosody"), {}, configmaps={"prosody": {MAIN: PORT_5281}}),
+        ["Service", "ServiceMonitor"], [],
+        {"MetricsConfigured": f"the sidecar collects {METRICS_5281} (from prosody.cfg.lua:4 "
+         "(http_ports))", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "the metrics-url annotation beats the config": (
+        Workload(
+            opted_in(configmap="prosody", pod={ann.METRICS_URL: "http://[::1]:5290/m"}),
+            {},
+            configmaps={"prosody": {MAIN: PORT_5281}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"MetricsConfigured": "the sidecar collects http://[::1]:5290/m (from annotation)",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "an invalid metrics-url annotation: reported, the config decides": (
+        Workload(
+            opted_in(configmap="prosody", pod={ann.METRICS_URL: "https://127.0.0.1/metrics"}),
+            {},
+            configmaps={"prosody": {MAIN: PORT_5281}},
+        ),
+        ["Service", "ServiceMonitor"], [],
+        {"InvalidAnnotation": f"{ann.METRICS_URL}='https://127.0.0.1/metrics' ignored",
+         "MetricsConfigured": f"the sidecar collects {METRICS_5281}",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "a config that leaves /metrics out of reach: a ProsodyConfig warning, the default URL": (
+        Workload(opted_in(configmap="prosody"), {}, configmaps={"prosody": {MAIN: UNREACHABLE}}),
+        ["Service", "ServiceMonitor"], [],
+        {"ProsodyConfig": "prosody.cfg.lua:4: Prosody's HTTP server listens on 198.18.0.1 "
+         "(http_interfaces), not on loopback",
+         "MetricsConfigured": f"the sidecar collects {DEFAULT_URL} (from Prosody's defaults "
+         "(see the config's findings))", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "pods collect from another URL than the config says: restart advice": (
+        Workload(
+            opted_in(configmap="prosody"),
+            {},
+            configmaps={"prosody": {MAIN: PORT_5281}},
+            owned=BUILT_5281,
+            pods=(pod("xmpp-1", sidecar_interval="45s", sidecar_url=DEFAULT_URL),),
+        ),
+        [], [],
+        {"MetricsConfigured": "Pods still collect at another interval or from another URL",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "pods collect where the config says: nothing to say": (
+        Workload(
+            opted_in(configmap="prosody"),
+            {},
+            configmaps={"prosody": {MAIN: PORT_5281}},
+            owned=BUILT_5281,
+            pods=(pod("xmpp-1", sidecar_interval="45s", sidecar_url=METRICS_5281),),
+        ),
+        [], [], {"NotSelectedByPrometheus": ""}, False,
     ),
     "an object of our name that is not ours: NameConflict, left as it is": (
         Workload(opted_in(), {}, owned=foreign(built(opted_in()), "Service")),
@@ -678,6 +859,50 @@ ADMISSION = {
         {"PROSODY_EXPORTER_ALLOW_CIDRS": "127.0.0.0/8,::1/128"},
         {"NoPodNetwork": "the sidecar only allows loopback"},
     ),
+    "the sidecar collects /metrics where the config serves it": (
+        admission(
+            new_pod(labels=OPTED, configmap="prosody"),
+            configmaps={"prosody": {MAIN: PORT_5281}},
+        ),
+        {"PROSODY_EXPORTER_INTERVAL": "45s", builders.UPSTREAM_ENV: METRICS_5281},
+        {},
+    ),
+    "no config: Prosody's default /metrics": (
+        admission(new_pod(labels=OPTED)), {builders.UPSTREAM_ENV: DEFAULT_URL}, {},
+    ),
+    "the metrics-url annotation beats the config": (
+        admission(
+            new_pod(labels=OPTED, configmap="prosody",
+                    annotations={ann.METRICS_URL: "http://localhost:5290/m"}),
+            configmaps={"prosody": {MAIN: PORT_5281}},
+        ),
+        {builders.UPSTREAM_ENV: "http://localhost:5290/m"},
+        {},
+    ),
+    "an invalid metrics-url annotation: warned, the config's URL": (
+        admission(
+            new_pod(labels=OPTED, configmap="prosody", annotations={ann.METRICS_URL: "5281"}),
+            configmaps={"prosody": {MAIN: PORT_5281}},
+        ),
+        {builders.UPSTREAM_ENV: METRICS_5281},
+        {"InvalidAnnotation": f"{ann.METRICS_URL}='5281' ignored"},
+    ),
+    "a 13.0 image: its config read as 13.0 reads it": (
+        admission(
+            new_pod(labels=OPTED, configmap="prosody", containers=[PROSODY_13]),
+            configmaps={"prosody": {MAIN: LUA_GLOBAL}},
+        ),
+        {"PROSODY_EXPORTER_INTERVAL": "30s"},
+        {},
+    ),
+    "the version unknown: the reading that works": (
+        admission(
+            new_pod(labels=OPTED, configmap="prosody", containers=[UNKNOWN]),
+            configmaps={"prosody": {MAIN: LUA_GLOBAL}},
+        ),
+        {"PROSODY_EXPORTER_INTERVAL": "30s"},
+        {},
+    ),
     "no pod network, but an allowlist annotation: no warning": (
         admission(
             new_pod(labels=OPTED, annotations={ann.ALLOW_CIDRS: "198.18.0.0/15"}), node_cidrs=()
@@ -705,6 +930,101 @@ def test_plan_admission(row):
         assert any(e.reason == reason and text in e.message for e in plan.events), (reason, text)
     assert list(plan.warnings) == [e.message for e in plan.events if e.type == "Warning"]
     assert plan.target == DEPLOYMENT
+
+
+def not_evaluated_yet(inputs: ConfigInputs) -> None:
+    """An evaluator whose result is not there in time (evaluation.py's workers are busy)."""
+    return None
+
+
+def test_admission_does_not_wait_for_an_evaluation_it_has_not_got():
+    """Injected all the same, with the fallbacks: the env's interval, Prosody's default URL."""
+    container = {**PROSODY, "env": [{"name": "PROSODY_STATISTICS_INTERVAL", "value": "25"}]}
+    seen = admission(
+        new_pod(labels=OPTED, configmap="prosody", containers=[container]),
+        configmaps={"prosody": {MAIN: PORT_5281}},
+    )
+    plan = plan_admission(SETTINGS, seen, not_evaluated_yet)
+    assert plan.patch is not None
+    env = {e["name"]: e["value"] for e in plan.patch["spec"]["containers"][-1]["env"]}
+    assert env["PROSODY_EXPORTER_INTERVAL"] == "25s"
+    assert env[builders.UPSTREAM_ENV] == DEFAULT_URL
+    assert "config not evaluated yet" in plan.reason
+    # The reconciler, with the result, finds the pod behind and says so.
+    injected = {**pod("xmpp-1"), "spec": {"containers": plan.patch["spec"]["containers"]}}
+    configured = plan_reconcile(
+        SETTINGS,
+        Workload(
+            opted_in(configmap="prosody", containers=[container]),
+            {},
+            configmaps={"prosody": {MAIN: PORT_5281}},
+            pods=(injected,),
+        ),
+    )
+    [message] = [e.message for e in configured.events if e.reason == "MetricsConfigured"]
+    assert "interval 45s" in message and METRICS_5281 in message
+    assert "Pods still collect at another interval or from another URL" in message
+
+
+def test_a_reconcile_without_the_result_uses_the_fallbacks_and_gives_no_advice():
+    """The result comes later (the controller reconciles again then): meanwhile the fallbacks,
+    said to be so, and no advice to restart pods that may well be right."""
+    seen = Workload(
+        opted_in(configmap="prosody"),
+        {},
+        configmaps={"prosody": {MAIN: PORT_5281}},
+        owned=built(
+            opted_in(configmap="prosody"), "45s", configmaps={"prosody": {MAIN: PORT_5281}}
+        ),
+        pods=(pod("xmpp-1", sidecar_interval="45s", sidecar_url=METRICS_5281),),
+    )
+    plan = plan_reconcile(SETTINGS, seen, not_evaluated_yet)
+    [message] = [e.message for e in plan.events if e.reason == "MetricsConfigured"]
+    assert "interval 60s (from Prosody's default; config not evaluated yet)" in message
+    assert "restart" not in message
+    assert not [e for e in plan.events if e.reason == "ProsodyConfig"]
+
+
+def many_findings(count: int) -> str:
+    """A config with `count` distinct findings: a misplaced option under each of its hosts."""
+    return CONFIG + f'for i = 1, {count} do VirtualHost("host" .. i) statistics_interval = 5 end\n'
+
+
+def test_a_config_with_60000_findings_posts_21_events_once():
+    """At most 20 findings per evaluation and one line saying how many more; the next reconcile
+    posts none of them again (the Event log keeps what it posted)."""
+    posted: list[Event] = []
+    log = EventLog(lambda target, event: posted.append(event))
+    seen = Workload(
+        opted_in(configmap="prosody"), {}, configmaps={"prosody": {MAIN: many_findings(60_000)}}
+    )
+    for _ in range(2):
+        plan = plan_reconcile(SETTINGS, seen)
+        log.report(plan.workload, plan.events, settles=planner.RECONCILE_REASONS)
+    config = [e.message for e in posted if e.reason == "ProsodyConfig"]
+    assert len(config) == 21, config[-3:]
+    assert len(set(config)) == 21
+    assert "statistics_interval is set under VirtualHost 'host1'" in config[0]
+    assert config[-1] == (
+        "prosody.cfg.lua: and 59980 more finding(s) like these: the operator reports the first 20"
+    )
+    # Deciding findings are kept whatever the count: here, none (45 s from line 3).
+    assert any(e.reason == "MetricsConfigured" and "interval 45s" in e.message for e in posted)
+
+
+def test_findings_that_decide_are_kept_past_the_cap():
+    """Statistics off: the finding that says why comes after 60 000 others, and is kept."""
+    config = many_findings(60_000).replace(
+        'statistics = "internal"\nstatistics_interval = 45\n', ""
+    )
+    plan = plan_reconcile(
+        SETTINGS,
+        Workload(opted_in(configmap="prosody"), {}, configmaps={"prosody": {MAIN: config}}),
+    )
+    messages = [e.message for e in plan.events if e.reason == "ProsodyConfig"]
+    assert len(messages) == 21
+    assert any("statistics are off" in m for m in messages)
+    assert "and 59981 more finding(s)" in messages[-1]  # 60 000 + statistics off
 
 
 def test_dry_run_warns_but_posts_no_event():

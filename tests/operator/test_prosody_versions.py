@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 
+from prosody_operator import annotations as ann
 from prosody_operator.prosody_config import MetricsLocation
 from prosody_operator.prosody_versions import (
-    VERSION_ANNOTATION,
     dialect_of_image,
     dialect_of_version,
+    image_name,
     pod_dialect,
     sidecar_upstream_url,
     split_image,
@@ -96,13 +97,29 @@ def test_dialect_of_image(image: str, dialect: str | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("image", "name"),
+    [
+        ("prosodyim/prosody:13.0", "prosody"),
+        ("ghcr.io/jitsi/prosody:stable-10008", "prosody"),
+        ("registry.example:5000/mirror/prosody@sha256:0123abcd", "prosody"),
+        ("docker.io/library/nginx", "nginx"),
+        ("prosody", "prosody"),
+        ("", ""),
+    ],
+)
+def test_image_name(image: str, name: str) -> None:
+    """The one image-name parser: what recognises a container as Prosody by its image."""
+    assert image_name(image) == name
+
+
+@pytest.mark.parametrize(
     ("annotations", "image", "dialect", "source", "problem"),
     [
-        ({VERSION_ANNOTATION: "13.0"}, "prosody/prosody:0.12", "13", "annotation", False),
-        ({VERSION_ANNOTATION: "0.12"}, "prosodyim/prosody", "0.12", "annotation", False),
+        ({ann.PROSODY_VERSION: "13.0"}, "prosody/prosody:0.12", "13", "annotation", False),
+        ({ann.PROSODY_VERSION: "0.12"}, "prosodyim/prosody", "0.12", "annotation", False),
         ({}, "prosodyim/prosody:13.0", "13", "image", False),
-        ({VERSION_ANNOTATION: "thirteen"}, "prosodyim/prosody:0.12", "0.12", "image", True),
-        ({VERSION_ANNOTATION: "thirteen"}, "example.org/prosody", None, "not an official", True),
+        ({ann.PROSODY_VERSION: "thirteen"}, "prosodyim/prosody:0.12", "0.12", "image", True),
+        ({ann.PROSODY_VERSION: "thirteen"}, "example.org/prosody", None, "not an official", True),
         ({}, "example.org/prosody:13.0", None, "not an official", False),
         ({}, None, None, "names no image", False),
         ({"other": "13.0"}, "", None, "names no image", False),
@@ -115,12 +132,15 @@ def test_pod_dialect(
     source: str,
     problem: bool,
 ) -> None:
-    choice = pod_dialect(annotations, image)
+    """The annotation (as annotations.py checked it: an invalid one is a problem, and ignored),
+    else the image."""
+    parsed = ann.parse_annotations(annotations)
+    choice = pod_dialect(parsed.overrides.prosody_version, image)
     assert choice.dialect == dialect
     assert source in choice.source
-    assert (choice.problem is not None) == problem
+    assert bool(parsed.problems) == problem
     if problem:
-        assert VERSION_ANNOTATION in str(choice.problem)
+        assert ann.PROSODY_VERSION in parsed.problems[0]
 
 
 @pytest.mark.parametrize(

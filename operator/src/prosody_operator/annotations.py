@@ -10,8 +10,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import AnyHttpUrl, TypeAdapter, ValidationError
+
 from .intervals import parse_duration
 from .prosody_config import Interval, parse_interval_value
+from .prosody_versions import dialect_of_version
 
 PREFIX = "prosody-operator.io/"
 
@@ -30,6 +33,11 @@ CONTAINER = PREFIX + "container"
 # monitor settings are the Prometheus installation's conventions and only global.
 SCRAPE_TIMEOUT = PREFIX + "scrape-timeout"
 SAMPLE_LIMIT = PREFIX + "sample-limit"
+# Which Prosody runs, so that its config is read in that version's dialect (default: the
+# container's image tag, for the official images), and where the sidecar collects /metrics
+# (default: where Prosody's evaluated config serves it).
+PROSODY_VERSION = PREFIX + "prosody-version"
+METRICS_URL = PREFIX + "metrics-url"
 # Written by the webhook: what it injected (version and a hash of the sidecar), as Istio does.
 STATUS = PREFIX + "status"
 # Written on generated objects: a hash of the object as built, to skip no-op updates and to roll
@@ -60,6 +68,8 @@ class Overrides:
     container: str | None = None
     scrape_timeout: float | None = None  # seconds
     sample_limit: int | None = None  # 0: none
+    prosody_version: str | None = None  # a version a dialect is known for ("13.0", "0.12.3")
+    metrics_url: str | None = None  # Prosody's /metrics, as the sidecar reaches it
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,28 @@ def _sample_limit(value: str) -> int:
     return limit
 
 
+def _prosody_version(value: str) -> str:
+    if dialect_of_version(value) is None:
+        raise ValueError('not a Prosody version the operator knows (e.g. "13.0", "0.12")')
+    return value
+
+
+# The exporter's own type for its upstream URL: what passes here, the sidecar accepts.
+_URL = TypeAdapter(AnyHttpUrl)
+
+
+def _metrics_url(value: str) -> str:
+    try:
+        url = _URL.validate_python(value)
+    except ValidationError:
+        raise ValueError("not a URL (e.g. http://127.0.0.1:5280/metrics)") from None
+    if url.scheme != "http" or url.username or url.password or url.fragment:
+        # Prosody's HTTPS certificate is not for a loopback address; credentials would show
+        # in the pod spec.
+        raise ValueError("expected a plain http:// URL without credentials or fragment")
+    return str(url)
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     PORT: ("port", _port),
     ALLOW_CIDRS: ("allow_cidrs", _cidrs),
@@ -117,6 +149,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     CONTAINER: ("container", str),
     SCRAPE_TIMEOUT: ("scrape_timeout", parse_duration),
     SAMPLE_LIMIT: ("sample_limit", _sample_limit),
+    PROSODY_VERSION: ("prosody_version", _prosody_version),
+    METRICS_URL: ("metrics_url", _metrics_url),
 }
 
 

@@ -17,6 +17,7 @@ from .settings import OperatorSettings
 
 SIDECAR_NAME = "prosody-exporter"
 INTERVAL_ENV = "PROSODY_EXPORTER_INTERVAL"
+UPSTREAM_ENV = "PROSODY_EXPORTER_UPSTREAM_URL"
 METRICS_PORT_NAME = "metrics"
 WEBHOOK_HANDLER_ID = "inject-exporter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "prosody-operator"}
@@ -63,10 +64,16 @@ def build_sidecar_container(
     overrides: ann.Overrides,
     allow_cidrs: Sequence[str],
     interval: EffectiveInterval,
+    *,
+    upstream_url: str,
 ) -> Obj:
+    """`upstream_url`: Prosody's /metrics, where its config serves it (or the annotation says).
+    No Host header is needed: mod_http_openmetrics is a global module, whose route answers on
+    any Host."""
     port = overrides.port or settings.exporter_port
     cidrs = overrides.allow_cidrs if overrides.allow_cidrs is not None else tuple(allow_cidrs)
     env = {
+        UPSTREAM_ENV: upstream_url,
         INTERVAL_ENV: format_duration(interval.scrape_seconds),
         "PROSODY_EXPORTER_LISTEN_PORT": str(port),
         "PROSODY_EXPORTER_ALLOW_CIDRS": ",".join(cidrs),

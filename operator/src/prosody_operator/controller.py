@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as NotYet
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import annotations as ann
 from . import builders, observation
+from .evaluation import Busy, Evaluations, Limits
 from .events import Event, EventLog
 from .kube import Kube, NamespaceTerminating
 from .planner import (
@@ -27,7 +30,8 @@ from .planner import (
     plan_reconcile,
     workload_candidate,
 )
-from .prosody import Evaluator, evaluate
+from .prosody import ConfigInputs, Evaluator, evaluate
+from .prosody_config import DIALECTS, StatisticsConfig
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
 from .workloads import ObjectRef, label_selector, pod_owner, pod_ref
@@ -66,14 +70,51 @@ class Indexes:
         return next(iter(index.get(key) or ()), None)
 
 
+# Seconds a reconcile waits beyond the evaluation budget (the result of a killed evaluation
+# comes right after it).
+RECONCILE_SLACK = 2.0
+
+
 class Controller:
+    """`evaluations`: the out-of-process evaluator (evaluation.py); None evaluates in this
+    process, without a time bound (for tests that need no worker processes)."""
+
     def __init__(
-        self, settings: OperatorSettings, kube: Kube, evaluator: Evaluator = evaluate
+        self, settings: OperatorSettings, kube: Kube, evaluations: Evaluations | None = None
     ) -> None:
         self.settings = settings
         self.kube = kube
-        self.evaluate = evaluator
+        self.evaluations = evaluations
         self.events = EventLog(kube.post_event)
+        # Reconciles of workloads whose config was still being evaluated when they were last
+        # reconciled: one thread, run when the evaluation is done.
+        self._followups = ThreadPoolExecutor(1, thread_name_prefix="reconcile-evaluated")
+
+    def evaluator(self, wait: float, waiting: list[Future[StatisticsConfig]]) -> Evaluator:
+        """Evaluates through the workers, waiting at most `wait` seconds in all (a config read
+        in both dialects is two evaluations) for results not cached yet: None then, and the
+        Future goes to `waiting`."""
+        evaluations = self.evaluations
+        if evaluations is None:
+            return evaluate
+        deadline = time.monotonic() + wait
+
+        def bounded(inputs: ConfigInputs) -> StatisticsConfig | None:
+            try:
+                if not inputs.version_known:  # to be read in every dialect: start them together
+                    for dialect in DIALECTS:
+                        evaluations.submit(replace(inputs, dialect=dialect))
+                future = evaluations.submit(inputs)
+            except Busy as error:
+                log.warning("config not evaluated: %s", error)
+                return None
+            try:
+                return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except NotYet:
+                waiting.append(future)
+                return None
+
+        return bounded
 
     def _namespace_labels(self, namespace: str, indexes: Indexes) -> Mapping[str, str]:
         labels = Indexes.first(indexes.namespaces, namespace)
@@ -82,8 +123,10 @@ class Controller:
     # --- admission -----------------------------------------------------------------------
 
     def admit(self, pod: Obj, dry_run: bool, indexes: Indexes) -> AdmissionPlan:
-        """Observe, plan, report; the caller (kopf's webhook) returns the patch."""
-        plan = plan_admission(self.settings, self.observe_pod(pod, dry_run, indexes), self.evaluate)
+        """Observe, plan, report; the caller (kopf's webhook) returns the patch. A config not
+        evaluated within the admission's wait is left to the workload's reconcile."""
+        evaluate = self.evaluator(self.settings.evaluation_admission_wait, [])
+        plan = plan_admission(self.settings, self.observe_pod(pod, dry_run, indexes), evaluate)
         self.events.report(plan.target, plan.events)
         return plan
 
@@ -130,10 +173,23 @@ class Controller:
     # --- reconcile -----------------------------------------------------------------------
 
     def reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan:
+        waiting: list[Future[StatisticsConfig]] = []
+        wait = self.settings.evaluation_timeout + RECONCILE_SLACK
         plan = plan_reconcile(
-            self.settings, self.observe_workload(workload, indexes), self.evaluate
+            self.settings, self.observe_workload(workload, indexes), self.evaluator(wait, waiting)
         )
         self.execute(plan)
+        if waiting:  # queued behind other evaluations: reconcile again once they are done
+            ref = plan.workload
+
+            def follow_up(_: Future[StatisticsConfig]) -> None:
+                if all(future.done() for future in waiting):
+                    self._followups.submit(
+                        self.reconcile_named, ref.kind, ref.namespace, ref.name, indexes
+                    )
+
+            for future in waiting:
+                future.add_done_callback(follow_up)
         return plan
 
     def reconcile_named(self, kind: str, namespace: str, name: str, indexes: Indexes) -> None:
@@ -202,6 +258,18 @@ class Controller:
                 self.settings.webhook_configuration, client_config, self.settings.watch_namespaces
             )
         )
+
+
+def start_evaluations(settings: OperatorSettings) -> Evaluations:
+    """The config evaluation workers, bounded as the settings say, started."""
+    return Evaluations(
+        Limits(
+            timeout=settings.evaluation_timeout,
+            memory_bytes=settings.evaluation_memory_mib * 1024 * 1024,
+            workers=settings.evaluation_workers,
+            cache_size=settings.evaluation_cache_size,
+        )
+    )
 
 
 def summarize(workload: Mapping[str, Any]) -> WorkloadSummary:

@@ -18,7 +18,7 @@ import kopf
 
 from . import annotations as ann
 from . import builders
-from .controller import Controller, Indexes, summarize
+from .controller import Controller, Indexes, start_evaluations, summarize
 from .kube import MONITOR_PLURALS, MONITORING_GROUP, MONITORING_VERSION, Kube, load_config
 from .prosody import prosody_configmaps
 from .selection import PrometheusSelectors
@@ -125,7 +125,9 @@ class WebhookServer(kopf.WebhookServer):
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     operator_settings: OperatorSettings = memo.settings  # checked and built once, by main()
     load_config()
-    controller = memo.controller = Controller(operator_settings, Kube())
+    controller = memo.controller = Controller(
+        operator_settings, Kube(), start_evaluations(operator_settings)
+    )
     certificate = _certificate(operator_settings)
     settings.admission.server = WebhookServer(
         controller.apply_webhook_configuration,

@@ -15,6 +15,7 @@ from .events import Event
 from .intervals import EffectiveInterval, format_duration
 from .observation import Admission, Workload
 from .prosody import Evaluator
+from .prosody_versions import DEFAULT_UPSTREAM_URL
 from .selection import Selection, select
 from .settings import OperatorSettings
 from .workloads import ObjectRef, controller_uid, pod_ref, restart_command
@@ -32,6 +33,7 @@ RECONCILE_REASONS = frozenset(
     {
         "InvalidAnnotation",
         "ProsodyConfig",
+        "ProsodyVersionUnknown",
         "NameConflict",
         "MetricsConfigured",
         "MetricsRemoved",
@@ -149,7 +151,7 @@ def plan_admission(
     if container is None:  # only the namespace opted in, and this pod is not Prosody
         return AdmissionPlan(None, "not recognised as Prosody", target)
     events = _invalid(found.problems)
-    decision = prosody.decide_interval(
+    decision = prosody.decide_config(
         settings.manual_interval, spec, container, seen.configmaps, overrides, evaluate
     )
     cidrs = builders.allowlist(seen.node_cidrs, settings)
@@ -162,8 +164,10 @@ def plan_admission(
             )
         )
         cidrs = list(LOOPBACK)
-    sidecar = builders.build_sidecar_container(settings, overrides, cidrs, decision.interval)
-    interval = decision.interval
+    sidecar = builders.build_sidecar_container(
+        settings, overrides, cidrs, decision.interval, upstream_url=decision.upstream.url
+    )
+    interval, upstream = decision.interval, decision.upstream
     annotations = {}
     if settings.prometheus_scrape_annotations:
         # Those the pod already has are the user's: kept (prometheus.io/scrape: "false" too).
@@ -173,7 +177,8 @@ def plan_admission(
         annotations = {k: v for k, v in wanted.items() if k not in present}
     return plan(
         builders.build_injection_patch(pod, sidecar, annotations),
-        f"injected ({opt_in.source}), interval {interval.scrape_interval} ({interval.source})",
+        f"injected ({opt_in.source}), interval {interval.scrape_interval} ({interval.source}), "
+        f"/metrics at {upstream.url} ({upstream.source})",
         events,
     )
 
@@ -194,10 +199,12 @@ def plan_reconcile(
         return _plan_removal(ref, seen, opt_in)
 
     events = _invalid(found.problems)
-    decision = prosody.decide_interval(
+    decision = prosody.decide_config(
         settings.manual_interval, pod_spec, container, seen.configmaps, overrides, evaluate
     )
     events += [Event.warning("ProsodyConfig", str(finding)) for finding in decision.findings]
+    if decision.dialects_disagree:
+        events.append(Event.warning("ProsodyVersionUnknown", decision.dialects_disagree))
     port = overrides.port or settings.exporter_port
     kinds = monitor_kinds(settings)
     built: list[Obj] = []
@@ -241,8 +248,11 @@ def plan_reconcile(
         events.append(Event.normal("MetricsRemoved", f"{why}: deleted {_names(stale)}"))
     pods = _active(seen.pods)
     if monitor is not None and selection is not None:
-        if apply:
-            events.append(_configured(ref, monitor, decision.interval, port, pods, note))
+        # Sidecars set otherwise when their pods were created (before a change, or from the
+        # fallbacks while the config was still being evaluated). Not known while it still is.
+        behind = not decision.pending and any(_behind(pod, decision) for pod in pods)
+        if apply or behind:
+            events.append(_configured(ref, monitor, decision, port, behind, note))
         events.append(_selection_event(settings, selection, monitor))
     drift, restart = _check_sidecars(settings, seen, ref, pod_metadata, opt_in, pods)
     return ReconcilePlan(ref, tuple(apply), stale, (*events, *drift), restart)
@@ -315,35 +325,42 @@ def _name_conflict(obj: Mapping[str, Any], ref: ObjectRef) -> Event:
     )
 
 
-def _sidecar_interval(pod: Mapping[str, Any]) -> str | None:
+def _behind(pod: Mapping[str, Any], decision: prosody.ConfigDecision) -> bool:
+    """Whether the pod's sidecar collects at another interval or from another URL."""
     for container in (pod.get("spec") or {}).get("containers") or []:
         if container.get("name") == builders.SIDECAR_NAME:
             env = {e.get("name"): e.get("value") for e in container.get("env") or []}
-            return env.get(builders.INTERVAL_ENV)
-    return None
+            interval = env.get(builders.INTERVAL_ENV)
+            # Sidecars injected before the URL was set collect from the exporter's default.
+            url = env.get(builders.UPSTREAM_ENV, DEFAULT_UPSTREAM_URL)
+            return interval not in (None, decision.interval.scrape_interval) or (
+                url != decision.upstream.url
+            )
+    return False
 
 
 def _configured(
     ref: ObjectRef,
     monitor: Mapping[str, Any],
-    interval: EffectiveInterval,
+    decision: prosody.ConfigDecision,
     port: int,
-    pods: list[Obj],
+    behind: bool,
     note: str,
 ) -> Event:
+    interval, upstream = decision.interval, decision.upstream
     where = "Service port" if monitor["kind"] == "ServiceMonitor" else "pod port"
     message = (
         f"{monitor['kind']} {monitor['metadata']['name']}: interval {interval.scrape_interval} "
-        f"(from {interval.source}), {where} {port}"
+        f"(from {interval.source}), {where} {port}; the sidecar collects "
+        f"{upstream.url} (from {upstream.source})"
     )
     if note:
         message += f"; {note}"
-    behind = [pod for pod in pods if _sidecar_interval(pod) not in (None, interval.scrape_interval)]
     if behind:
         message += (
-            f". {len(behind)} pod(s) still collect at another interval: Prosody reads "
-            "statistics_interval only when it starts and the sidecar's interval is set when a "
-            f"pod is created, so restart the pods to follow ({restart_command(ref)})"
+            ". Pods still collect at another interval or from another URL: Prosody reads "
+            "statistics_interval and its HTTP settings only when it starts and the sidecar's "
+            f"are set when a pod is created, so restart the pods to follow ({restart_command(ref)})"
         )
     return Event.normal("MetricsConfigured", message)
 

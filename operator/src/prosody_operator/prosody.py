@@ -1,18 +1,36 @@
 """What a pod spec tells us about Prosody: which container is Prosody, which files its ConfigMaps
-put into its config directory, and the statistics interval that follows (pure; the ConfigMaps'
-data is passed in, and the config is evaluated through one function, `evaluate`)."""
+put into its config directory, which Prosody version reads them, and the statistics interval and
+the /metrics URL that follow (pure; the ConfigMaps' data is passed in, and the config is
+evaluated through one function, an `Evaluator`: evaluation.py's workers in the operator)."""
 
 from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .annotations import Overrides
 from .builders import SIDECAR_NAME
-from .intervals import EffectiveInterval, effective_interval
-from .prosody_config import Finding, StatisticsConfig, evaluate_prosody_config
+from .intervals import EffectiveInterval, effective_interval, format_duration
+from .prosody_config import (
+    DIALECT_NAMES,
+    DIALECTS,
+    NOT_EVALUATED,
+    Dialect,
+    Finding,
+    StatisticsConfig,
+    capped_findings,
+    evaluate_prosody_config,
+)
+from .prosody_versions import (
+    DEFAULT_UPSTREAM_URL,
+    MAINTAINED_DEFAULT,
+    DialectChoice,
+    image_name,
+    pod_dialect,
+    sidecar_upstream_url,
+)
 
 PROSODY_CONFIG_DIR = "/etc/prosody"
 MAIN_CONFIG = "prosody.cfg.lua"
@@ -22,13 +40,6 @@ MAIN_CONFIG = "prosody.cfg.lua"
 PROSODY_NAME = "prosody"
 
 Obj = dict[str, Any]
-
-
-def image_name(image: str) -> str:
-    """The image's last path segment without tag or digest (ghcr.io/jitsi/prosody:1 -> prosody)."""
-    without_digest = image.split("@", 1)[0]
-    last = without_digest.rsplit("/", 1)[-1]
-    return last.split(":", 1)[0]
 
 
 def is_prosody(container: Mapping[str, Any]) -> bool:
@@ -141,14 +152,24 @@ class ConfigInputs:
     files: tuple[tuple[str, str], ...]
     env: tuple[tuple[str, str], ...]
     main: str = MAIN_CONFIG
+    dialect: Dialect = "0.12"
+    version_known: bool = True  # whether the pod is known to run that dialect's Prosody
 
 
-Evaluator = Callable[[ConfigInputs], StatisticsConfig]
+# Evaluates a config; None when its result is not there in time (the caller falls back).
+Evaluator = Callable[[ConfigInputs], StatisticsConfig | None]
 
 
 def evaluate(inputs: ConfigInputs) -> StatisticsConfig:
-    """The one place the operator evaluates a Prosody config (in process, for now)."""
-    return evaluate_prosody_config(dict(inputs.files), main=inputs.main, env=dict(inputs.env))
+    """Evaluate in this process, as a worker of evaluation.py does: the tests' evaluator.
+    Unbounded in time (see prosody_config.py): the operator never calls it itself."""
+    return evaluate_prosody_config(
+        dict(inputs.files),
+        main=inputs.main,
+        env=dict(inputs.env),
+        dialect=inputs.dialect,
+        version_known=inputs.version_known,
+    )
 
 
 def literal_env(container: Mapping[str, Any]) -> dict[str, str]:
@@ -157,42 +178,146 @@ def literal_env(container: Mapping[str, Any]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class IntervalDecision:
+class Upstream:
+    """Where the sidecar collects Prosody's /metrics, and why there."""
+
+    url: str
+    source: str
+
+
+@dataclass(frozen=True)
+class ConfigDecision:
     interval: EffectiveInterval
+    upstream: Upstream
     findings: tuple[Finding, ...]  # what the config check found, for Warning Events
+    # The Prosody version is unknown and its config reads differently in each dialect: which
+    # reading was used, and why (for a Warning Event).
+    dialects_disagree: str | None = None
+    pending: bool = False  # the config was not evaluated in time: the fallbacks were used
 
 
-def decide_interval(
+@dataclass(frozen=True)
+class _Reading:
+    """What a config decides, in one dialect."""
+
+    config: StatisticsConfig
+
+    @property
+    def failed(self) -> bool:
+        return self.config.interval_source == NOT_EVALUATED
+
+    @property
+    def url(self) -> str | None:
+        metrics = self.config.metrics
+        return sidecar_upstream_url(metrics) if metrics else None
+
+    def key(self) -> tuple[object, ...]:
+        return (self.config.interval, self.config.interval_source, self.url)
+
+    def __str__(self) -> str:
+        if self.failed:
+            return "a config error"
+        interval = self.config.interval
+        said = (
+            "statistics off"
+            if interval is None
+            else f"interval {interval if isinstance(interval, str) else format_duration(interval)}"
+            f" from {self.config.interval_source}"
+        )
+        return f"{said}, /metrics {f'at {self.url}' if self.url else 'unreachable'}"
+
+
+def _choose(
+    readings: Mapping[Dialect, _Reading], choice: DialectChoice, container: str
+) -> tuple[Dialect, str | None]:
+    """The dialect to use when the version is unknown, and what to say if the readings differ:
+    the only one that reads the config without error (a running Prosody read it), else 13.0,
+    the current release and what the maintained image runs by default."""
+    ok = [dialect for dialect, reading in readings.items() if not reading.failed]
+    chosen: Dialect
+    if len(ok) == 1:
+        chosen, why = ok[0], "the only one that reads it without an error"
+    else:
+        chosen = MAINTAINED_DEFAULT
+        why = "the current release, what the maintained image prosodyim/prosody runs by default"
+    if len({reading.key() for reading in readings.values()}) == 1:
+        return chosen, None
+    each = "; ".join(f"{DIALECT_NAMES[d]}: {readings[d]}" for d in DIALECTS)
+    return chosen, (
+        f"The Prosody version of container {container} is not known ({choice.source}), and its "
+        f"config reads differently in each ({each}). Used {DIALECT_NAMES[chosen]}'s reading: "
+        f"{why}. Say which with the pod annotation prosody-operator.io/prosody-version "
+        '(e.g. "13.0" or "0.12")'
+    )
+
+
+def decide_config(
     manual_interval: float,
     pod_spec: Mapping[str, Any],
     container: Mapping[str, Any] | None,
     configmaps: Mapping[str, Mapping[str, str]],
     overrides: Overrides,
     evaluate: Evaluator = evaluate,
-) -> IntervalDecision:
-    """The scrape interval for a Prosody container, and what its config check found.
-
-    `configmaps` holds the data of the mounted ConfigMaps that exist.
-    """
-    env = literal_env(container or {})
+) -> ConfigDecision:
+    """The scrape interval and the sidecar's upstream URL for a Prosody container, and what its
+    config check found. `configmaps` holds the data of the mounted ConfigMaps that exist."""
+    container = container or {}
+    env = literal_env(container)
     mounts = config_mounts(pod_spec, container) if container else []
     files: dict[str, str] = {}
     for mount in mounts:
         files.update(mount.files(configmaps.get(mount.configmap, {})))
-    findings: list[Finding] = [
+    missing = [
         Finding(name, None, f"ConfigMap {name} not found")
         for name in sorted({m.configmap for m in mounts} - configmaps.keys())
     ]
-    config_interval, config_source = None, None
+    config: StatisticsConfig | None = None
+    disagree, pending = None, False
     if MAIN_CONFIG in files:
-        config = evaluate(ConfigInputs(tuple(sorted(files.items())), tuple(sorted(env.items()))))
-        config_interval, config_source = config.interval, config.interval_source
-        findings.extend(config.findings)
+        choice = pod_dialect(overrides.prosody_version, container.get("image"))
+        dialects = (choice.dialect,) if choice.dialect else DIALECTS
+        inputs = {
+            dialect: ConfigInputs(
+                tuple(sorted(files.items())),
+                tuple(sorted(env.items())),
+                dialect=dialect,
+                version_known=choice.dialect is not None,
+            )
+            for dialect in dialects
+        }
+        results = {dialect: evaluate(each) for dialect, each in inputs.items()}
+        if all(result is not None for result in results.values()):
+            readings = {d: _Reading(r) for d, r in results.items() if r is not None}
+            chosen = choice.dialect
+            if chosen is None:
+                chosen, disagree = _choose(readings, choice, str(container.get("name")))
+            config = readings[chosen].config
+        else:
+            pending = True
     interval = effective_interval(
         annotation=overrides.interval,
-        config_interval=config_interval,
-        config_source=config_source,
+        config_interval=config.interval if config else None,
+        config_source=config.interval_source if config else None,
         env=env,
         manual_interval=manual_interval,
     )
-    return IntervalDecision(interval, tuple(findings))
+    if pending and interval.source != "annotation":
+        interval = replace(interval, source=f"{interval.source}; config not evaluated yet")
+    # The evaluation's findings are capped already; missing ConfigMaps are one per mount.
+    findings = capped_findings(missing, [], MAIN_CONFIG) + (config.findings if config else ())
+    return ConfigDecision(
+        interval, _upstream(overrides.metrics_url, config, pending), findings, disagree, pending
+    )
+
+
+def _upstream(annotation: str | None, config: StatisticsConfig | None, pending: bool) -> Upstream:
+    if annotation:
+        return Upstream(annotation, "annotation")
+    if config is not None and config.metrics is not None:
+        return Upstream(sidecar_upstream_url(config.metrics), config.metrics.source)
+    if pending:
+        return Upstream(DEFAULT_UPSTREAM_URL, "Prosody's defaults; config not evaluated yet")
+    if config is not None and config.interval_source != NOT_EVALUATED:
+        # The config leaves /metrics out of the sidecar's reach: its findings say why.
+        return Upstream(DEFAULT_UPSTREAM_URL, "Prosody's defaults (see the config's findings)")
+    return Upstream(DEFAULT_UPSTREAM_URL, "Prosody's defaults")

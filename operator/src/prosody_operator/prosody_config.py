@@ -41,7 +41,10 @@ config (CFG_*, prosody, hosts, log) and a stub of util.pposix (uname, used by th
 images' configs). io, debug, package, dofile, loadfile, require (other than util.pposix),
 os.execute and the rest of os raise an error naming the sandbox; RunScript is not run, only
 reported. Evaluation stops after `max_instructions` Lua VM instructions and `max_memory` bytes.
-Not bounded: time spent inside a single C function, e.g. a pathological `string.find` pattern.
+Not bounded here: time spent inside a single C function, e.g. a pathological `string.find`
+pattern. So the operator never calls this in its own process: evaluation.py runs it in worker
+processes with a wall-clock budget and an address-space limit. A result reports at most
+MAX_FINDINGS findings (and how many more there were), each at most MAX_TEXT characters long.
 
 The evaluation is a pure function of (files, main, env, config_dir, dialect) and its result is
 plain, picklable data.
@@ -54,7 +57,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from types import MappingProxyType
 from typing import Any, Final, Literal
@@ -68,13 +71,22 @@ MANUAL: Final = "manual"
 INTERNAL_PROVIDER: Final = "internal"
 OPENMETRICS_MODULE: Final = "http_openmetrics"
 NOT_EVALUATED: Final = "config not evaluated (see findings)"
+OUT_OF_MEMORY: Final = (
+    "the operator stopped evaluating the config: it needed more memory than an evaluation may use"
+)
 
 Dialect = Literal["0.12", "13"]
 DIALECTS: Final[tuple[Dialect, ...]] = ("0.12", "13")
+DIALECT_NAMES: Final[Mapping[str, str]] = MappingProxyType({"0.12": "0.12", "13": "13.0"})
 
 # Prosody configs are small: the official image's runs a few thousand instructions.
 MAX_INSTRUCTIONS: Final = 10_000_000
 MAX_MEMORY: Final = 64 * 1024 * 1024
+# What one evaluation reports at most: each finding becomes an Event, and a config can produce
+# any number of them (one per VirtualHost of a generated config, say). The findings that decide
+# the interval or where /metrics is are always kept; a last one says how many were left out.
+MAX_FINDINGS: Final = 20
+MAX_TEXT: Final = 512  # characters of a finding's message, or of a source, that are kept
 
 Interval = float | Literal["manual"]
 
@@ -163,11 +175,13 @@ def evaluate_prosody_config(
     config_dir: str = DEFAULT_CONFIG_DIR,
     *,
     dialect: Dialect = "0.12",
+    version_known: bool = True,
     max_instructions: int = MAX_INSTRUCTIONS,
     max_memory: int = MAX_MEMORY,
 ) -> StatisticsConfig:
     """Evaluate the config `main` among `files` as Prosody `dialect` ("0.12" or "13") does,
-    with `env` as the container's env."""
+    with `env` as the container's env. `version_known`: whether the pod is known to run that
+    version (else a config error is only how that version would read it, not a sure failure)."""
     if dialect not in DIALECTS:
         raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}, not {dialect!r}")
     if not config_dir.startswith("/"):
@@ -185,12 +199,14 @@ def evaluate_prosody_config(
         result = _run_driver(
             dialect, by_path, main_path, env, config_dir, max_instructions, max_memory
         )
-    except (lua54.LuaError, MemoryError) as error:  # e.g. no memory left for the result
+        return _interpret(result, dialect, version_known, main_name, max_instructions, max_memory)
+    except MemoryError:  # what Python makes of a big value, past the process' limit
+        return _not_evaluated(dialect, Finding(main_name, None, OUT_OF_MEMORY))
+    except lua54.LuaError as error:
         return _not_evaluated(
             dialect,
             Finding(main_name, None, f"the operator could not evaluate the config: {error}"),
         )
-    return _interpret(result, dialect, main_name, max_instructions, max_memory)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
@@ -378,11 +394,12 @@ def _findings(raw: object) -> list[Finding]:
 def _interpret(
     result: dict[str, Any],
     dialect: Dialect,
+    version_known: bool,
     main_name: str,
     max_instructions: int,
     max_memory: int,
 ) -> StatisticsConfig:
-    findings = _findings(result.get("findings"))
+    findings = _findings(result.get("findings"))  # line by line: there may be any number
     error = result.get("error")
     if error is not None:
         message = error["message"]
@@ -398,11 +415,16 @@ def _interpret(
                 "the operator stopped evaluating the config: it needed more than "
                 f"{max_memory // (1024 * 1024)} MiB of memory"
             )
-        else:
+        elif version_known:
             message = f"config error, Prosody refuses to start: {message}"
+        else:
+            message = (
+                f"config error as Prosody {DIALECT_NAMES[dialect]} reads it (which Prosody runs "
+                f"here is not known): {message}"
+            )
         line = error.get("line")
-        findings.append(Finding(error["file"], int(line) if line is not None else None, message))
-        return _not_evaluated(dialect, *findings)
+        failed = Finding(error["file"], int(line) if line is not None else None, message)
+        return _not_evaluated(dialect, *capped_findings(findings, [failed], main_name))
 
     locations: dict[str, dict[str, _Location]] = {}
     for host, by_key in (result.get("locations") or {}).items():
@@ -420,36 +442,66 @@ def _interpret(
     hosts: dict[str, dict[str, Any]] = result.get("hosts") or {}
 
     findings.extend(_misplaced_options(hosts, locations, main_name))
+    deciding: list[Finding] = []  # what decides the interval and where /metrics is: a few
     unknown: list[str] = []  # options deciding something whose values are unknown
     stats_unknown = _unknown_findings(
         ("statistics", "statistics_interval"), global_options, where, "the interval", unknown
     )
     if stats_unknown:
         provider, interval, source = None, None, "unknown (see findings)"
-        findings.extend(stats_unknown)
+        deciding.extend(stats_unknown)
     else:
         provider, interval, source, stats_findings = _statistics(
             global_options, global_locations, where
         )
-        findings.extend(stats_findings)
+        deciding.extend(stats_findings)
     modules, enabled, module_findings = _openmetrics_module(global_options, hosts, where, unknown)
-    findings.extend(module_findings)
+    deciding.extend(module_findings)
     metrics = None
     if enabled:
         metrics, metrics_findings = _metrics_location(
             global_options, global_locations, where, unknown
         )
-        findings.extend(metrics_findings)
+        deciding.extend(metrics_findings)
+    if metrics is not None:
+        metrics = replace(metrics, source=_bounded(metrics.source))
     return StatisticsConfig(
-        provider=provider,
+        provider=None if provider is None else _bounded(provider),
         interval=interval,
-        interval_source=source,
+        interval_source=_bounded(source),
         modules_enabled=modules,
-        findings=tuple(findings),
+        findings=capped_findings(findings, deciding, main_name),
         metrics=metrics,
         dialect=dialect,
         unknown_options=tuple(unknown),
     )
+
+
+def _bounded(text: str, limit: int = MAX_TEXT) -> str:
+    """At most `limit` characters of `text` (a config can make names and values of any size)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def capped_findings(
+    many: list[Finding], deciding: list[Finding], main_name: str
+) -> tuple[Finding, ...]:
+    """At most MAX_FINDINGS findings, then one saying how many more there were: all of
+    `deciding` (a few), the first of `many` (one per line or host: any number); messages
+    bounded too."""
+    room = max(0, MAX_FINDINGS - len(deciding))
+    kept = [*many[:room], *deciding[:MAX_FINDINGS]]
+    found = [replace(f, file=_bounded(f.file), message=_bounded(f.message)) for f in kept]
+    left_out = len(many) + len(deciding) - len(kept)
+    if left_out:
+        found.append(
+            Finding(
+                main_name,
+                None,
+                f"and {left_out} more finding(s) like these: the operator reports the first "
+                f"{MAX_FINDINGS}",
+            )
+        )
+    return tuple(found)
 
 
 def _unknown_findings(

@@ -2,7 +2,8 @@
 URL the sidecar collects from (pure).
 
 The dialect comes from, in this order:
-1. the pod annotation `prosody-operator.io/prosody-version` ("13", "13.0", "13.0.1", "0.12", ...);
+1. the pod annotation `prosody-operator.io/prosody-version` ("13", "13.0", "13.0.1", "0.12", ...;
+   annotations.py checks it with `dialect_of_version`);
 2. the Prosody container's image, when it is an official one: the maintained `prosodyim/prosody`
    (its untagged/`latest` image is 13.0: the image's Dockerfile builds PROSODY_PACKAGE=prosody-13.0
    by default) or the legacy `prosody/prosody`, by version tag;
@@ -15,14 +16,12 @@ speak the "0.12" dialect; their metrics come from mod_prometheus.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote
 
-from .prosody_config import Dialect, MetricsLocation
+from .prosody_config import HTTP_DEFAULT_PORT, METRICS_DEFAULT_PATH, Dialect, MetricsLocation
 
-VERSION_ANNOTATION: Final = "prosody-operator.io/prosody-version"
 MAINTAINED_IMAGE: Final = "prosodyim/prosody"
 LEGACY_IMAGE: Final = "prosody/prosody"
 # What the maintained image's untagged (`latest`) build runs.
@@ -38,7 +37,6 @@ _VERSION = re.compile(r"(?P<major>\d+)(?:\.(?P<minor>\d+)(?:\.\d+)?)?(?:-[A-Za-z
 class DialectChoice:
     dialect: Dialect | None  # None: unknown, evaluate the config in every dialect
     source: str  # why: which annotation or image decided it, or why nothing did
-    problem: str | None = None  # an annotation value that is not a version (worth an Event)
 
 
 def dialect_of_version(version: str) -> Dialect | None:
@@ -52,6 +50,11 @@ def dialect_of_version(version: str) -> Dialect | None:
     if major == 0 and minor is not None and int(minor) in (10, 11, 12):
         return "0.12"
     return None
+
+
+def image_name(image: str) -> str:
+    """The image's last path segment without tag or digest (ghcr.io/jitsi/prosody:1 -> prosody)."""
+    return split_image(image)[0].rsplit("/", 1)[-1]
 
 
 def split_image(image: str) -> tuple[str, str | None]:
@@ -87,26 +90,24 @@ def dialect_of_image(image: str) -> DialectChoice:
     return DialectChoice(dialect, f"image {image}")
 
 
-def pod_dialect(annotations: Mapping[str, str], image: str | None) -> DialectChoice:
-    """The dialect of a pod's Prosody: its annotation, else its container's image."""
-    problem = None
-    value = annotations.get(VERSION_ANNOTATION)
-    if value is not None:
-        dialect = dialect_of_version(value)
-        if dialect is not None:
-            return DialectChoice(dialect, f'annotation {VERSION_ANNOTATION}="{value}"')
-        problem = (
-            f"{VERSION_ANNOTATION}: {value!r} is not a Prosody version the operator knows "
-            '(e.g. "13.0", "0.12")'
-        )
+def pod_dialect(version: str | None, image: str | None) -> DialectChoice:
+    """The dialect of a pod's Prosody: its version annotation (`version`, already checked),
+    else its container's image."""
+    dialect = dialect_of_version(version) if version is not None else None
+    if dialect is not None:
+        return DialectChoice(dialect, f"the pod's version annotation ({version})")
     if image:
-        choice = dialect_of_image(image)
-    else:
-        choice = DialectChoice(None, "the Prosody container names no image")
-    return DialectChoice(choice.dialect, choice.source, problem)
+        return dialect_of_image(image)
+    return DialectChoice(None, "the Prosody container names no image")
 
 
 def sidecar_upstream_url(location: MetricsLocation) -> str:
     """The sidecar's upstream URL for Prosody's /metrics at `location`."""
     host = f"[{location.address}]" if ":" in location.address else location.address
     return f"http://{host}:{location.port}{quote(location.path, safe=_PATH_SAFE)}"
+
+
+# Where Prosody serves /metrics unless its config says otherwise (and the exporter's default).
+DEFAULT_UPSTREAM_URL: Final = sidecar_upstream_url(
+    MetricsLocation("127.0.0.1", HTTP_DEFAULT_PORT, METRICS_DEFAULT_PATH, "Prosody's defaults")
+)

@@ -244,6 +244,33 @@ class OperatorSettings(BaseSettings):
         "prosody-operator",
         description="Name of the MutatingWebhookConfiguration the operator keeps up to date.",
     )
+    evaluation_timeout: float = Field(
+        3.0,
+        gt=0,
+        le=60,
+        description="Seconds one evaluation of a Prosody config may take; past them its "
+        "process is killed and a ProsodyConfig Event says so.",
+    )
+    evaluation_admission_wait: float = Field(
+        0.2,
+        ge=0,
+        le=5,
+        description="Seconds a pod's admission waits for a config not evaluated yet; then the "
+        "sidecar is injected with the fallbacks and the reconciler follows up.",
+    )
+    evaluation_memory_mib: int = Field(
+        128,
+        ge=64,
+        description="Address-space limit, in MiB, of each config evaluation process.",
+    )
+    evaluation_workers: int = Field(
+        2, ge=1, le=16, description="Config evaluation processes (each evaluates one at a time)."
+    )
+    evaluation_cache_size: int = Field(
+        1024,
+        ge=1,
+        description="Config evaluation results kept (per ConfigMap contents, env, version).",
+    )
     webhook_cert_dir: str = Field(
         "",
         description="Directory with tls.crt/tls.key/ca.crt; empty: the operator makes its own.",
