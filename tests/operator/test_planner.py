@@ -735,3 +735,44 @@ def test_event_log_memory_is_bounded():
     for name in ("a", "b", "c", "a"):
         log.report(ObjectRef("apps/v1", "Deployment", NAMESPACE, name, f"uid-{name}"), [event])
     assert posted == ["a", "b", "c", "a"]  # "a" was forgotten to make room for "c"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_event_log_posts_a_persisting_event_again_after_a_while():
+    """Like client-go's event series: a finding that persists is not posted on every reconcile,
+    but again once the one posted is old (the API server drops Events after an hour)."""
+    posted: list[str] = []
+    clock = Clock()
+    log = EventLog(lambda target, event: posted.append(event.reason), repost_after=100, clock=clock)
+    finding = Event.warning("ProsodyConfig", "prosody.cfg.lua:3: statistics_interval ignored")
+    selected = Event.normal("SelectedByPrometheus", "kps")
+    for clock.now in (0, 10, 60, 99):  # reconciles on status updates
+        log.report(DEPLOYMENT, [finding], planner.RECONCILE_REASONS)
+    assert posted == ["ProsodyConfig"]
+    clock.now = 101
+    log.report(DEPLOYMENT, [finding, selected], planner.RECONCILE_REASONS)
+    assert posted == ["ProsodyConfig", "ProsodyConfig", "SelectedByPrometheus"]
+    clock.now = 150  # the selection's Event is fresh, the finding's too
+    log.report(DEPLOYMENT, [finding, selected], planner.RECONCILE_REASONS)
+    assert len(posted) == 3
+
+
+def test_event_log_forgets_objects_that_stopped_reporting():
+    """A deleted workload never reports again: its memory goes after `repost_after`, not only
+    when 10,000 others push it out."""
+    clock = Clock()
+    log = EventLog(lambda target, event: None, repost_after=100, clock=clock)
+    event = Event.warning("SidecarMissing", "1 pod")
+    for n in range(50):
+        log.report(ObjectRef("apps/v1", "Deployment", NAMESPACE, f"w{n}", f"uid-{n}"), [event])
+    assert len(log) == 50
+    clock.now = 101
+    log.report(DEPLOYMENT, [event])
+    assert len(log) == 1
