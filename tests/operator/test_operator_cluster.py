@@ -21,6 +21,8 @@ from kubernetes import client, utils
 from prometheus_client.parser import text_string_to_metric_families
 
 from prosody_operator import annotations as ann
+from prosody_operator import names
+from prosody_operator.kube import Kube
 from testinfra.kubeapi import or_none
 from testinfra.operator import OperatorProcess
 from testinfra.procs import wait_until
@@ -138,13 +140,13 @@ class Cluster:
                 "v1",
                 self.namespace,
                 "servicemonitors",
-                f"{deployment_name}-prosody-metrics",
+                names.metrics_object_name(deployment_name),
             )
         )
         return found
 
     def service(self, deployment_name: str) -> client.V1Service | None:
-        name = f"{deployment_name}-prosody-metrics"
+        name = names.metrics_object_name(deployment_name)
         return or_none(lambda: self.core.read_namespaced_service(name, self.namespace))
 
     def events(self, name: str) -> list[client.CoreV1Event]:
@@ -546,6 +548,72 @@ def test_hand_edits_are_reverted(cluster: Cluster):
     cluster.wait_for_interval("xmpp", "60s")  # put back
     cluster.core.delete_namespaced_service("xmpp-prosody-metrics", cluster.namespace)
     wait_until(lambda: cluster.service("xmpp") is not None, 30, "the Service, made again")
+
+
+def test_objects_of_our_name_that_are_not_ours_are_never_changed_or_deleted(cluster: Cluster):
+    """A user's own Service of the name the operator would use: not taken over while opted in
+    (Warning NameConflict; the ServiceMonitor, free, is made), not deleted on opt-out."""
+    theirs = client.V1Service(
+        metadata=client.V1ObjectMeta(name="xmpp-prosody-metrics", labels={"mine": "yes"}),
+        spec=client.V1ServiceSpec(selector={"app": "other"}, ports=[client.V1ServicePort(port=80)]),
+    )
+    cluster.core.create_namespaced_service(cluster.namespace, theirs)
+    before = cluster.service("xmpp")
+    assert before is not None
+    cluster.create_deployment(deployment("xmpp", None))
+    message = cluster.wait_for_event("xmpp", "NameConflict", "Service xmpp-prosody-metrics")
+    assert "left as it is" in message
+    cluster.wait_for_interval("xmpp", "60s")
+    cluster.patch_workload(
+        "Deployment",
+        "xmpp",
+        {"spec": {"template": {"metadata": {"annotations": {ann.INJECT: "false"}}}}},
+    )
+    wait_until(lambda: cluster.service_monitor("xmpp") is None, 30, "our ServiceMonitor deleted")
+    after = cluster.service("xmpp")
+    assert after is not None and after.metadata.uid == before.metadata.uid
+    assert after.metadata.resource_version == before.metadata.resource_version  # untouched
+
+
+def test_a_delete_names_the_uid_it_observed(cluster: Cluster):
+    """A real 409: the object observed was replaced by another of the same name before the
+    delete; the delete carries the uid observed, so the API server refuses it and the new
+    object stays."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "xmpp-prosody-metrics", "namespace": cluster.namespace},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    old = cluster.core.create_namespaced_service(cluster.namespace, body)
+    cluster.core.delete_namespaced_service("xmpp-prosody-metrics", cluster.namespace)
+    new = cluster.core.create_namespaced_service(cluster.namespace, body)
+    observed = {**body, "metadata": {**body["metadata"], "uid": old.metadata.uid}}
+    Kube(cluster.api).delete(observed)  # the 409 is "not ours any more": no error
+    service = cluster.service("xmpp")
+    assert service is not None and service.metadata.uid == new.metadata.uid
+    Kube(cluster.api).delete({**body, "metadata": {**body["metadata"], "uid": new.metadata.uid}})
+    assert cluster.service("xmpp") is None
+
+
+LONG_NAME = "chat." + "a" * 248  # 253 characters: the longest name a Deployment may have
+
+
+def test_any_workload_name_gets_objects_of_its_own(cluster: Cluster):
+    """Dots, a leading digit, 253 characters, two names alike in their first 63: each gets a
+    valid Service and ServiceMonitor of its own (the names are cut, with a hash)."""
+    workloads = ["chat.example.org", "0chat", LONG_NAME, LONG_NAME[:-1] + "b"]
+    for name in workloads:
+        body = deployment("xmpp", None)
+        body["metadata"]["name"] = name
+        cluster.create_deployment(body)
+    for name in workloads:
+        cluster.wait_for_interval(name, "60s")
+        service = cluster.service(name)
+        assert service is not None
+        assert service.metadata.labels[ann.WORKLOAD] == names.label_value(name)
+        assert service.metadata.owner_references[0].name == name
+    assert not [e for name in workloads for e in cluster.events(name) if e.reason == "NameConflict"]
 
 
 # Objects as the operator's previous version wrote them (server-side applied with its field

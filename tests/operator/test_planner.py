@@ -345,6 +345,22 @@ RECONCILE = {
          "chat/xmpp", "NotSelectedByPrometheus": ""},
         False,
     ),
+    "a ServiceMonitor of our name that is not ours: NameConflict, our Service kept": (
+        Workload(opted_in(), {}, owned=foreign(built(opted_in()), "ServiceMonitor")),
+        [], [],
+        {"NameConflict": "ServiceMonitor xmpp-prosody-metrics exists but is not owned by "
+         "Deployment chat/xmpp", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "both not ours, and ours missing: only what is free is made": (
+        Workload(
+            opted_in(), {}, owned={"Service": foreign(built(opted_in()), "Service")["Service"]}
+        ),
+        ["ServiceMonitor"], [],
+        {"NameConflict": "Service xmpp-prosody-metrics", "MetricsConfigured": "",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
     # -- is the ServiceMonitor picked up? --
     "selected by a Prometheus": (
         Workload(opted_in(), {}, prometheuses=(KPS,)),

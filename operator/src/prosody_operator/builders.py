@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, names
 from . import annotations as ann
 from .intervals import EffectiveInterval, format_duration
 from .optin import SYSTEM_NAMESPACES
@@ -139,23 +139,19 @@ def owner_reference(workload: Mapping[str, Any]) -> Obj:
     }
 
 
-def metrics_object_name(workload_name: str) -> str:
-    return f"{workload_name}-prosody-metrics"[:63].rstrip("-")
-
-
 def workload_labels(workload: Mapping[str, Any]) -> dict[str, str]:
     """Our labels on the objects made for a workload; the ServiceMonitor selects its Service by
     them."""
     return {
         **MANAGED_BY,
-        ann.WORKLOAD: workload["metadata"]["name"],
+        ann.WORKLOAD: names.label_value(workload["metadata"]["name"]),
         ann.WORKLOAD_KIND: workload["kind"],
     }
 
 
 def _metadata(workload: Mapping[str, Any]) -> Obj:
     return {
-        "name": metrics_object_name(workload["metadata"]["name"]),
+        "name": names.metrics_object_name(workload["metadata"]["name"]),
         "namespace": workload["metadata"]["namespace"],
         "labels": workload_labels(workload),
         "annotations": {},

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import annotations as ann
-from . import builders, observation
+from . import builders, names, observation
 from .events import Event, EventLog
 from .kube import Kube, NamespaceTerminating
 from .planner import (
@@ -148,7 +148,7 @@ class Controller:
         prosody = workload_candidate(workload, namespace_labels)
         owned: dict[str, Obj] = {}
         if prosody.wanted or Indexes.first(indexes.owners, ref.key):
-            name = builders.metrics_object_name(ref.name)
+            name = names.metrics_object_name(ref.name)
             owned = self.kube.metrics_objects(ref.namespace, name)
         if not prosody.wanted:
             return observation.Workload(workload, namespace_labels, owned=owned)
