@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -548,6 +549,41 @@ def test_hand_edits_are_reverted(cluster: Cluster):
     cluster.wait_for_interval("xmpp", "60s")  # put back
     cluster.core.delete_namespaced_service("xmpp-prosody-metrics", cluster.namespace)
     wait_until(lambda: cluster.service("xmpp") is not None, 30, "the Service, made again")
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return (
+        int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+        / 1024
+    )
+
+
+def test_configmaps_nothing_mounts_take_no_memory(cluster: Cluster, operator: OperatorProcess):
+    """A tenant's ConfigMaps with Lua files that no opted-in workload mounts (30 MB of them)
+    are not kept: the operator's RSS settles far below their size. (kopf holds each object's
+    last event for its batching idle timeout, 5 s, hence the wait.)"""
+    assert operator.process is not None
+    pid = operator.process.popen.pid
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "45s")
+    before = rss_mib(pid)
+    for n in range(30):
+        cluster.create_configmap(f"tenant-{n}", {"tenant.cfg.lua": "-" * 1_000_000})
+    # A change after them in the watch: once it is handled, they were seen.
+    cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("50")})
+    cluster.wait_for_interval("xmpp", "50s")
+    grown: list[float] = []
+
+    def settled() -> bool:
+        grown[:] = [rss_mib(pid) - before]
+        return grown[0] < 15
+
+    try:
+        wait_until(settled, 60, "the operator's RSS to settle")
+    except TimeoutError:
+        pytest.fail(f"the operator keeps them: its RSS grew by {grown[0]:.1f} MiB")
 
 
 def test_objects_of_our_name_that_are_not_ours_are_never_changed_or_deleted(cluster: Cluster):

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import annotations as ann
 from . import builders, names, observation
+from .configmaps import ConfigMapCache
 from .events import Event, EventLog
 from .kube import Kube, NamespaceTerminating
 from .planner import (
@@ -52,7 +53,6 @@ class Indexes:
     filled them at start-up: whatever is missing there is read from the API."""
 
     node_pod_cidrs: Index = field(default_factory=dict)  # None -> [cidr, ...] per Node
-    configmaps: Index = field(default_factory=dict)  # (namespace, name) -> data
     namespaces: Index = field(default_factory=dict)  # name -> labels
     workloads: Index = field(default_factory=dict)  # (namespace, kind, name) -> WorkloadSummary
     by_configmap: Index = field(default_factory=dict)  # (namespace, configmap) -> (kind, name)
@@ -72,6 +72,7 @@ class Controller:
         self.kube = kube
         self.evaluate = evaluator
         self.events = EventLog(kube.post_event)
+        self.configmaps = ConfigMapCache()
 
     def _namespace_labels(self, namespace: str, indexes: Indexes) -> Mapping[str, str]:
         labels = Indexes.first(indexes.namespaces, namespace)
@@ -103,7 +104,7 @@ class Controller:
         if prosody.wanted:
             names = prosody.configmaps(spec)
             for name in names:
-                data = Indexes.first(indexes.configmaps, (namespace, name))
+                data = self.configmaps.get(namespace, name)
                 if data is not None:
                     configmaps[name] = data
             configmaps.update(self.kube.configmap_data(namespace, names - configmaps.keys()))
@@ -156,6 +157,8 @@ class Controller:
         configmaps = self.kube.configmap_data(
             ref.namespace, prosody.configmaps(template.get("spec") or {})
         )
+        for name, data in configmaps.items():  # for the webhook: its pods will need them
+            self.configmaps.put(ref.namespace, name, data)
         selector = label_selector(workload["spec"].get("selector") or {})
         pods = self.kube.pods(ref.namespace, selector) if selector else []
         prometheuses: list[PrometheusSelectors] = list(indexes.prometheuses.get(None, ()))

@@ -71,7 +71,6 @@ def _indexes(kwargs: Mapping[str, Any]) -> Indexes:
 
     return Indexes(
         node_pod_cidrs=kwargs.get("node_pod_cidrs") or {},
-        configmaps=kwargs.get("prosody_configmaps") or {},
         namespaces=kwargs.get("namespace_labels") or {},
         workloads=merged("workloads"),
         by_configmap=merged("configmaps_of"),
@@ -141,16 +140,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 @kopf.index("", "v1", "nodes", id="node_pod_cidrs")
 def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
     return list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
-
-
-@kopf.index("", "v1", "configmaps", id="prosody_configmaps")
-def prosody_configmaps_index(
-    body: kopf.Body, name: str, namespace: str, **_: Any
-) -> dict[tuple[str, str], dict[str, str]]:
-    """ConfigMaps holding Lua files, so the webhook finds Prosody's config without an API call
-    (it was most of the webhook's latency); anything not here is read on demand."""
-    data = dict(body.get("data") or {})
-    return {(namespace, name): data} if any(key.endswith(".lua") for key in data) else {}
 
 
 @kopf.index("", "v1", "namespaces", id="namespace_labels")
@@ -227,10 +216,15 @@ kopf.on.event(
 
 
 @kopf.on.event("", "v1", "configmaps", id="configmap-changed")
-def configmap_changed(name: str, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+def configmap_changed(
+    type: str, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    controller = _controller(memo)
+    data = None if type == "DELETED" else dict(body.get("data") or {})
+    controller.configmaps.update(namespace, name, data)
     indexes = _indexes(kwargs)
     for kind, workload in set(indexes.by_configmap.get((namespace, name)) or ()):
-        _controller(memo).reconcile_named(kind, namespace, workload, indexes)
+        controller.reconcile_named(kind, namespace, workload, indexes)
 
 
 @kopf.on.event("", "v1", "namespaces", id="namespace-changed")
