@@ -532,6 +532,28 @@ def test_watch_namespaces_bind_the_workload_rules_only_there() -> None:
     }
 
 
+def test_rights_are_least_privilege() -> None:
+    """The operator may patch workloads only to restart them (restartOnDrift), and of webhook
+    configurations only get and patch its own, which the chart creates."""
+
+    def verbs(objects: list[dict], resource: str) -> list[tuple[str, ...]]:
+        return sorted(
+            (*rule["verbs"], *rule.get("resourceNames", []))
+            for obj in objects
+            if obj["kind"] == "ClusterRole" and not _is_test(obj)
+            for rule in obj["rules"]
+            if resource in rule["resources"]
+        )
+
+    default = render()
+    assert verbs(default, "deployments") == [("get", "list", "watch")]
+    assert verbs(render(**{"sidecar.restartOnDrift": True}), "deployments") == [
+        ("get", "list", "watch", "patch")
+    ]
+    configuration = only(default, "MutatingWebhookConfiguration")["metadata"]["name"]
+    assert verbs(default, "mutatingwebhookconfigurations") == [("get", "patch", configuration)]
+
+
 def test_every_object_has_the_release_labels(ci_values: Path) -> None:
     """What `helm uninstall`'s leftovers are looked up by (tests/chart/test_chart_cluster.py).
     The `helm test` pod names the chart with part-of instead: the operator's selector labels

@@ -465,7 +465,9 @@ def test_restart_on_drift_restarts_the_rollout(cluster: Cluster, operator: Opera
     cluster.create_deployment(deployment("xmpp", None, kind=kind))
     assert sidecar(cluster.wait_for_pod("xmpp")) is None
     operator.settings["restart_on_drift"] = "true"
+    operator.apply_identity()  # the chart's RBAC with sidecar.restartOnDrift: patch on workloads
     try:
+        assert may(operator, "patch", "apps", KINDS_PLURAL[kind], cluster.namespace)
         operator.start()
         message = cluster.wait_for_event("xmpp", "SidecarMissing", "Restarting the rollout")
         assert "xmpp-" in message
@@ -481,7 +483,48 @@ def test_restart_on_drift_restarts_the_rollout(cluster: Cluster, operator: Opera
     finally:
         operator.stop()
         del operator.settings["restart_on_drift"]
+        operator.apply_identity()
         operator.start()
+
+
+KINDS_PLURAL = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
+
+
+def may(
+    operator: OperatorProcess,
+    verb: str,
+    group: str,
+    resource: str,
+    namespace: str | None = None,
+    name: str | None = None,
+) -> bool:
+    """Whether the operator's ServiceAccount may, as the API server's authorizer answers."""
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=f"system:serviceaccount:{operator.namespace}:{operator.fullname}",
+            groups=["system:serviceaccounts", f"system:serviceaccounts:{operator.namespace}"],
+            resource_attributes=client.V1ResourceAttributes(
+                verb=verb, group=group, resource=resource, namespace=namespace, name=name
+            ),
+        )
+    )
+    answer = client.AuthorizationV1Api(operator.api).create_subject_access_review(review)
+    return bool(answer.status.allowed)
+
+
+def test_least_privilege(cluster: Cluster, operator: OperatorProcess):
+    """The rights this suite's operator runs with (the chart's defaults): no patch on
+    workloads without restartOnDrift, and of webhook configurations only get and patch of its
+    own — which its server-side apply of the caBundle needs (it started: it applied it)."""
+    webhooks = ("admissionregistration.k8s.io", "mutatingwebhookconfigurations")
+    assert not may(operator, "create", *webhooks)
+    assert may(operator, "patch", *webhooks, name=operator.webhook_configuration)
+    assert not may(operator, "patch", *webhooks, name="someone-elses")
+    assert not may(operator, "delete", *webhooks, name=operator.webhook_configuration)
+    for resource in ("deployments", "statefulsets", "daemonsets"):
+        assert may(operator, "watch", "apps", resource, cluster.namespace)
+        assert not may(operator, "patch", "apps", resource, cluster.namespace)
+    assert not may(operator, "get", "", "secrets", cluster.namespace)
 
 
 # --- opting in: namespaces and workloads ------------------------------------------------------
