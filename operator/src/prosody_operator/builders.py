@@ -15,6 +15,7 @@ from .settings import OperatorSettings
 
 SIDECAR_NAME = "prosody-exporter"
 INTERVAL_ENV = "PROSODY_EXPORTER_INTERVAL"
+ALLOW_CIDRS_ENV = "PROSODY_EXPORTER_ALLOW_CIDRS"
 METRICS_PORT_NAME = "metrics"
 WEBHOOK_HANDLER_ID = "inject-exporter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "prosody-operator"}
@@ -65,7 +66,7 @@ def build_sidecar_container(
     env = {
         INTERVAL_ENV: format_duration(interval.scrape_seconds),
         "PROSODY_EXPORTER_LISTEN_PORT": str(port),
-        "PROSODY_EXPORTER_ALLOW_CIDRS": ",".join(cidrs),
+        ALLOW_CIDRS_ENV: ",".join(cidrs),
     }
 
     def probe(path: str) -> Obj:
@@ -102,6 +103,30 @@ def build_sidecar_container(
 
 def injection_status(sidecar: Mapping[str, Any]) -> str:
     return json.dumps({"version": __version__, "hash": hash_of(sidecar)}, sort_keys=True)
+
+
+def failed_injection_status(error: str) -> str:
+    """The status annotation of a pod admitted without the sidecar because injecting it failed:
+    the reconciler reports it on the workload."""
+    return json.dumps({"version": __version__, "error": error[:300]}, sort_keys=True)
+
+
+def injection_error(pod: Mapping[str, Any]) -> str | None:
+    """Why injecting the sidecar into this pod failed, if it did."""
+    status = ((pod.get("metadata") or {}).get("annotations") or {}).get(ann.STATUS)
+    try:
+        error = json.loads(status).get("error") if status else None
+    except (ValueError, AttributeError):
+        return None
+    return str(error) if error else None
+
+
+def sidecar_env(pod: Mapping[str, Any]) -> dict[str, str] | None:
+    """The injected sidecar's env, if the pod has the sidecar."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") == SIDECAR_NAME:
+            return {e.get("name"): e.get("value") for e in container.get("env") or []}
+    return None
 
 
 def build_injection_patch(pod: Mapping[str, Any], sidecar: Obj) -> Obj:
@@ -275,7 +300,7 @@ def build_webhook_configuration(
         return {
             "name": webhook_name,
             "admissionReviewVersions": ["v1"],
-            "sideEffects": "NoneOnDryRun",
+            "sideEffects": "None",  # it reads, and writes nothing
             "failurePolicy": "Ignore",
             "timeoutSeconds": timeout_seconds,
             "reinvocationPolicy": "Never",

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import annotations as ann
-from . import builders, names, observation
+from . import builders, names, observation, optin
 from .configmaps import ConfigMapCache
-from .events import Event, EventLog
+from .events import EventLog
 from .kube import Kube, NamespaceTerminating
 from .planner import (
     RECONCILE_REASONS,
@@ -30,7 +30,7 @@ from .planner import (
 from .prosody import Evaluator, evaluate
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
-from .workloads import ObjectRef, label_selector, pod_owner, pod_ref
+from .workloads import ObjectRef, label_selector, pod_owner
 
 log = logging.getLogger("prosody_operator")
 
@@ -73,6 +73,7 @@ class Controller:
         self.evaluate = evaluator
         self.events = EventLog(kube.post_event)
         self.configmaps = ConfigMapCache()
+        self.node_cidrs_at_start: tuple[str, ...] = ()
 
     def _namespace_labels(self, namespace: str, indexes: Indexes) -> Mapping[str, str]:
         labels = Indexes.first(indexes.namespaces, namespace)
@@ -80,13 +81,16 @@ class Controller:
 
     # --- admission -----------------------------------------------------------------------
 
-    def admit(self, pod: Obj, dry_run: bool, indexes: Indexes) -> AdmissionPlan:
-        """Observe, plan, report; the caller (kopf's webhook) returns the patch."""
-        plan = plan_admission(self.settings, self.observe_pod(pod, dry_run, indexes), self.evaluate)
-        self.events.report(plan.target, plan.events)
-        return plan
+    def admit(self, pod: Obj, indexes: Indexes) -> AdmissionPlan:
+        """Observe and plan; the caller (kopf's webhook) returns the patch. Nothing is written,
+        and nothing read outside the pod's namespace, which must be one the API server sends
+        here: anyone who reaches the webhook's port can send a review (kopf checks no caller)."""
+        namespace = (pod.get("metadata") or {}).get("namespace") or ""
+        if not optin.served(namespace, self.settings.watch_namespaces):
+            return AdmissionPlan(None, f"namespace {namespace!r} is not served")
+        return plan_admission(self.settings, self.observe_pod(pod, indexes), self.evaluate)
 
-    def observe_pod(self, pod: Obj, dry_run: bool, indexes: Indexes) -> observation.Admission:
+    def observe_pod(self, pod: Obj, indexes: Indexes) -> observation.Admission:
         metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
         namespace = metadata.get("namespace") or ""
         namespace_labels = self._namespace_labels(namespace, indexes)
@@ -108,23 +112,26 @@ class Controller:
                 if data is not None:
                     configmaps[name] = data
             configmaps.update(self.kube.configmap_data(namespace, names - configmaps.keys()))
-        cidrs = [cidr for cidrs in indexes.node_pod_cidrs.get(None, ()) for cidr in cidrs]
-        if prosody.wanted and not cidrs:
-            cidrs = self.kube.node_pod_cidrs()
         return observation.Admission(
             pod,
             namespace_labels,
             owner,
             workload_annotations,
             configmaps,
-            tuple(cidrs),
-            dry_run,
+            self._node_cidrs(indexes),
         )
 
-    def report_admission_failure(self, pod: Obj, message: str) -> None:
-        self.events.report(
-            pod_owner(pod) or pod_ref(pod), [Event.warning("InjectionFailed", message)]
-        )
+    def _node_cidrs(self, indexes: Indexes) -> tuple[str, ...]:
+        """The Nodes' podCIDRs from the index; until kopf has filled it (it serves the webhook
+        meanwhile), as read once at start-up. Never a list of all Nodes per admission."""
+        nodes = indexes.node_pod_cidrs.get(None)
+        if nodes is None:
+            return self.node_cidrs_at_start
+        return tuple(cidr for cidrs in nodes for cidr in cidrs)
+
+    def read_node_cidrs(self) -> None:
+        """At start-up, before the webhook serves."""
+        self.node_cidrs_at_start = tuple(self.kube.node_pod_cidrs())
 
     # --- reconcile -----------------------------------------------------------------------
 

@@ -120,6 +120,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     operator_settings: OperatorSettings = memo.settings  # checked and built once, by main()
     load_config()
     controller = memo.controller = Controller(operator_settings, Kube())
+    controller.read_node_cidrs()
     certificate = _certificate(operator_settings)
     settings.admission.server = WebhookServer(
         controller.apply_webhook_configuration,
@@ -270,28 +271,22 @@ def prometheus_changed(
     id=builders.WEBHOOK_HANDLER_ID,
     operations={"CREATE"},
     ignore_failures=True,
-    side_effects=True,
+    side_effects=False,
 )
 def inject_exporter(
-    body: kopf.Body,
-    patch: kopf.Patch,
-    dryrun: bool,
-    warnings: list[str],
-    memo: kopf.Memo,
-    **kwargs: Any,
+    body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo: kopf.Memo, **kwargs: Any
 ) -> None:
     # kopf denies the pod if this handler raises, even before its first line runs (a missing
     # keyword, say): so it names no optional keyword and catches everything.
     controller = _controller(memo)
     pod = _plain(body)
     try:
-        plan = controller.admit(pod, dryrun, _indexes(kwargs))
+        plan = controller.admit(pod, _indexes(kwargs))
     except Exception as error:  # a pod must never be blocked: admit it without the sidecar
         log.exception("injection failed; admitting the pod without the sidecar")
-        message = f"prosody-exporter sidecar not injected: {error}"
-        warnings.append(message)
-        if not dryrun:
-            controller.report_admission_failure(pod, message)
+        warnings.append(f"prosody-exporter sidecar not injected: {error}")
+        # For the reconciler, which reports it on the workload (the webhook posts nothing).
+        patch.metadata.annotations[ann.STATUS] = builders.failed_injection_status(str(error))
         return
     warnings.extend(plan.warnings)
     if plan.patch is not None:

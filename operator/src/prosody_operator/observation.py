@@ -39,4 +39,3 @@ class Admission:
     workload_annotations: Mapping[str, str]
     configmaps: Mapping[str, Mapping[str, str]]
     node_cidrs: tuple[str, ...]
-    dry_run: bool = False
