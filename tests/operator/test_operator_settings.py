@@ -23,6 +23,11 @@ COMMAND = str(Path(sys.executable).parent / "prosody-operator")
         ({"PROSODY_OPERATOR_SERVICE_MONITOR_LABELS": "release"}, "SERVICE_MONITOR_LABELS"),
         ({"PROSODY_OPERATOR_WEBHOOK_PORT": "http"}, "PROSODY_OPERATOR_WEBHOOK_PORT"),
         ({"PROSODY_OPERATOR_WATCH_NAMESPACES": "team-a,Team_B"}, "WATCH_NAMESPACES"),
+        ({"PROSODY_OPERATOR_SIDECAR_CPU_LIMIT": "1 core"}, "PROSODY_OPERATOR_SIDECAR_CPU_LIMIT"),
+        (
+            {"PROSODY_OPERATOR_SIDECAR_MEMORY_LIMIT": "16Mi"},  # below the 32Mi request
+            "PROSODY_OPERATOR_SIDECAR_MEMORY_LIMIT",
+        ),
     ],
 )
 def test_invalid_setting_exits_2_with_one_line(env, named):
