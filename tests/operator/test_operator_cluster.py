@@ -602,6 +602,60 @@ def test_least_privilege(cluster: Cluster, operator: OperatorProcess):
     assert not may(operator, "get", "", "secrets", cluster.namespace)
 
 
+def limited(body: dict[str, Any]) -> dict[str, Any]:
+    """Prosody's container with requests and limits, as a namespace's ResourceQuota requires."""
+    (container,) = body["spec"]["template"]["spec"]["containers"]
+    both = {"cpu": "100m", "memory": "128Mi"}
+    container["resources"] = {"requests": both, "limits": both}
+    return body
+
+
+def test_a_resource_quota_requiring_cpu_limits(cluster: Cluster, operator: OperatorProcess):
+    """A namespace whose ResourceQuota requires CPU and memory requests and limits of every
+    container. With the chart's defaults the sidecar has no CPU limit, and the API server would
+    reject the whole pod ("must specify limits.cpu"): it is admitted without the sidecar, and a
+    Warning InjectionFailed on the workload names the quota and the value to set. With
+    sidecar.resources.limits.cpu set, pods are admitted with the sidecar."""
+    hard = {
+        "requests.cpu": "4",
+        "limits.cpu": "4",
+        "requests.memory": "4Gi",
+        "limits.memory": "4Gi",
+    }
+    cluster.core.create_namespaced_resource_quota(
+        cluster.namespace,
+        client.V1ResourceQuota(
+            metadata=client.V1ObjectMeta(name="compute"), spec=client.V1ResourceQuotaSpec(hard=hard)
+        ),
+    )
+    # The API server admits no pod until the quota controller has computed the quota's status.
+    wait_until(
+        lambda: bool(
+            cluster.core.read_namespaced_resource_quota("compute", cluster.namespace).status.hard
+        ),
+        30,
+        "the quota's status",
+    )
+    cluster.create_deployment(limited(deployment("xmpp", None)))
+    # (A pod created before the operator saw the quota is rejected; the ReplicaSet retries.)
+    assert sidecar(cluster.wait_for_pod("xmpp", timeout=60)) is None
+    message = cluster.wait_for_event("xmpp", "InjectionFailed", "ResourceQuota compute")
+    assert "requires limits.cpu of every container" in message
+    assert "sidecar.resources" in message
+
+    operator.stop()
+    operator.settings["sidecar_cpu_limit"] = "200m"
+    try:
+        operator.start()
+        cluster.create_deployment(limited(deployment("chat", None)))
+        with_sidecar = sidecar(cluster.wait_for_pod("chat", timeout=60))
+        assert with_sidecar is not None and with_sidecar["resources"]["limits"]["cpu"] == "200m"
+    finally:
+        operator.stop()
+        del operator.settings["sidecar_cpu_limit"]
+        operator.start()
+
+
 # --- opting in: namespaces and workloads ------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from prosody_operator.events import Event, EventLog
 from prosody_operator.observation import Admission, Workload
 from prosody_operator.planner import plan_admission, plan_reconcile
 from prosody_operator.prosody import ConfigMount
+from prosody_operator.quotas import Requirement
 from prosody_operator.selection import PrometheusSelectors
 from prosody_operator.settings import OperatorSettings
 from prosody_operator.workloads import ObjectRef, label_selector, pod_owner
@@ -414,12 +415,13 @@ RECONCILE = {
     "pods admitted without the sidecar because injecting failed: InjectionFailed, not drift": (
         Workload(
             opted_in(), {}, owned=built(opted_in()),
-            pods=(failed_pod("xmpp-1", "boom"), pod("xmpp-2", sidecar_interval="60s")),
+            pods=(failed_pod("xmpp-1", "injecting it failed: boom"),
+                  pod("xmpp-2", sidecar_interval="60s")),
         ),
         [], [],
         {"NotSelectedByPrometheus": "",
-         "InjectionFailed": "1 pod(s) were admitted without the prosody-exporter sidecar because "
-         "injecting it failed (boom): xmpp-1. Once fixed: kubectl -n chat rollout restart "
+         "InjectionFailed": "1 pod(s) were admitted without the prosody-exporter sidecar "
+         "(injecting it failed: boom): xmpp-1. Once fixed: kubectl -n chat rollout restart "
          "deployment/xmpp"},
         False,
     ),
@@ -664,6 +666,44 @@ def test_plan_admission(row):
     assert len(plan.warnings) == len(warned), plan.warnings
     for text in warned.values():
         assert any(text in warning for warning in plan.warnings), (text, plan.warnings)
+
+
+LIMITS_CPU = Requirement("compute", frozenset({"limits.cpu", "requests.memory"}))
+
+
+@pytest.mark.parametrize(
+    ("settings", "requirement", "injected"),
+    [
+        (SETTINGS, LIMITS_CPU, False),  # the default sidecar sets no CPU limit
+        (
+            SETTINGS.model_copy(update={"sidecar_cpu_limit": "100m"}),
+            LIMITS_CPU,
+            True,
+        ),  # the chart's value
+        (SETTINGS, Requirement("requests", frozenset({"cpu", "requests.memory"})), True),
+        (
+            SETTINGS.model_copy(
+                update={"sidecar_memory_request": "", "sidecar_memory_limit": "64Mi"}
+            ),
+            Requirement("memory", frozenset({"requests.memory"})),
+            True,  # a limit alone: the API server sets the request to it
+        ),
+    ],
+)
+def test_a_resource_quota_the_sidecar_would_fail_leaves_the_pod_as_it_is(
+    settings, requirement, injected
+):
+    """The API server would reject the whole pod ("must specify limits.cpu"): it is admitted
+    without the sidecar instead, warned, and marked for the reconciler's InjectionFailed."""
+    plan = plan_admission(settings, admission(new_pod(labels=OPTED), quotas=(requirement,)))
+    assert plan.patch is not None
+    if injected:
+        assert plan.patch["spec"]["containers"][-1]["name"] == builders.SIDECAR_NAME
+        return
+    assert "spec" not in plan.patch
+    (warning,) = plan.warnings
+    assert "ResourceQuota compute requires limits.cpu of every container" in warning
+    assert builders.injection_error({"metadata": plan.patch["metadata"]}) == warning
 
 
 def test_a_bare_pod_is_warned_too():

@@ -106,13 +106,18 @@ def injection_status(sidecar: Mapping[str, Any]) -> str:
 
 
 def failed_injection_status(error: str) -> str:
-    """The status annotation of a pod admitted without the sidecar because injecting it failed:
-    the reconciler reports it on the workload."""
-    return json.dumps({"version": __version__, "error": error[:300]}, sort_keys=True)
+    """The status annotation of a pod admitted without the sidecar, and why: the reconciler
+    reports it on the workload (the webhook posts nothing)."""
+    return json.dumps({"version": __version__, "error": error[:400]}, sort_keys=True)
+
+
+def build_failure_patch(error: str) -> Obj:
+    """The merge patch for a pod admitted without the sidecar: only why."""
+    return {"metadata": {"annotations": {ann.STATUS: failed_injection_status(error)}}}
 
 
 def injection_error(pod: Mapping[str, Any]) -> str | None:
-    """Why injecting the sidecar into this pod failed, if it did."""
+    """Why this pod was admitted without the sidecar, if it was."""
     status = ((pod.get("metadata") or {}).get("annotations") or {}).get(ann.STATUS)
     try:
         error = json.loads(status).get("error") if status else None

@@ -58,6 +58,7 @@ class Indexes:
     by_configmap: Index = field(default_factory=dict)  # (namespace, configmap) -> (kind, name)
     owners: Index = field(default_factory=dict)  # (namespace, kind, name) of owners -> True
     prometheuses: Index = field(default_factory=dict)  # None -> PrometheusSelectors
+    quotas: Index = field(default_factory=dict)  # namespace -> quotas.Requirement
 
     @staticmethod
     def first(index: Index, key: Any) -> Any:
@@ -119,6 +120,7 @@ class Controller:
             workload_annotations,
             configmaps,
             self._node_cidrs(indexes),
+            tuple(indexes.quotas.get(namespace, ())),
         )
 
     def _node_cidrs(self, indexes: Indexes) -> tuple[str, ...]:

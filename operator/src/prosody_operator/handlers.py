@@ -20,7 +20,9 @@ from . import annotations as ann
 from . import builders
 from .controller import Controller, Indexes, summarize
 from .kube import Kube, load_config
+from .planner import AdmissionPlan
 from .prosody import prosody_configmaps
+from .quotas import Requirement, requirement
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
 from .tls import ServingCertificate, load_serving_certificate, make_serving_certificate
@@ -76,6 +78,7 @@ def _indexes(kwargs: Mapping[str, Any]) -> Indexes:
         by_configmap=merged("configmaps_of"),
         owners=_Merged(kwargs.get("owned_services") or {}, kwargs.get("owned_monitors") or {}),
         prometheuses=kwargs.get("prometheus_selectors") or {},
+        quotas=kwargs.get("quota_requirements") or {},
     )
 
 
@@ -141,6 +144,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 @kopf.index("", "v1", "nodes", id="node_pod_cidrs")
 def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
     return list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
+
+
+@kopf.index("", "v1", "resourcequotas", id="quota_requirements")
+def quota_requirements(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Requirement]:
+    found = requirement(body)
+    return {namespace: found} if found else {}
 
 
 @kopf.index("", "v1", "namespaces", id="namespace_labels")
@@ -286,12 +295,12 @@ def inject_exporter(
         log.exception("injection failed; admitting the pod without the sidecar")
         warnings.append(f"prosody-exporter sidecar not injected: {error}")
         # For the reconciler, which reports it on the workload (the webhook posts nothing).
-        patch.metadata.annotations[ann.STATUS] = builders.failed_injection_status(str(error))
-        return
+        plan = AdmissionPlan(builders.build_failure_patch(f"injecting it failed: {error}"), "")
     warnings.extend(plan.warnings)
     if plan.patch is not None:
         patch.metadata.annotations.update(plan.patch["metadata"]["annotations"])
-        patch.spec["containers"] = plan.patch["spec"]["containers"]
+        if "spec" in plan.patch:
+            patch.spec["containers"] = plan.patch["spec"]["containers"]
     name = pod["metadata"].get("name") or pod["metadata"].get("generateName", "")
     # Every pod of an opted-in namespace comes here: the ones left alone are not news.
     level = logging.INFO if plan.patch or plan.warnings else logging.DEBUG

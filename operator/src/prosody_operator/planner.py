@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import annotations as ann
-from . import builders, optin, prosody
+from . import builders, optin, prosody, quotas
 from .events import Event
 from .intervals import EffectiveInterval
 from .observation import Admission, Workload
@@ -155,6 +155,11 @@ def plan_admission(
         warnings.append(NO_POD_NETWORK)
         cidrs = list(LOOPBACK)
     sidecar = builders.build_sidecar_container(settings, overrides, cidrs, decision.interval)
+    rejected = quotas.unmet(seen.quotas, sidecar["resources"])
+    if rejected is not None:  # the API server would reject the pod: admit it as it is
+        return AdmissionPlan(
+            builders.build_failure_patch(rejected), "not injected: " + rejected, (rejected,)
+        )
     interval = decision.interval
     return AdmissionPlan(
         builders.build_injection_patch(pod, sidecar),
@@ -349,9 +354,8 @@ def _admission_results(ref: ObjectRef, overrides: ann.Overrides, pods: list[Obj]
         events.append(
             Event.warning(
                 "InjectionFailed",
-                f"{len(failed)} pod(s) were admitted without the prosody-exporter sidecar because "
-                f"injecting it failed ({failed[0][1]}): {names}. Once fixed: "
-                f"{restart_command(ref)}",
+                f"{len(failed)} pod(s) were admitted without the prosody-exporter sidecar "
+                f"({failed[0][1]}): {names}. Once fixed: {restart_command(ref)}",
             )
         )
     loopback = ",".join(LOOPBACK)
