@@ -11,6 +11,7 @@ end-to-end test of tests/e2e/test_statefulset.py runs its pods.)
 from __future__ import annotations
 
 import json
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,9 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prosody_operator import annotations as ann
 from prosody_operator import names
 from prosody_operator.kube import Kube
+from testinfra import controlplane
 from testinfra.kubeapi import or_none
 from testinfra.operator import OperatorProcess
-from testinfra.procs import wait_until
+from testinfra.procs import free_port, wait_until
 from testinfra.workloads import prosody_pod_spec, prosody_workload
 
 pytestmark = pytest.mark.cluster
@@ -181,6 +183,20 @@ class Cluster:
         monitor = self.service_monitor(name)
         assert monitor is not None
         return monitor
+
+    def wait_for_rollout_status(self, name: str) -> None:
+        """A Deployment's status as it stays while its pods are Pending (no kubelet here)."""
+
+        def settled() -> bool:
+            found = self.apps.read_namespaced_deployment(name, self.namespace)
+            status = found.status
+            return bool(
+                status.observed_generation == found.metadata.generation
+                and status.replicas == status.updated_replicas == status.unavailable_replicas == 1
+            )
+
+        wait_until(settled, 30, f"the rollout status of {name}")
+        time.sleep(1)  # the controller's last status write reaches the operator
 
     def wait_for_pod(self, app: str, timeout: float = 30) -> dict[str, Any]:
         wait_until(lambda: bool(self.pods(app)), timeout, f"a pod of {app}")
@@ -654,6 +670,90 @@ def test_a_resource_quota_requiring_cpu_limits(cluster: Cluster, operator: Opera
         operator.stop()
         del operator.settings["sidecar_cpu_limit"]
         operator.start()
+
+
+# --- faults: the API server, the operator ---------------------------------------------------
+
+
+def test_a_write_the_api_server_fails_is_retried(cluster: Cluster, operator: OperatorProcess):
+    """A real 500: a validating webhook the API server cannot reach, with failurePolicy Fail,
+    on this namespace's ServiceMonitors. The reconcile of a ConfigMap change fails; once the
+    API server accepts writes again, it is retried without any further event."""
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "45s")
+    cluster.wait_for_rollout_status("xmpp")  # no status update comes to reconcile it again
+    admission = client.AdmissionregistrationV1Api(cluster.api)
+    failing = f"fail-{cluster.namespace}"
+    admission.create_validating_webhook_configuration(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": failing},
+            "webhooks": [
+                {
+                    "name": "fail.prosody-operator.test",
+                    "admissionReviewVersions": ["v1"],
+                    "sideEffects": "None",
+                    "failurePolicy": "Fail",
+                    "timeoutSeconds": 1,
+                    "rules": [
+                        {
+                            "apiGroups": ["monitoring.coreos.com"],
+                            "apiVersions": ["v1"],
+                            "resources": ["servicemonitors"],
+                            "operations": ["CREATE", "UPDATE"],
+                        }
+                    ],
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": cluster.namespace}
+                    },
+                    "clientConfig": {"url": f"https://127.0.0.1:{free_port()}/"},  # nobody
+                }
+            ],
+        }
+    )
+    try:
+        cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("90")})
+        wait_until(lambda: "failed calling webhook" in operator.log_text(), 30, "the write to fail")
+    finally:
+        admission.delete_validating_webhook_configuration(failing)
+    cluster.wait_for_interval("xmpp", "90s", timeout=60)
+
+
+def test_the_api_server_restarting(cluster: Cluster, operator: OperatorProcess):
+    """kube-apiserver stopped and started again (a control-plane upgrade): the operator keeps
+    running, its watches resume, and what changed after the restart is followed."""
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "45s")
+    away = controlplane.restart_apiserver()
+    assert operator.process is not None and operator.process.running(), f"away {away:.1f} s"
+    cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("90")})
+    cluster.wait_for_interval("xmpp", "90s", timeout=90)
+    cluster.create_deployment(deployment("chat", None))
+    assert sidecar(cluster.wait_for_pod("chat", timeout=60)) is not None
+    cluster.wait_for_interval("chat", "60s", timeout=60)
+
+
+def test_the_operator_killed_mid_reconcile(cluster: Cluster, operator: OperatorProcess):
+    """SIGKILL while ten workloads are being reconciled: started again, it converges on every
+    one of them, with one Service and one ServiceMonitor each (it keeps no state of its own)."""
+    assert operator.process is not None
+    names = [f"xmpp-{n}" for n in range(10)]
+    for name in names:
+        cluster.create_deployment(deployment(name, None))
+    wait_until(lambda: cluster.service_monitor(names[0]) is not None, 30, "the first reconcile")
+    operator.process.signal(signal.SIGKILL)
+    operator.process.popen.wait()
+    operator.start()
+    for name in names:
+        cluster.wait_for_interval(name, "60s", timeout=60)
+    monitors = cluster.custom.list_namespaced_custom_object(
+        "monitoring.coreos.com", "v1", cluster.namespace, "servicemonitors"
+    )
+    services = cluster.core.list_namespaced_service(cluster.namespace)
+    assert len(monitors["items"]) == len(services.items) == len(names)  # type: ignore[index]
 
 
 # --- opting in: namespaces and workloads ------------------------------------------------------

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import annotations as ann
 from . import builders, names, observation, optin
 from .configmaps import ConfigMapCache
 from .events import EventLog
-from .kube import Kube, NamespaceTerminating
+from .kube import Kube, NamespaceTerminating, retryable
 from .planner import (
     RECONCILE_REASONS,
     AdmissionPlan,
@@ -28,6 +28,7 @@ from .planner import (
     workload_candidate,
 )
 from .prosody import Evaluator, evaluate
+from .retries import Retries
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
 from .workloads import ObjectRef, label_selector, pod_owner
@@ -35,6 +36,7 @@ from .workloads import ObjectRef, label_selector, pod_owner
 log = logging.getLogger("prosody_operator")
 
 Obj = dict[str, Any]
+T = TypeVar("T")
 # A kopf index: key -> the values every indexed object returned for that key.
 Index = Mapping[Any, Iterable[Any]]
 
@@ -75,6 +77,7 @@ class Controller:
         self.events = EventLog(kube.post_event)
         self.configmaps = ConfigMapCache()
         self.node_cidrs_at_start: tuple[str, ...] = ()
+        self.retries = Retries()
 
     def _namespace_labels(self, namespace: str, indexes: Indexes) -> Mapping[str, str]:
         labels = Indexes.first(indexes.namespaces, namespace)
@@ -137,18 +140,43 @@ class Controller:
 
     # --- reconcile -----------------------------------------------------------------------
 
-    def reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan:
+    def reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan | None:
+        """The plan carried out; None when it failed for a reason that passes, and will be
+        tried again (retries.py)."""
+        ref = ObjectRef.of(workload)
+        return self._retrying(ref, indexes, lambda: self._reconcile(workload, indexes))
+
+    def reconcile_named(self, kind: str, namespace: str, name: str, indexes: Indexes) -> None:
+        """Reconcile a workload known by name (its ConfigMap, namespace or objects changed)."""
+        ref = ObjectRef("", kind, namespace, name)
+        self._retrying(ref, indexes, lambda: self._reconcile_named(ref, indexes))
+
+    def _reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan:
         plan = plan_reconcile(
             self.settings, self.observe_workload(workload, indexes), self.evaluate
         )
         self.execute(plan)
         return plan
 
-    def reconcile_named(self, kind: str, namespace: str, name: str, indexes: Indexes) -> None:
-        """Reconcile a workload known by name (its ConfigMap, namespace or objects changed)."""
-        workload = self.kube.workload(kind, namespace, name)
+    def _reconcile_named(self, ref: ObjectRef, indexes: Indexes) -> None:
+        workload = self.kube.workload(ref.kind, ref.namespace, ref.name)
         if workload is not None and not workload["metadata"].get("deletionTimestamp"):
-            self.reconcile(workload, indexes)
+            self._reconcile(workload, indexes)
+
+    def _retrying(self, ref: ObjectRef, indexes: Indexes, work: Callable[[], T]) -> T | None:
+        try:
+            done = work()
+        except Exception as error:
+            if not retryable(error):
+                raise
+            key = (ref.namespace, ref.kind, ref.name)
+            delay = self.retries.failed(
+                key, lambda: self.reconcile_named(ref.kind, ref.namespace, ref.name, indexes)
+            )
+            log.warning("reconciling %s failed (%s); again in %g s", ref, error, delay)
+            return None
+        self.retries.succeeded((ref.namespace, ref.kind, ref.name))
+        return done
 
     def observe_workload(self, workload: Obj, indexes: Indexes) -> observation.Workload:
         """Reads only what the plan can need: nothing more for a workload that is not a
