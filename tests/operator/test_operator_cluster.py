@@ -296,6 +296,21 @@ def test_config_problems_become_warning_events(cluster: Cluster):
     assert "statistics_interval" in message
 
 
+def test_unchanged_findings_are_not_posted_again_on_status_updates(cluster: Cluster):
+    """Every status update of a Deployment is a reconcile: a finding that has not changed is
+    posted once, not once per reconcile."""
+    broken = 'statistics = "internal"\nVirtualHost "example.test"\nstatistics_interval = 10\n'
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": broken})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_event("xmpp", "ProsodyConfig", "prosody.cfg.lua:3")
+    for replicas in (2, 3, 1):  # spec and status updates, each a reconcile
+        cluster.patch_workload("Deployment", "xmpp", {"spec": {"replicas": replicas}})
+        wait_until(lambda replicas=replicas: len(cluster.pods("xmpp")) == replicas, 30, "the pods")
+    cluster.wait_for_rollout_status("xmpp")
+    findings = [e.message for e in cluster.events("xmpp") if e.reason == "ProsodyConfig"]
+    assert len(findings) == len(set(findings)) >= 1, findings  # each posted once
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_removing_the_annotation_deletes_service_and_monitor(cluster: Cluster, kind):
     cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
