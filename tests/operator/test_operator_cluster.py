@@ -340,13 +340,17 @@ def test_deleting_the_workload_garbage_collects_them(cluster: Cluster, kind):
 
 def test_invalid_annotations_admit_the_pod_and_explain(cluster: Cluster):
     bad = {ann.PORT: "99999", ann.ALLOW_CIDRS: "not-a-cidr", ann.INTERVAL: "often"}
+    # Requests above limits: the API server would reject the pod.
+    bad[ann.RESOURCES] = '{"requests": {"memory": "200Mi"}, "limits": {"memory": "100Mi"}}'
     cluster.create_deployment(deployment("xmpp", None, annotations=bad))
     pod = cluster.wait_for_pod("xmpp")
     env = sidecar_env(pod)  # injected, with the defaults in place of the invalid values
     assert env["PROSODY_EXPORTER_LISTEN_PORT"] == "9755"
     assert env["PROSODY_EXPORTER_ALLOW_CIDRS"] == ",".join(NODE_CIDRS)
+    assert sidecar(pod)["resources"]["limits"] == {"memory": "104Mi"}  # type: ignore[index]
     for key in (ann.PORT, ann.ALLOW_CIDRS, ann.INTERVAL):
         cluster.wait_for_event("xmpp", "InvalidAnnotation", key)
+    cluster.wait_for_event("xmpp", "InvalidAnnotation", "the memory request 200Mi is above")
 
 
 def test_opt_out_annotation_skips_injection(cluster: Cluster):
