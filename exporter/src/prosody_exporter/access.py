@@ -20,16 +20,6 @@ class DenyReason(enum.Enum):
     UNKNOWN_PEER = "unknown_peer"  # no TCP peer address at all (e.g. a Unix socket)
 
 
-@dataclass(frozen=True)
-class Decision:
-    client: IPAddress | None
-    denied: DenyReason | None
-
-    @property
-    def allowed(self) -> bool:
-        return self.denied is None
-
-
 def parse_address(text: str) -> IPAddress:
     """Parse an address; an IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4
     client) becomes the IPv4 address it carries, so IPv4 CIDRs match it."""
@@ -48,27 +38,28 @@ class AccessPolicy:
     allowed: Sequence[IPNetwork]
     trusted_proxies: Sequence[IPNetwork] = ()
 
-    def decide(self, peer: str | None, forwarded_for: Sequence[str] = ()) -> Decision:
-        """Decide on the TCP peer; X-Forwarded-For counts only when the peer is a trusted proxy.
+    def decide(self, peer: str | None, forwarded_for: Sequence[str] = ()) -> DenyReason | None:
+        """Why the request is refused (None: allowed), decided on the TCP peer; X-Forwarded-For
+        counts only when the peer is a trusted proxy.
 
         Behind trusted proxies the client is the right-most address in the chain that is not a
         trusted proxy itself: entries further left were written by the client and prove nothing.
         """
         if not peer:
-            return Decision(None, DenyReason.UNKNOWN_PEER)
+            return DenyReason.UNKNOWN_PEER
         try:
             client = parse_address(peer)
         except ValueError:
-            return Decision(None, DenyReason.UNKNOWN_PEER)
+            return DenyReason.UNKNOWN_PEER
         if forwarded_for and _in_any(client, self.trusted_proxies):
             hops = [hop for header in forwarded_for for hop in header.split(",") if hop.strip()]
             for hop in reversed(hops):
                 try:
                     client = parse_address(hop)
                 except ValueError:
-                    return Decision(None, DenyReason.INVALID_FORWARDED_FOR)
+                    return DenyReason.INVALID_FORWARDED_FOR
                 if not _in_any(client, self.trusted_proxies):
                     break
         if _in_any(client, self.allowed):
-            return Decision(client, None)
-        return Decision(client, DenyReason.NOT_ALLOWED)
+            return None
+        return DenyReason.NOT_ALLOWED

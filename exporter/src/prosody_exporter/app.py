@@ -21,7 +21,7 @@ from prometheus_client.openmetrics import exposition as om_exposition
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
-from .access import AccessPolicy, Decision, DenyReason
+from .access import AccessPolicy, DenyReason
 from .exposition import EMPTY_BODY, Format, accepts_gzip, negotiate_format
 from .selfmetrics import SelfMetrics
 from .settings import Settings
@@ -118,7 +118,7 @@ class Exporter:
         self._policy = policy
         self._responses = responses
         self._trust_forwarded = bool(policy.trusted_proxies)
-        self._decisions: dict[tuple[str | None, tuple[str, ...]], Decision] = {}
+        self._decisions: dict[tuple[str | None, tuple[str, ...]], DenyReason | None] = {}
         self._negotiated: dict[tuple[str | None, str | None], tuple[Format, bool]] = {}
         self._scrapes = {fmt: metrics.scrapes.labels(fmt.name.lower()) for fmt in Format}
         self._denied = {reason: metrics.denied.labels(reason.value) for reason in DenyReason}
@@ -128,7 +128,7 @@ class Exporter:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.api(scope, receive, send)
             return
-        denied = self._decide(scope).denied
+        denied = self._decide(scope)
         if denied is not None:
             self._denied[denied].inc()
             await _respond(send, 403, *self._forbidden[denied])
@@ -137,18 +137,18 @@ class Exporter:
         else:
             await self.api(scope, receive, send)  # HEAD /metrics, 404, 405
 
-    def _decide(self, scope: Scope) -> Decision:
+    def _decide(self, scope: Scope) -> DenyReason | None:
+        """Why the request is refused (None: allowed)."""
         peer = scope.get("client")
         key = (
             peer[0] if peer else None,
             _header_values(scope["headers"], b"x-forwarded-for") if self._trust_forwarded else (),
         )
-        decision = self._decisions.get(key)
-        if decision is None:
+        if key not in self._decisions:
             if len(self._decisions) >= MEMO_SIZE:
                 self._decisions.clear()
-            decision = self._decisions[key] = self._policy.decide(*key)
-        return decision
+            self._decisions[key] = self._policy.decide(*key)
+        return self._decisions[key]
 
     def metrics_response(self, headers: Headers) -> tuple[Headers, bytes]:
         fmt, gzip = self._negotiate(headers)

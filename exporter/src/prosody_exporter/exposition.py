@@ -91,11 +91,6 @@ def render(families: Iterable[Metric], fmt: Format) -> bytes:
     return rendered
 
 
-def finish(fmt: Format) -> bytes:
-    """What closes a response in this format."""
-    return OM_EOF if fmt is Format.OPENMETRICS else b""
-
-
 @dataclass(frozen=True)
 class RenderedBody:
     """One format's rendering of a snapshot, raw and gzip-compressed.
