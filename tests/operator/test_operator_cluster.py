@@ -20,13 +20,12 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes import client, utils
-from prometheus_client.parser import text_string_to_metric_families
 
 from prosody_operator import annotations as ann
 from prosody_operator import names
 from prosody_operator.kube import Kube
 from testinfra import controlplane
-from testinfra.kubeapi import or_none
+from testinfra.kubeapi import or_none, requests_served
 from testinfra.operator import OperatorProcess
 from testinfra.procs import free_port, wait_until
 from testinfra.workloads import prosody_pod_spec, prosody_workload
@@ -481,19 +480,9 @@ def test_a_forged_admission_review_reads_nothing_outside_and_writes_nothing(
 
 
 def writes_to_metrics_objects(api: client.ApiClient) -> float:
-    """Writes the API server has served for Services and ServiceMonitors, from its own metrics."""
-    method, url, headers, body, _ = api.param_serialize("GET", "/metrics")
-    response = api.call_api(method, url, headers, body)
-    response.read()
-    text = response.data.decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "apiserver_request"
-        for sample in family.samples
-        if sample.name == "apiserver_request_total"
-        and sample.labels.get("resource") in ("services", "servicemonitors")
-        and sample.labels.get("verb") in ("APPLY", "PATCH", "UPDATE", "CREATE")
+    """Writes the API server has served for Services and ServiceMonitors."""
+    return requests_served(
+        api, ("services", "servicemonitors"), ("APPLY", "PATCH", "UPDATE", "CREATE")
     )
 
 
