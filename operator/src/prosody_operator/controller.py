@@ -110,12 +110,12 @@ class Controller:
         configmaps = {}
         prosody = candidate(metadata, spec, workload_annotations, namespace_labels)
         if prosody.wanted:
-            names = prosody.configmaps(spec)
-            for name in names:
+            mounted = prosody.configmaps(spec)
+            for name in mounted:
                 data = self.configmaps.get(namespace, name)
                 if data is not None:
                     configmaps[name] = data
-            configmaps.update(self.kube.configmap_data(namespace, names - configmaps.keys()))
+            configmaps.update(self.kube.configmap_data(namespace, mounted - configmaps.keys()))
         return observation.Admission(
             pod,
             namespace_labels,

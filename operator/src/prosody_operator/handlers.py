@@ -295,7 +295,8 @@ def inject_exporter(
         log.exception("injection failed; admitting the pod without the sidecar")
         warnings.append(f"prosody-exporter sidecar not injected: {error}")
         # For the reconciler, which reports it on the workload (the webhook posts nothing).
-        plan = AdmissionPlan(builders.build_failure_patch(f"injecting it failed: {error}"), "")
+        failure = f"injecting it failed: {error}"
+        plan = AdmissionPlan(builders.build_failure_patch(failure), failure)
     warnings.extend(plan.warnings)
     if plan.patch is not None:
         patch.metadata.annotations.update(plan.patch["metadata"]["annotations"])

@@ -54,7 +54,7 @@ def retryable(error: BaseException) -> bool:
     if isinstance(error, ApiException):
         status = error.status or 0
         return status in (0, 409, 429) or status >= 500
-    return isinstance(error, (urllib3.exceptions.HTTPError, OSError))
+    return isinstance(error, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
 def _or_none(read: Callable[[], T]) -> T | None:

@@ -157,9 +157,8 @@ def plan_admission(
     sidecar = builders.build_sidecar_container(settings, overrides, cidrs, decision.interval)
     rejected = quotas.unmet(seen.quotas, sidecar["resources"])
     if rejected is not None:  # the API server would reject the pod: admit it as it is
-        return AdmissionPlan(
-            builders.build_failure_patch(rejected), "not injected: " + rejected, (rejected,)
-        )
+        patch = builders.build_failure_patch(rejected)
+        return AdmissionPlan(patch, "not injected: " + rejected, (*warnings, rejected))
     interval = decision.interval
     return AdmissionPlan(
         builders.build_injection_patch(pod, sidecar),
