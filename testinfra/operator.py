@@ -122,6 +122,7 @@ class OperatorProcess(ProcessOwner):
     api: client.ApiClient
     workdir: Path
     settings: dict[str, str] = field(default_factory=dict)  # extra PROSODY_OPERATOR_* values
+    environment: dict[str, str] = field(default_factory=dict)  # more of the process's env
     # The chart's watchNamespaces: the operator's setting, and RoleBindings instead of a
     # ClusterRoleBinding for what it does in namespaces.
     watch_namespaces: list[str] = field(default_factory=list)
@@ -198,6 +199,7 @@ class OperatorProcess(ProcessOwner):
             "PROSODY_OPERATOR_HEALTH_PORT": str(self.health_port),
             "PROSODY_OPERATOR_WATCH_NAMESPACES": ",".join(self.watch_namespaces),
             **{f"PROSODY_OPERATOR_{k.upper()}": v for k, v in self.settings.items()},
+            **self.environment,
         }
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
