@@ -537,6 +537,18 @@ def start(
     wait_for_crds(ports, crd_names)
 
 
+def restart_apiserver() -> float:
+    """Stop kube-apiserver (SIGTERM, as a rolling control-plane upgrade does) and start it
+    again on the same port and state; returns the seconds it was away."""
+    with exclusive_lock():
+        ports = Ports.load()
+        stopped = time.monotonic()
+        stop_process("kube-apiserver")
+        apiserver = apiserver_component(ports)
+        wait_until_ready(apiserver, spawn(apiserver), lambda: apiserver_ready(ports))
+        return time.monotonic() - stopped
+
+
 def stop_processes() -> None:
     """Stop the components (newest first) but keep .cache/cluster, logs included."""
     for name in reversed(COMPONENT_NAMES):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from .procs import wait_until
 
@@ -38,3 +39,22 @@ def create_namespace(api: client.ApiClient, name: str, timeout: float = 30.0) ->
 
 def namespace_gone(api: client.ApiClient, name: str) -> bool:
     return or_none(lambda: client.CoreV1Api(api).read_namespace(name)) is None
+
+
+def requests_served(
+    api: client.ApiClient, resources: Collection[str], verbs: Collection[str]
+) -> float:
+    """Requests the API server has served for these resources and verbs (all clients), from
+    its own metrics."""
+    method, url, headers, body, _ = api.param_serialize("GET", "/metrics")
+    response = api.call_api(method, url, headers, body)
+    text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "apiserver_request"
+        for sample in family.samples
+        if sample.name == "apiserver_request_total"
+        and sample.labels.get("resource") in resources
+        and sample.labels.get("verb") in verbs
+    )

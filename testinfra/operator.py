@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 from kubernetes import client, utils
+from kubernetes.dynamic import DynamicClient
 
 from . import controlplane
 from . import helm as chart
@@ -126,6 +128,7 @@ class OperatorProcess(ProcessOwner):
     api: client.ApiClient
     workdir: Path
     settings: dict[str, str] = field(default_factory=dict)  # extra PROSODY_OPERATOR_* values
+    environment: dict[str, str] = field(default_factory=dict)  # more of the process's env
     # The chart's watchNamespaces: the operator's setting, and RoleBindings instead of a
     # ClusterRoleBinding for what it does in namespaces.
     watch_namespaces: list[str] = field(default_factory=list)
@@ -148,33 +151,61 @@ class OperatorProcess(ProcessOwner):
         return self.release
 
     def install_identity(self) -> None:
+        """The namespace, and what the chart installs besides the operator's Deployment and
+        Services: its identity and the webhook configuration (the operator has no right to
+        create one). The configuration calls the webhook at its loopback URL instead of the
+        chart's Service, as `url` is what the operator then applies (with the caBundle)."""
         client.CoreV1Api(self.api).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name=self.namespace))
         )
-        objects = chart.render_objects(
+        for obj in self._chart_objects():
+            if obj["kind"] == "MutatingWebhookConfiguration":
+                for webhook in obj["webhooks"]:
+                    webhook["clientConfig"] = {"url": f"{self.webhook_url}/inject-exporter"}
+                utils.create_from_dict(self.api, obj)
+        self.apply_identity()
+
+    def apply_identity(self) -> None:
+        """The chart's ServiceAccount and RBAC for the current settings (its rights follow
+        `restart_on_drift`, the chart's sidecar.restartOnDrift), server-side applied."""
+        dynamic = DynamicClient(self.api)
+        for obj in self._chart_objects():
+            if obj["kind"] in IDENTITY_KINDS:
+                resource = dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+                namespace = None
+                if resource.namespaced:
+                    namespace = obj["metadata"].get("namespace", self.namespace)
+                resource.server_side_apply(
+                    obj, namespace=namespace, field_manager="testinfra", force_conflicts=True
+                )
+
+    def _chart_objects(self) -> list[dict[str, Any]]:
+        return chart.render_objects(
             self.release,
             self.namespace,
             set_values={
                 "webhook.configurationName": self.webhook_configuration,
                 "watchNamespaces": self.watch_namespaces,
+                "sidecar.restartOnDrift": self.settings.get("restart_on_drift") == "true",
                 "test.enabled": False,  # the `helm test` identity is not the operator's
             },
         )
-        for obj in objects:
-            if obj["kind"] in IDENTITY_KINDS:
-                namespace = obj["metadata"].get("namespace", self.namespace)
-                utils.create_from_dict(self.api, obj, namespace=namespace)
+
+    @property
+    def webhook_url(self) -> str:
+        return f"https://127.0.0.1:{self.webhook_port}"
 
     def env(self) -> dict[str, str]:
         return {
             "KUBECONFIG": str(self.workdir / "operator.kubeconfig"),
             "PROSODY_OPERATOR_WEBHOOK_HOST": "127.0.0.1",
             "PROSODY_OPERATOR_WEBHOOK_PORT": str(self.webhook_port),
-            "PROSODY_OPERATOR_WEBHOOK_URL": f"https://127.0.0.1:{self.webhook_port}",
+            "PROSODY_OPERATOR_WEBHOOK_URL": self.webhook_url,
             "PROSODY_OPERATOR_WEBHOOK_CONFIGURATION": self.webhook_configuration,
             "PROSODY_OPERATOR_HEALTH_PORT": str(self.health_port),
             "PROSODY_OPERATOR_WATCH_NAMESPACES": ",".join(self.watch_namespaces),
             **{f"PROSODY_OPERATOR_{k.upper()}": v for k, v in self.settings.items()},
+            **self.environment,
         }
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
@@ -182,22 +213,30 @@ class OperatorProcess(ProcessOwner):
         service_account_kubeconfig(
             self.api, self.namespace, self.fullname, self.workdir / "operator.kubeconfig"
         )
+        before = self._ca_bundle()
+        cert_dir = self.settings.get("webhook_cert_dir")
+        mounted = base64.b64encode((Path(cert_dir) / "ca.crt").read_bytes()) if cert_dir else b""
         self.process = Process(
             "prosody-operator", [operator_command()], self.workdir / "operator.log", env=self.env()
         )
-        self.process.wait_ready(self._ready, timeout)
+
+        def ready() -> bool:
+            """Alive, and its CA in the webhook configuration (a self-made one is new at each
+            start)."""
+            if not http_ok(f"http://127.0.0.1:{self.health_port}/healthz"):
+                return False
+            bundle = self._ca_bundle()
+            return bundle == mounted.decode() if mounted else bundle not in ("", before)
+
+        self.process.wait_ready(ready, timeout)
         return self
 
-    def _ready(self) -> bool:
-        if not http_ok(f"http://127.0.0.1:{self.health_port}/healthz"):
-            return False
+    def _ca_bundle(self) -> str:
         admission = client.AdmissionregistrationV1Api(self.api)
-        try:
-            config = admission.read_mutating_webhook_configuration(self.webhook_configuration)
-        except client.ApiException:
-            return False
-        url = config.webhooks[0].client_config.url or ""
-        return url.startswith(f"https://127.0.0.1:{self.webhook_port}/")
+        config = or_none(
+            lambda: admission.read_mutating_webhook_configuration(self.webhook_configuration)
+        )
+        return (config and config.webhooks[0].client_config.ca_bundle) or ""
 
     def uninstall(self) -> None:
         """What `helm uninstall` and the operator's own objects leave: nothing."""

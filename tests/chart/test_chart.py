@@ -230,6 +230,10 @@ BAD_VALUES = [
     ),
     ({"sidecar.securityContext.runAsUser": -1}, "at '/sidecar/securityContext/runAsUser'"),
     (
+        {"networkPolicy.webhookFrom": [{"cidr": "198.19.0.10/32"}]},
+        "additional properties 'cidr' not allowed",
+    ),
+    (
         {"serviceAccount.create": False},
         "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is",
     ),
@@ -581,6 +585,45 @@ def test_watch_namespaces_bind_the_workload_rules_only_there() -> None:
         "nodes",
         "mutatingwebhookconfigurations",
     }
+
+
+def test_rights_are_least_privilege() -> None:
+    """The operator may patch workloads only to restart them (restartOnDrift), and of webhook
+    configurations only get and patch its own, which the chart creates."""
+
+    def verbs(objects: list[dict], resource: str) -> list[tuple[str, ...]]:
+        return sorted(
+            (*rule["verbs"], *rule.get("resourceNames", []))
+            for obj in objects
+            if obj["kind"] == "ClusterRole" and not _is_test(obj)
+            for rule in obj["rules"]
+            if resource in rule["resources"]
+        )
+
+    default = render()
+    assert verbs(default, "deployments") == [("get", "list", "watch")]
+    assert verbs(render(**{"sidecar.restartOnDrift": True}), "deployments") == [
+        ("get", "list", "watch", "patch")
+    ]
+    configuration = only(default, "MutatingWebhookConfiguration")["metadata"]["name"]
+    assert verbs(default, "mutatingwebhookconfigurations") == [("get", "patch", configuration)]
+
+
+def test_network_policy_opens_only_the_webhook_port_to_its_callers() -> None:
+    assert not [o for o in render() if o["kind"] == "NetworkPolicy"]  # off by default
+    objects = render(chart.CHART / "ci" / "network-policy-values.yaml", **{"webhook.port": 8443})
+    policy = only(objects, "NetworkPolicy")["spec"]
+    pods = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pods.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    webhook, extra = policy["ingress"]
+    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    assert (
+        webhook["ports"] == [{"port": ports["webhook"], "protocol": "TCP"}]
+        and ports["webhook"] == 8443
+    )
+    assert webhook["from"] == [{"ipBlock": {"cidr": "198.19.0.10/32"}}]
+    assert extra["ports"] == [{"port": 8080, "protocol": "TCP"}]
 
 
 def test_every_object_has_the_release_labels(ci_values: Path) -> None:

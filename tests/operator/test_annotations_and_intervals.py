@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
+
 import pytest
 
 from prosody_operator import annotations as ann
@@ -110,3 +113,66 @@ def test_parse_annotations(annotations, overrides, problem_keys):
     parsed = ann.parse_annotations(annotations)
     assert parsed.overrides == overrides
     assert sorted(p.split("=", 1)[0] for p in parsed.problems) == sorted(problem_keys)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("100m", "0.1"),
+        ("0.5", "0.5"),
+        (".5", "0.5"),
+        ("5.", "5"),
+        ("+1", "1"),
+        ("64Mi", str(64 * 2**20)),
+        ("1Gi", str(2**30)),
+        ("1G", "1000000000"),
+        ("1k", "1000"),
+        ("1e3", "1000"),
+        ("1E-3", "0.001"),
+        ("250u", "0.00025"),
+        ("2n", "0.000000002"),
+    ],
+)
+def test_quantities_as_kubernetes_reads_them(value, expected):
+    assert ann.quantity(value) == Decimal(expected)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "1K", "1ki", "1 ", " 1", "1_000", "NaN", "Infinity", "1e", "0x10", "1.2.3", "-1", "10Ei"],
+)
+def test_quantities_kubernetes_rejects(value):
+    with pytest.raises(ValueError):
+        ann.quantity(value)
+
+
+@pytest.mark.parametrize(
+    ("resources", "problem"),
+    [
+        ({"requests": {"memory": "200Mi"}, "limits": {"memory": "128Mi"}}, "above its limit"),
+        ({"requests": {"cpu": "501m"}, "limits": {"cpu": "0.5"}}, "above its limit"),
+        ({"requests": {"memory": "1Gi"}, "limits": {"memory": "1G"}}, "above its limit"),
+        ({"requests": {"cpu": 1}}, "is not a quantity"),
+        ({"requests": {"cpu": "-10m"}}, "negative"),
+        ({"limits": {"ephemeral-storage": "1Gi"}}, "only cpu and memory"),
+        ({"requests": {"cpu": "1K"}}, "is not a quantity"),
+    ],
+)
+def test_resources_the_api_server_would_reject_are_reported(resources, problem):
+    parsed = ann.parse_annotations({ann.RESOURCES: json.dumps(resources)})
+    assert parsed.overrides.resources is None  # the defaults instead: the pod is admitted
+    assert len(parsed.problems) == 1 and problem in parsed.problems[0], parsed.problems
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"requests": {"cpu": "500m"}, "limits": {"cpu": "0.5"}},  # equal, in other units
+        {"requests": {"memory": "1G"}, "limits": {"memory": "1Gi"}},
+        {"requests": {"memory": "64Mi"}},  # no limit: nothing to exceed
+        {"limits": {"cpu": "1"}},  # the API server sets the request to the limit
+    ],
+)
+def test_resources_the_api_server_accepts(resources):
+    parsed = ann.parse_annotations({ann.RESOURCES: json.dumps(resources)})
+    assert parsed.problems == () and parsed.overrides.resources == resources

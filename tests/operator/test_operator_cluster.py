@@ -11,19 +11,23 @@ end-to-end test of tests/e2e/test_statefulset.py runs its pods.)
 from __future__ import annotations
 
 import json
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes import client, utils
-from prometheus_client.parser import text_string_to_metric_families
 
 from prosody_operator import annotations as ann
-from testinfra.kubeapi import or_none
+from prosody_operator import names
+from prosody_operator.kube import Kube
+from testinfra import controlplane
+from testinfra.kubeapi import or_none, requests_served
 from testinfra.operator import OperatorProcess
-from testinfra.procs import wait_until
+from testinfra.procs import free_port, wait_until
 from testinfra.workloads import prosody_pod_spec, prosody_workload
 
 pytestmark = pytest.mark.cluster
@@ -138,13 +142,13 @@ class Cluster:
                 "v1",
                 self.namespace,
                 "servicemonitors",
-                f"{deployment_name}-prosody-metrics",
+                names.metrics_object_name(deployment_name),
             )
         )
         return found
 
     def service(self, deployment_name: str) -> client.V1Service | None:
-        name = f"{deployment_name}-prosody-metrics"
+        name = names.metrics_object_name(deployment_name)
         return or_none(lambda: self.core.read_namespaced_service(name, self.namespace))
 
     def events(self, name: str) -> list[client.CoreV1Event]:
@@ -178,6 +182,20 @@ class Cluster:
         monitor = self.service_monitor(name)
         assert monitor is not None
         return monitor
+
+    def wait_for_rollout_status(self, name: str) -> None:
+        """A Deployment's status as it stays while its pods are Pending (no kubelet here)."""
+
+        def settled() -> bool:
+            found = self.apps.read_namespaced_deployment(name, self.namespace)
+            status = found.status
+            return bool(
+                status.observed_generation == found.metadata.generation
+                and status.replicas == status.updated_replicas == status.unavailable_replicas == 1
+            )
+
+        wait_until(settled, 30, f"the rollout status of {name}")
+        time.sleep(1)  # the controller's last status write reaches the operator
 
     def wait_for_pod(self, app: str, timeout: float = 30) -> dict[str, Any]:
         wait_until(lambda: bool(self.pods(app)), timeout, f"a pod of {app}")
@@ -277,6 +295,21 @@ def test_config_problems_become_warning_events(cluster: Cluster):
     assert "statistics_interval" in message
 
 
+def test_unchanged_findings_are_not_posted_again_on_status_updates(cluster: Cluster):
+    """Every status update of a Deployment is a reconcile: a finding that has not changed is
+    posted once, not once per reconcile."""
+    broken = 'statistics = "internal"\nVirtualHost "example.test"\nstatistics_interval = 10\n'
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": broken})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_event("xmpp", "ProsodyConfig", "prosody.cfg.lua:3")
+    for replicas in (2, 3, 1):  # spec and status updates, each a reconcile
+        cluster.patch_workload("Deployment", "xmpp", {"spec": {"replicas": replicas}})
+        wait_until(lambda replicas=replicas: len(cluster.pods("xmpp")) == replicas, 30, "the pods")
+    cluster.wait_for_rollout_status("xmpp")
+    findings = [e.message for e in cluster.events("xmpp") if e.reason == "ProsodyConfig"]
+    assert len(findings) == len(set(findings)) >= 1, findings  # each posted once
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_removing_the_annotation_deletes_service_and_monitor(cluster: Cluster, kind):
     cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
@@ -306,13 +339,17 @@ def test_deleting_the_workload_garbage_collects_them(cluster: Cluster, kind):
 
 def test_invalid_annotations_admit_the_pod_and_explain(cluster: Cluster):
     bad = {ann.PORT: "99999", ann.ALLOW_CIDRS: "not-a-cidr", ann.INTERVAL: "often"}
+    # Requests above limits: the API server would reject the pod.
+    bad[ann.RESOURCES] = '{"requests": {"memory": "200Mi"}, "limits": {"memory": "100Mi"}}'
     cluster.create_deployment(deployment("xmpp", None, annotations=bad))
     pod = cluster.wait_for_pod("xmpp")
     env = sidecar_env(pod)  # injected, with the defaults in place of the invalid values
     assert env["PROSODY_EXPORTER_LISTEN_PORT"] == "9755"
     assert env["PROSODY_EXPORTER_ALLOW_CIDRS"] == ",".join(NODE_CIDRS)
+    assert sidecar(pod)["resources"]["limits"] == {"memory": "104Mi"}  # type: ignore[index]
     for key in (ann.PORT, ann.ALLOW_CIDRS, ann.INTERVAL):
         cluster.wait_for_event("xmpp", "InvalidAnnotation", key)
+    cluster.wait_for_event("xmpp", "InvalidAnnotation", "the memory request 200Mi is above")
 
 
 def test_opt_out_annotation_skips_injection(cluster: Cluster):
@@ -347,7 +384,29 @@ def test_webhook_down_admits_pods_and_restart_reports_drift(
     assert len(monitors["items"]) == 1  # type: ignore[index]
 
 
-def test_dry_run_has_no_side_effects(cluster: Cluster):
+def create_pod_warnings(cluster: Cluster, body: dict[str, Any], dry_run: bool = False) -> str:
+    """Create a pod; the API server's Warning headers (admission warnings among them)."""
+    query = [("dryRun", "All")] if dry_run else []
+    request = cluster.api.param_serialize(
+        "POST",
+        f"/api/v1/namespaces/{cluster.namespace}/pods",
+        query_params=query,
+        header_params={"Content-Type": "application/json", "Accept": "application/json"},
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = cluster.api.call_api(*request)
+    created = json.loads(response.read())
+    assert response.status == 201, created
+    assert any(c["name"] == "prosody-exporter" for c in created["spec"]["containers"])
+    return str(response.headers.get("Warning", ""))
+
+
+def test_the_webhook_warns_the_client_and_writes_nothing(cluster: Cluster):
+    """A bare pod with an invalid annotation, created for real and as a dry run: both are
+    mutated and warned about; no Event is posted for either (the webhook writes nothing; for
+    a workload's pods the reconciler reports on the workload)."""
+
     def pod(name: str) -> dict[str, Any]:
         return {
             "apiVersion": "v1",
@@ -360,27 +419,70 @@ def test_dry_run_has_no_side_effects(cluster: Cluster):
             "spec": deployment("x", None)["spec"]["template"]["spec"],
         }
 
-    dry = cluster.core.create_namespaced_pod(cluster.namespace, pod("dry"), dry_run="All")
-    assert any(c.name == "prosody-exporter" for c in dry.spec.containers)  # mutated all the same
-    cluster.core.create_namespaced_pod(cluster.namespace, pod("wet"))
-    cluster.wait_for_event("wet", "InvalidAnnotation", ann.PORT)  # a real request reports
-    assert cluster.events("dry") == []  # the dry run did not
+    for name, dry_run in (("dry", True), ("wet", False)):
+        assert ann.PORT in create_pod_warnings(cluster, pod(name), dry_run)
+    time.sleep(2)  # give the operator a chance to (wrongly) post
+    assert cluster.events("dry") == [] and cluster.events("wet") == []
+
+
+def forge_admission_review(
+    operator: OperatorProcess, namespace: str, token: str, configmap: str
+) -> dict[str, Any]:
+    """What anyone who reaches the webhook's port can send: kopf's server checks no client
+    certificate, so nothing tells the API server's calls from others."""
+    spec = prosody_pod_spec(None)
+    spec["volumes"] = [{"name": "config", "configMap": {"name": configmap}}]
+    spec["containers"][0]["volumeMounts"] = [{"name": "config", "mountPath": "/etc/prosody"}]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"forged-{token}",
+            "namespace": namespace,
+            "labels": {ann.INJECT: "true"},
+            "annotations": {ann.INJECT: "true", ann.PORT: f"attacker-text-{token}"},
+        },
+        "spec": spec,
+    }
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "attacker"},
+            "object": pod,
+            "dryRun": False,
+        },
+    }
+    response = httpx.post(f"{operator.webhook_url}/inject-exporter", json=review, verify=False)
+    answer: dict[str, Any] = response.json()["response"]
+    return answer
+
+
+def test_a_forged_admission_review_reads_nothing_outside_and_writes_nothing(
+    cluster: Cluster, operator: OperatorProcess
+):
+    """A review for a pod in a namespace the API server never sends (kube-system) is answered
+    without reading anything there; one for a served namespace may read that namespace's
+    ConfigMaps (the pod's own), but posts no Event with the sender's text anywhere."""
+    token = uuid.uuid4().hex[:8]
+    outside = forge_admission_review(operator, "kube-system", token, "kube-root-ca.crt")
+    assert outside["allowed"] and "patch" not in outside, outside
+    inside = forge_admission_review(operator, cluster.namespace, token, "kube-root-ca.crt")
+    assert inside["allowed"] and "patch" in inside  # injected, as for a real pod
+    time.sleep(2)  # give the operator a chance to (wrongly) post
+    events = cluster.core.list_event_for_all_namespaces().items
+    assert not [e for e in events if token in (e.message or "")]
 
 
 def writes_to_metrics_objects(api: client.ApiClient) -> float:
-    """Writes the API server has served for Services and ServiceMonitors, from its own metrics."""
-    method, url, headers, body, _ = api.param_serialize("GET", "/metrics")
-    response = api.call_api(method, url, headers, body)
-    response.read()
-    text = response.data.decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "apiserver_request"
-        for sample in family.samples
-        if sample.name == "apiserver_request_total"
-        and sample.labels.get("resource") in ("services", "servicemonitors")
-        and sample.labels.get("verb") in ("APPLY", "PATCH", "UPDATE", "CREATE")
+    """Writes the API server has served for Services and ServiceMonitors."""
+    return requests_served(
+        api, ("services", "servicemonitors"), ("APPLY", "PATCH", "UPDATE", "CREATE")
     )
 
 
@@ -462,7 +564,9 @@ def test_restart_on_drift_restarts_the_rollout(cluster: Cluster, operator: Opera
     cluster.create_deployment(deployment("xmpp", None, kind=kind))
     assert sidecar(cluster.wait_for_pod("xmpp")) is None
     operator.settings["restart_on_drift"] = "true"
+    operator.apply_identity()  # the chart's RBAC with sidecar.restartOnDrift: patch on workloads
     try:
+        assert may(operator, "patch", "apps", KINDS_PLURAL[kind], cluster.namespace)
         operator.start()
         message = cluster.wait_for_event("xmpp", "SidecarMissing", "Restarting the rollout")
         assert "xmpp-" in message
@@ -478,7 +582,186 @@ def test_restart_on_drift_restarts_the_rollout(cluster: Cluster, operator: Opera
     finally:
         operator.stop()
         del operator.settings["restart_on_drift"]
+        operator.apply_identity()
         operator.start()
+
+
+KINDS_PLURAL = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
+
+
+def may(
+    operator: OperatorProcess,
+    verb: str,
+    group: str,
+    resource: str,
+    namespace: str | None = None,
+    name: str | None = None,
+) -> bool:
+    """Whether the operator's ServiceAccount may, as the API server's authorizer answers."""
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=f"system:serviceaccount:{operator.namespace}:{operator.fullname}",
+            groups=["system:serviceaccounts", f"system:serviceaccounts:{operator.namespace}"],
+            resource_attributes=client.V1ResourceAttributes(
+                verb=verb, group=group, resource=resource, namespace=namespace, name=name
+            ),
+        )
+    )
+    answer = client.AuthorizationV1Api(operator.api).create_subject_access_review(review)
+    return bool(answer.status.allowed)
+
+
+def test_least_privilege(cluster: Cluster, operator: OperatorProcess):
+    """The rights this suite's operator runs with (the chart's defaults): no patch on
+    workloads without restartOnDrift, and of webhook configurations only get and patch of its
+    own — which its server-side apply of the caBundle needs (it started: it applied it)."""
+    webhooks = ("admissionregistration.k8s.io", "mutatingwebhookconfigurations")
+    assert not may(operator, "create", *webhooks)
+    assert may(operator, "patch", *webhooks, name=operator.webhook_configuration)
+    assert not may(operator, "patch", *webhooks, name="someone-elses")
+    assert not may(operator, "delete", *webhooks, name=operator.webhook_configuration)
+    for resource in ("deployments", "statefulsets", "daemonsets"):
+        assert may(operator, "watch", "apps", resource, cluster.namespace)
+        assert not may(operator, "patch", "apps", resource, cluster.namespace)
+    assert not may(operator, "get", "", "secrets", cluster.namespace)
+
+
+def limited(body: dict[str, Any]) -> dict[str, Any]:
+    """Prosody's container with requests and limits, as a namespace's ResourceQuota requires."""
+    (container,) = body["spec"]["template"]["spec"]["containers"]
+    both = {"cpu": "100m", "memory": "128Mi"}
+    container["resources"] = {"requests": both, "limits": both}
+    return body
+
+
+def test_a_resource_quota_requiring_cpu_limits(cluster: Cluster, operator: OperatorProcess):
+    """A namespace whose ResourceQuota requires CPU and memory requests and limits of every
+    container. With the chart's defaults the sidecar has no CPU limit, and the API server would
+    reject the whole pod ("must specify limits.cpu"): it is admitted without the sidecar, and a
+    Warning InjectionFailed on the workload names the quota and the value to set. With
+    sidecar.resources.limits.cpu set, pods are admitted with the sidecar."""
+    hard = {
+        "requests.cpu": "4",
+        "limits.cpu": "4",
+        "requests.memory": "4Gi",
+        "limits.memory": "4Gi",
+    }
+    cluster.core.create_namespaced_resource_quota(
+        cluster.namespace,
+        client.V1ResourceQuota(
+            metadata=client.V1ObjectMeta(name="compute"), spec=client.V1ResourceQuotaSpec(hard=hard)
+        ),
+    )
+    # The API server admits no pod until the quota controller has computed the quota's status.
+    wait_until(
+        lambda: bool(
+            cluster.core.read_namespaced_resource_quota("compute", cluster.namespace).status.hard
+        ),
+        30,
+        "the quota's status",
+    )
+    cluster.create_deployment(limited(deployment("xmpp", None)))
+    # (A pod created before the operator saw the quota is rejected; the ReplicaSet retries.)
+    assert sidecar(cluster.wait_for_pod("xmpp", timeout=60)) is None
+    message = cluster.wait_for_event("xmpp", "InjectionFailed", "ResourceQuota compute")
+    assert "requires limits.cpu of every container" in message
+    assert "sidecar.resources" in message
+
+    operator.stop()
+    operator.settings["sidecar_cpu_limit"] = "200m"
+    try:
+        operator.start()
+        cluster.create_deployment(limited(deployment("chat", None)))
+        with_sidecar = sidecar(cluster.wait_for_pod("chat", timeout=60))
+        assert with_sidecar is not None and with_sidecar["resources"]["limits"]["cpu"] == "200m"
+    finally:
+        operator.stop()
+        del operator.settings["sidecar_cpu_limit"]
+        operator.start()
+
+
+# --- faults: the API server, the operator ---------------------------------------------------
+
+
+def test_a_write_the_api_server_fails_is_retried(cluster: Cluster, operator: OperatorProcess):
+    """A real 500: a validating webhook the API server cannot reach, with failurePolicy Fail,
+    on this namespace's ServiceMonitors. The reconcile of a ConfigMap change fails; once the
+    API server accepts writes again, it is retried without any further event."""
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "45s")
+    cluster.wait_for_rollout_status("xmpp")  # no status update comes to reconcile it again
+    admission = client.AdmissionregistrationV1Api(cluster.api)
+    failing = f"fail-{cluster.namespace}"
+    admission.create_validating_webhook_configuration(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": failing},
+            "webhooks": [
+                {
+                    "name": "fail.prosody-operator.test",
+                    "admissionReviewVersions": ["v1"],
+                    "sideEffects": "None",
+                    "failurePolicy": "Fail",
+                    "timeoutSeconds": 1,
+                    "rules": [
+                        {
+                            "apiGroups": ["monitoring.coreos.com"],
+                            "apiVersions": ["v1"],
+                            "resources": ["servicemonitors"],
+                            "operations": ["CREATE", "UPDATE"],
+                        }
+                    ],
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": cluster.namespace}
+                    },
+                    "clientConfig": {"url": f"https://127.0.0.1:{free_port()}/"},  # nobody
+                }
+            ],
+        }
+    )
+    try:
+        cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("90")})
+        wait_until(lambda: "failed calling webhook" in operator.log_text(), 30, "the write to fail")
+    finally:
+        admission.delete_validating_webhook_configuration(failing)
+    cluster.wait_for_interval("xmpp", "90s", timeout=60)
+
+
+def test_the_api_server_restarting(cluster: Cluster, operator: OperatorProcess):
+    """kube-apiserver stopped and started again (a control-plane upgrade): the operator keeps
+    running, its watches resume, and what changed after the restart is followed."""
+    cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
+    cluster.create_deployment(deployment("xmpp", "prosody"))
+    cluster.wait_for_interval("xmpp", "45s")
+    away = controlplane.restart_apiserver()
+    assert operator.process is not None and operator.process.running(), f"away {away:.1f} s"
+    cluster.replace_configmap("prosody", {"prosody.cfg.lua": prosody_config("90")})
+    cluster.wait_for_interval("xmpp", "90s", timeout=90)
+    cluster.create_deployment(deployment("chat", None))
+    assert sidecar(cluster.wait_for_pod("chat", timeout=60)) is not None
+    cluster.wait_for_interval("chat", "60s", timeout=60)
+
+
+def test_the_operator_killed_mid_reconcile(cluster: Cluster, operator: OperatorProcess):
+    """SIGKILL while ten workloads are being reconciled: started again, it converges on every
+    one of them, with one Service and one ServiceMonitor each (it keeps no state of its own)."""
+    assert operator.process is not None
+    names = [f"xmpp-{n}" for n in range(10)]
+    for name in names:
+        cluster.create_deployment(deployment(name, None))
+    wait_until(lambda: cluster.service_monitor(names[0]) is not None, 30, "the first reconcile")
+    operator.process.signal(signal.SIGKILL)
+    operator.process.popen.wait()
+    operator.start()
+    for name in names:
+        cluster.wait_for_interval(name, "60s", timeout=60)
+    monitors = cluster.custom.list_namespaced_custom_object(
+        "monitoring.coreos.com", "v1", cluster.namespace, "servicemonitors"
+    )
+    services = cluster.core.list_namespaced_service(cluster.namespace)
+    assert len(monitors["items"]) == len(services.items) == len(names)  # type: ignore[index]
 
 
 # --- opting in: namespaces and workloads ------------------------------------------------------
@@ -546,6 +829,72 @@ def test_hand_edits_are_reverted(cluster: Cluster):
     cluster.wait_for_interval("xmpp", "60s")  # put back
     cluster.core.delete_namespaced_service("xmpp-prosody-metrics", cluster.namespace)
     wait_until(lambda: cluster.service("xmpp") is not None, 30, "the Service, made again")
+
+
+def test_objects_of_our_name_that_are_not_ours_are_never_changed_or_deleted(cluster: Cluster):
+    """A user's own Service of the name the operator would use: not taken over while opted in
+    (Warning NameConflict; the ServiceMonitor, free, is made), not deleted on opt-out."""
+    theirs = client.V1Service(
+        metadata=client.V1ObjectMeta(name="xmpp-prosody-metrics", labels={"mine": "yes"}),
+        spec=client.V1ServiceSpec(selector={"app": "other"}, ports=[client.V1ServicePort(port=80)]),
+    )
+    cluster.core.create_namespaced_service(cluster.namespace, theirs)
+    before = cluster.service("xmpp")
+    assert before is not None
+    cluster.create_deployment(deployment("xmpp", None))
+    message = cluster.wait_for_event("xmpp", "NameConflict", "Service xmpp-prosody-metrics")
+    assert "left as it is" in message
+    cluster.wait_for_interval("xmpp", "60s")
+    cluster.patch_workload(
+        "Deployment",
+        "xmpp",
+        {"spec": {"template": {"metadata": {"annotations": {ann.INJECT: "false"}}}}},
+    )
+    wait_until(lambda: cluster.service_monitor("xmpp") is None, 30, "our ServiceMonitor deleted")
+    after = cluster.service("xmpp")
+    assert after is not None and after.metadata.uid == before.metadata.uid
+    assert after.metadata.resource_version == before.metadata.resource_version  # untouched
+
+
+def test_a_delete_names_the_uid_it_observed(cluster: Cluster):
+    """A real 409: the object observed was replaced by another of the same name before the
+    delete; the delete carries the uid observed, so the API server refuses it and the new
+    object stays."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "xmpp-prosody-metrics", "namespace": cluster.namespace},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    old = cluster.core.create_namespaced_service(cluster.namespace, body)
+    cluster.core.delete_namespaced_service("xmpp-prosody-metrics", cluster.namespace)
+    new = cluster.core.create_namespaced_service(cluster.namespace, body)
+    observed = {**body, "metadata": {**body["metadata"], "uid": old.metadata.uid}}
+    Kube(cluster.api).delete(observed)  # the 409 is "not ours any more": no error
+    service = cluster.service("xmpp")
+    assert service is not None and service.metadata.uid == new.metadata.uid
+    Kube(cluster.api).delete({**body, "metadata": {**body["metadata"], "uid": new.metadata.uid}})
+    assert cluster.service("xmpp") is None
+
+
+LONG_NAME = "chat." + "a" * 248  # 253 characters: the longest name a Deployment may have
+
+
+def test_any_workload_name_gets_objects_of_its_own(cluster: Cluster):
+    """Dots, a leading digit, 253 characters, two names alike in their first 63: each gets a
+    valid Service and ServiceMonitor of its own (the names are cut, with a hash)."""
+    workloads = ["chat.example.org", "0chat", LONG_NAME, LONG_NAME[:-1] + "b"]
+    for name in workloads:
+        body = deployment("xmpp", None)
+        body["metadata"]["name"] = name
+        cluster.create_deployment(body)
+    for name in workloads:
+        cluster.wait_for_interval(name, "60s")
+        service = cluster.service(name)
+        assert service is not None
+        assert service.metadata.labels[ann.WORKLOAD] == names.label_value(name)
+        assert service.metadata.owner_references[0].name == name
+    assert not [e for name in workloads for e in cluster.events(name) if e.reason == "NameConflict"]
 
 
 # Objects as the operator's previous version wrote them (server-side applied with its field

@@ -32,6 +32,11 @@ COMMAND = str(Path(sys.executable).parent / "prosody-operator")
             {"PROSODY_OPERATOR_SIDECAR_SECURITY_CONTEXT": '{"runAsUser": -1, "runAsUsr": 1}'},
             "SIDECAR_SECURITY_CONTEXT: runAsUser: Input should be greater than or equal to 0",
         ),
+        ({"PROSODY_OPERATOR_SIDECAR_CPU_LIMIT": "1 core"}, "PROSODY_OPERATOR_SIDECAR_CPU_LIMIT"),
+        (
+            {"PROSODY_OPERATOR_SIDECAR_MEMORY_LIMIT": "16Mi"},  # below the 32Mi request
+            "PROSODY_OPERATOR_SIDECAR_MEMORY_LIMIT",
+        ),
     ],
 )
 def test_invalid_setting_exits_2_with_one_line(env, named):

@@ -16,6 +16,7 @@ from prosody_operator.events import Event, EventLog
 from prosody_operator.observation import Admission, Workload
 from prosody_operator.planner import plan_admission, plan_reconcile
 from prosody_operator.prosody import ConfigInputs, ConfigMount
+from prosody_operator.quotas import Requirement
 from prosody_operator.selection import PrometheusSelectors
 from prosody_operator.settings import RESTRICTED_SIDECAR, OperatorSettings
 from prosody_operator.workloads import ObjectRef, label_selector, pod_owner
@@ -94,16 +95,23 @@ def opted_in(**kwargs: Any) -> dict[str, Any]:
     return workload(pod_labels=OPTED, pod_annotations={**OPTED, **kwargs.pop("pod", {})}, **kwargs)
 
 
+LOOPBACK = "127.0.0.0/8,::1/128"
+
+
 def pod(
     name: str,
     *,
     sidecar_interval: str | None = None,
     sidecar_url: str | None = None,
     phase: str = "Running",
+    allow: str = "198.18.64.0/24",
 ) -> dict:
     containers: list[dict[str, Any]] = [PROSODY]
     if sidecar_interval:
-        env = [{"name": "PROSODY_EXPORTER_INTERVAL", "value": sidecar_interval}]
+        env = [
+            {"name": "PROSODY_EXPORTER_INTERVAL", "value": sidecar_interval},
+            {"name": "PROSODY_EXPORTER_ALLOW_CIDRS", "value": allow},
+        ]
         if sidecar_url:
             env.append({"name": builders.UPSTREAM_ENV, "value": sidecar_url})
         containers.append({"name": builders.SIDECAR_NAME, "env": env})
@@ -112,6 +120,13 @@ def pod(
         "spec": {"containers": containers},
         "status": {"phase": phase},
     }
+
+
+def failed_pod(name: str, error: str) -> dict:
+    """A pod the webhook admitted unchanged because injecting failed (handlers.py)."""
+    failed = pod(name)
+    failed["metadata"]["annotations"] = {ann.STATUS: builders.failed_injection_status(error)}
+    return failed
 
 
 def built(
@@ -538,6 +553,22 @@ RECONCILE = {
          "chat/xmpp", "NotSelectedByPrometheus": ""},
         False,
     ),
+    "a ServiceMonitor of our name that is not ours: NameConflict, our Service kept": (
+        Workload(opted_in(), {}, owned=foreign(built(opted_in()), "ServiceMonitor")),
+        [], [],
+        {"NameConflict": "ServiceMonitor xmpp-prosody-metrics exists but is not owned by "
+         "Deployment chat/xmpp", "NotSelectedByPrometheus": ""},
+        False,
+    ),
+    "both not ours, and ours missing: only what is free is made": (
+        Workload(
+            opted_in(), {}, owned={"Service": foreign(built(opted_in()), "Service")["Service"]}
+        ),
+        ["ServiceMonitor"], [],
+        {"NameConflict": "Service xmpp-prosody-metrics", "MetricsConfigured": "",
+         "NotSelectedByPrometheus": ""},
+        False,
+    ),
     # -- is the ServiceMonitor picked up? --
     "selected by a Prometheus": (
         Workload(opted_in(), {}, prometheuses=(KPS,)),
@@ -568,6 +599,39 @@ RECONCILE = {
          "reachable when they were created): xmpp-1. Fix: kubectl -n chat rollout restart "
          "deployment/xmpp"},
         False,
+    ),
+    "pods admitted without the sidecar because injecting failed: InjectionFailed, not drift": (
+        Workload(
+            opted_in(), {}, owned=built(opted_in()),
+            pods=(failed_pod("xmpp-1", "injecting it failed: boom"),
+                  pod("xmpp-2", sidecar_interval="60s")),
+        ),
+        [], [],
+        {"NotSelectedByPrometheus": "",
+         "InjectionFailed": "1 pod(s) were admitted without the prosody-exporter sidecar "
+         "(injecting it failed: boom): xmpp-1. Once fixed: kubectl -n chat rollout restart "
+         "deployment/xmpp"},
+        False,
+    ),
+    "pods injected when no pod network was known: NoPodNetwork": (
+        Workload(
+            opted_in(), {}, owned=built(opted_in()),
+            pods=(pod("xmpp-1", sidecar_interval="60s", allow=LOOPBACK),
+                  pod("xmpp-2", sidecar_interval="60s")),
+        ),
+        [], [],
+        {"NotSelectedByPrometheus": "",
+         "NoPodNetwork": "1 pod(s) have a sidecar that allows only loopback, as no pod-network "
+         "CIDRs were known when they were created"},
+        False,
+    ),
+    "loopback only, as the pod's annotation asked: no NoPodNetwork": (
+        Workload(
+            opted_in(pod={ann.ALLOW_CIDRS: "127.0.0.0/8,::1/128"}), {},
+            owned=built(opted_in(pod={ann.ALLOW_CIDRS: "127.0.0.0/8,::1/128"})),
+            pods=(pod("xmpp-1", sidecar_interval="60s", allow=LOOPBACK),),
+        ),
+        [], [], {"NotSelectedByPrometheus": ""}, False,
     ),
     "finished or deleted pods do not count": (
         Workload(
@@ -795,7 +859,8 @@ def admission(pod_body: dict[str, Any], **kwargs: Any) -> Admission:
 INJECTED = new_pod(labels=OPTED)
 INJECTED["spec"]["containers"].append({"name": builders.SIDECAR_NAME})
 
-# Each row: the observation, then the sidecar's env (None: no patch), and the Events by reason.
+# Each row: the observation, then the sidecar's env (None: no patch), and the warnings (what
+# each is about: a text it holds). The webhook posts no Event: the reconciler does.
 ADMISSION = {
     "labelled pod: injected": (
         admission(new_pod(labels=OPTED)),
@@ -822,7 +887,7 @@ ADMISSION = {
         {"PROSODY_EXPORTER_INTERVAL": "60s"},
         {},
     ),
-    "opted-in namespace, not Prosody: untouched, not even an Event": (
+    "opted-in namespace, not Prosody: untouched, not even a warning": (
         admission(new_pod(containers=[NGINX], annotations={ann.PORT: "x"}), namespace_labels=OPTED),
         None,
         {},
@@ -852,7 +917,7 @@ ADMISSION = {
     "invalid annotations: injected with the defaults, warned": (
         admission(new_pod(labels=OPTED, annotations={ann.PORT: "99999", ann.ALLOW_CIDRS: "x"})),
         {"PROSODY_EXPORTER_LISTEN_PORT": "9755", "PROSODY_EXPORTER_ALLOW_CIDRS": "198.18.64.0/24"},
-        {"InvalidAnnotation": f"{ann.ALLOW_CIDRS}='x' ignored"},
+        {"allowlist": f"{ann.ALLOW_CIDRS}='x' ignored", "port": f"{ann.PORT}='99999' ignored"},
     ),
     "no pod network known: loopback only, warned": (
         admission(new_pod(labels=OPTED), node_cidrs=()),
@@ -915,7 +980,7 @@ ADMISSION = {
 
 @pytest.mark.parametrize("row", ADMISSION)
 def test_plan_admission(row):
-    seen, env, events = ADMISSION[row]
+    seen, env, warned = ADMISSION[row]
     plan = plan_admission(SETTINGS, seen)
     if env is None:
         assert plan.patch is None
@@ -925,11 +990,9 @@ def test_plan_admission(row):
         assert sidecar["name"] == builders.SIDECAR_NAME
         assert env.items() <= {e["name"]: e["value"] for e in sidecar["env"]}.items()
         assert ann.STATUS in plan.patch["metadata"]["annotations"]
-    assert {e.reason for e in plan.events} == events.keys()
-    for reason, text in events.items():
-        assert any(e.reason == reason and text in e.message for e in plan.events), (reason, text)
-    assert list(plan.warnings) == [e.message for e in plan.events if e.type == "Warning"]
-    assert plan.target == DEPLOYMENT
+    assert len(plan.warnings) == len(warned), plan.warnings
+    for text in warned.values():
+        assert any(text in warning for warning in plan.warnings), (text, plan.warnings)
 
 
 def not_evaluated_yet(inputs: ConfigInputs) -> None:
@@ -1027,20 +1090,50 @@ def test_findings_that_decide_are_kept_past_the_cap():
     assert "and 59981 more finding(s)" in messages[-1]  # 60 000 + statistics off
 
 
-def test_dry_run_warns_but_posts_no_event():
-    pod_body = new_pod(labels=OPTED, annotations={ann.PORT: "bogus"})
-    wet = plan_admission(SETTINGS, admission(pod_body))
-    dry = plan_admission(SETTINGS, admission(pod_body, dry_run=True))
-    assert dry.patch == wet.patch and dry.warnings == wet.warnings != ()
-    assert wet.events and dry.events == ()
+LIMITS_CPU = Requirement("compute", frozenset({"limits.cpu", "requests.memory"}))
 
 
-def test_a_bare_pod_reports_on_itself():
+@pytest.mark.parametrize(
+    ("settings", "requirement", "injected"),
+    [
+        (SETTINGS, LIMITS_CPU, False),  # the default sidecar sets no CPU limit
+        (
+            SETTINGS.model_copy(update={"sidecar_cpu_limit": "100m"}),
+            LIMITS_CPU,
+            True,
+        ),  # the chart's value
+        (SETTINGS, Requirement("requests", frozenset({"cpu", "requests.memory"})), True),
+        (
+            SETTINGS.model_copy(
+                update={"sidecar_memory_request": "", "sidecar_memory_limit": "64Mi"}
+            ),
+            Requirement("memory", frozenset({"requests.memory"})),
+            True,  # a limit alone: the API server sets the request to it
+        ),
+    ],
+)
+def test_a_resource_quota_the_sidecar_would_fail_leaves_the_pod_as_it_is(
+    settings, requirement, injected
+):
+    """The API server would reject the whole pod ("must specify limits.cpu"): it is admitted
+    without the sidecar instead, warned, and marked for the reconciler's InjectionFailed."""
+    plan = plan_admission(settings, admission(new_pod(labels=OPTED), quotas=(requirement,)))
+    assert plan.patch is not None
+    if injected:
+        assert plan.patch["spec"]["containers"][-1]["name"] == builders.SIDECAR_NAME
+        return
+    assert "spec" not in plan.patch
+    (warning,) = plan.warnings
+    assert "ResourceQuota compute requires limits.cpu of every container" in warning
+    assert builders.injection_error({"metadata": plan.patch["metadata"]}) == warning
+
+
+def test_a_bare_pod_is_warned_too():
+    """No workload to report on: the client (kubectl) gets the warnings."""
     bare = {**new_pod(labels=OPTED, annotations={ann.PORT: "bogus"})}
     bare["metadata"] = {**bare["metadata"], "name": "solo"}
     plan = plan_admission(SETTINGS, admission(bare, workload=None))
-    assert plan.target == ObjectRef("v1", "Pod", NAMESPACE, "solo")
-    assert [e.reason for e in plan.events] == ["InvalidAnnotation"]
+    assert plan.patch is not None and len(plan.warnings) == 1 and ann.PORT in plan.warnings[0]
 
 
 # --- the parts ------------------------------------------------------------------------------------
@@ -1309,3 +1402,44 @@ def test_injected_annotations_and_security_context(row):
     assert patched.pop(ann.STATUS)
     assert patched == added
     assert plan.patch["spec"]["containers"][-1]["securityContext"] == context
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_event_log_posts_a_persisting_event_again_after_a_while():
+    """Like client-go's event series: a finding that persists is not posted on every reconcile,
+    but again once the one posted is old (the API server drops Events after an hour)."""
+    posted: list[str] = []
+    clock = Clock()
+    log = EventLog(lambda target, event: posted.append(event.reason), repost_after=100, clock=clock)
+    finding = Event.warning("ProsodyConfig", "prosody.cfg.lua:3: statistics_interval ignored")
+    selected = Event.normal("SelectedByPrometheus", "kps")
+    for clock.now in (0, 10, 60, 99):  # reconciles on status updates
+        log.report(DEPLOYMENT, [finding], planner.RECONCILE_REASONS)
+    assert posted == ["ProsodyConfig"]
+    clock.now = 101
+    log.report(DEPLOYMENT, [finding, selected], planner.RECONCILE_REASONS)
+    assert posted == ["ProsodyConfig", "ProsodyConfig", "SelectedByPrometheus"]
+    clock.now = 150  # the selection's Event is fresh, the finding's too
+    log.report(DEPLOYMENT, [finding, selected], planner.RECONCILE_REASONS)
+    assert len(posted) == 3
+
+
+def test_event_log_forgets_objects_that_stopped_reporting():
+    """A deleted workload never reports again: its memory goes after `repost_after`, not only
+    when 10,000 others push it out."""
+    clock = Clock()
+    log = EventLog(lambda target, event: None, repost_after=100, clock=clock)
+    event = Event.warning("SidecarMissing", "1 pod")
+    for n in range(50):
+        log.report(ObjectRef("apps/v1", "Deployment", NAMESPACE, f"w{n}", f"uid-{n}"), [event])
+    assert len(log) == 50
+    clock.now = 101
+    log.report(DEPLOYMENT, [event])
+    assert len(log) == 1

@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from pydantic import AnyHttpUrl, TypeAdapter, ValidationError
@@ -53,7 +54,19 @@ INTERVAL_SOURCE = PREFIX + "interval-source"
 SELECTED_BY = PREFIX + "selected-by"
 
 _IMAGE = re.compile(r"^[a-z0-9]+([._/:@-][A-Za-z0-9_.-]+)*$")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+# Kubernetes' quantity grammar (apimachinery's resource.Quantity): a signed decimal number, then a
+# binary-SI suffix, a decimal-SI suffix or a decimal exponent.
+_QUANTITY = re.compile(
+    r"(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+    r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]{1,3})?"
+)
+_SUFFIXES = {
+    **{s: Decimal(f"1e{3 * n}") for n, s in enumerate(("n", "u", "m", ""), -3)},
+    **{s: Decimal(f"1e{3 * n}") for n, s in enumerate(("k", "M", "G", "T", "P", "E"), 1)},
+    **{s: Decimal(2 ** (10 * n)) for n, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"), 1)},
+}
+# What the API server can hold (an int64 of milli-units, roughly): anything bigger is a mistake.
+_LARGEST = Decimal(2**63 - 1) / 1000
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,38 @@ def _image(value: str) -> str:
     return value
 
 
+def quantity(value: str) -> Decimal:
+    """A Kubernetes quantity ("100m", "64Mi", "1e3"), in base units; ValueError unless it is
+    one the API server accepts for a container's resources (not negative, not absurdly big)."""
+    match = _QUANTITY.fullmatch(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a quantity")
+    suffix = match["suffix"] or ""
+    scale = _SUFFIXES[suffix] if suffix in _SUFFIXES else Decimal(10) ** int(suffix[1:])
+    amount = Decimal(match["number"]) * scale
+    if amount < 0:
+        raise ValueError(f"{value!r} is negative")
+    if amount > _LARGEST:
+        raise ValueError(f"{value!r} is too large")
+    return amount
+
+
+def check_resources(resources: Mapping[str, Mapping[str, str]]) -> None:
+    """ValueError unless each is a quantity and no request exceeds its limit (the API server
+    would reject the pod)."""
+    parsed = {
+        kind: {name: quantity(value) for name, value in values.items()}
+        for kind, values in resources.items()
+    }
+    limits = parsed.get("limits", {})
+    for name, request in parsed.get("requests", {}).items():
+        if name in limits and request > limits[name]:
+            raise ValueError(
+                f"the {name} request {resources['requests'][name]} is above its limit "
+                f"{resources['limits'][name]}"
+            )
+
+
 def _resources(value: str) -> Mapping[str, Any]:
     resources = json.loads(value)
     if not isinstance(resources, dict) or set(resources) - {"requests", "limits"}:
@@ -105,9 +150,10 @@ def _resources(value: str) -> Mapping[str, Any]:
     for kind in resources.values():
         if not isinstance(kind, dict) or set(kind) - {"cpu", "memory"}:
             raise ValueError("only cpu and memory may be set")
-        for quantity in kind.values():
-            if not isinstance(quantity, str) or not _QUANTITY.match(quantity):
-                raise ValueError(f"{quantity!r} is not a quantity")
+        for value in kind.values():
+            if not isinstance(value, str):
+                raise ValueError(f'{value!r} is not a quantity (a string, like "100m")')
+    check_resources(resources)
     return resources
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__
+from . import __version__, names
 from . import annotations as ann
 from .intervals import EffectiveInterval, format_duration
 from .optin import SYSTEM_NAMESPACES
@@ -18,6 +18,7 @@ from .settings import OperatorSettings
 SIDECAR_NAME = "prosody-exporter"
 INTERVAL_ENV = "PROSODY_EXPORTER_INTERVAL"
 UPSTREAM_ENV = "PROSODY_EXPORTER_UPSTREAM_URL"
+ALLOW_CIDRS_ENV = "PROSODY_EXPORTER_ALLOW_CIDRS"
 METRICS_PORT_NAME = "metrics"
 WEBHOOK_HANDLER_ID = "inject-exporter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "prosody-operator"}
@@ -76,7 +77,7 @@ def build_sidecar_container(
         UPSTREAM_ENV: upstream_url,
         INTERVAL_ENV: format_duration(interval.scrape_seconds),
         "PROSODY_EXPORTER_LISTEN_PORT": str(port),
-        "PROSODY_EXPORTER_ALLOW_CIDRS": ",".join(cidrs),
+        ALLOW_CIDRS_ENV: ",".join(cidrs),
     }
 
     def probe(path: str) -> Obj:
@@ -106,6 +107,35 @@ def build_sidecar_container(
 
 def injection_status(sidecar: Mapping[str, Any]) -> str:
     return json.dumps({"version": __version__, "hash": hash_of(sidecar)}, sort_keys=True)
+
+
+def failed_injection_status(error: str) -> str:
+    """The status annotation of a pod admitted without the sidecar, and why: the reconciler
+    reports it on the workload (the webhook posts nothing)."""
+    return json.dumps({"version": __version__, "error": error[:400]}, sort_keys=True)
+
+
+def build_failure_patch(error: str) -> Obj:
+    """The merge patch for a pod admitted without the sidecar: only why."""
+    return {"metadata": {"annotations": {ann.STATUS: failed_injection_status(error)}}}
+
+
+def injection_error(pod: Mapping[str, Any]) -> str | None:
+    """Why this pod was admitted without the sidecar, if it was."""
+    status = ((pod.get("metadata") or {}).get("annotations") or {}).get(ann.STATUS)
+    try:
+        error = json.loads(status).get("error") if status else None
+    except (ValueError, AttributeError):
+        return None
+    return str(error) if error else None
+
+
+def sidecar_env(pod: Mapping[str, Any]) -> dict[str, str] | None:
+    """The injected sidecar's env, if the pod has the sidecar."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") == SIDECAR_NAME:
+            return {e.get("name"): e.get("value") for e in container.get("env") or []}
+    return None
 
 
 def build_injection_patch(
@@ -157,23 +187,19 @@ def owner_reference(workload: Mapping[str, Any]) -> Obj:
     }
 
 
-def metrics_object_name(workload_name: str) -> str:
-    return f"{workload_name}-prosody-metrics"[:63].rstrip("-")
-
-
 def workload_labels(workload: Mapping[str, Any]) -> dict[str, str]:
     """Our labels on the objects made for a workload; the ServiceMonitor selects its Service by
     them."""
     return {
         **MANAGED_BY,
-        ann.WORKLOAD: workload["metadata"]["name"],
+        ann.WORKLOAD: names.label_value(workload["metadata"]["name"]),
         ann.WORKLOAD_KIND: workload["kind"],
     }
 
 
 def _metadata(workload: Mapping[str, Any]) -> Obj:
     return {
-        "name": metrics_object_name(workload["metadata"]["name"]),
+        "name": names.metrics_object_name(workload["metadata"]["name"]),
         "namespace": workload["metadata"]["namespace"],
         "labels": workload_labels(workload),
         "annotations": {},
@@ -281,7 +307,7 @@ def build_pod_monitor(
     port (pods not injected yet have none, so they are no targets). Its targets get the
     `service` label a ServiceMonitor's would have, so the chart's alerts and dashboard work in
     both modes."""
-    name = metrics_object_name(workload["metadata"]["name"])
+    name = names.metrics_object_name(workload["metadata"]["name"])
     service = {"action": "replace", "targetLabel": "service", "replacement": name}
     monitor = _monitor("PodMonitor", workload, interval, labels, selected_by, scrape, [service])
     selector = workload["spec"]["selector"]
@@ -351,7 +377,7 @@ def build_webhook_configuration(
         return {
             "name": webhook_name,
             "admissionReviewVersions": ["v1"],
-            "sideEffects": "NoneOnDryRun",
+            "sideEffects": "None",  # it reads, and writes nothing
             "failurePolicy": "Ignore",
             "timeoutSeconds": timeout_seconds,
             "reinvocationPolicy": "Never",

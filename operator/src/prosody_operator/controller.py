@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as NotYet
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from . import annotations as ann
-from . import builders, observation
+from . import builders, names, observation, optin
+from .configmaps import ConfigMapCache
 from .evaluation import Busy, Evaluations, Limits
-from .events import Event, EventLog
-from .kube import Kube, NamespaceTerminating
+from .events import EventLog
+from .kube import Kube, NamespaceTerminating, retryable
 from .planner import (
     RECONCILE_REASONS,
     AdmissionPlan,
@@ -32,13 +33,15 @@ from .planner import (
 )
 from .prosody import ConfigInputs, Evaluator, evaluate
 from .prosody_config import DIALECTS, StatisticsConfig
+from .retries import Retries
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
-from .workloads import ObjectRef, label_selector, pod_owner, pod_ref
+from .workloads import ObjectRef, label_selector, pod_owner
 
 log = logging.getLogger("prosody_operator")
 
 Obj = dict[str, Any]
+T = TypeVar("T")
 # A kopf index: key -> the values every indexed object returned for that key.
 Index = Mapping[Any, Iterable[Any]]
 
@@ -57,13 +60,13 @@ class Indexes:
     filled them at start-up: whatever is missing there is read from the API."""
 
     node_pod_cidrs: Index = field(default_factory=dict)  # None -> [cidr, ...] per Node
-    configmaps: Index = field(default_factory=dict)  # (namespace, name) -> data
     namespaces: Index = field(default_factory=dict)  # name -> labels
     workloads: Index = field(default_factory=dict)  # (namespace, kind, name) -> WorkloadSummary
     by_configmap: Index = field(default_factory=dict)  # (namespace, configmap) -> (kind, name)
     # (namespace, kind, name) of owners -> the kinds of the objects of ours they own
     owners: Index = field(default_factory=dict)
     prometheuses: Index = field(default_factory=dict)  # None -> PrometheusSelectors
+    quotas: Index = field(default_factory=dict)  # namespace -> quotas.Requirement
 
     @staticmethod
     def first(index: Index, key: Any) -> Any:
@@ -86,6 +89,9 @@ class Controller:
         self.kube = kube
         self.evaluations = evaluations
         self.events = EventLog(kube.post_event)
+        self.configmaps = ConfigMapCache()
+        self.node_cidrs_at_start: tuple[str, ...] = ()
+        self.retries = Retries()
         # Reconciles of workloads whose config was still being evaluated when they were last
         # reconciled: one thread, run when the evaluation is done.
         self._followups = ThreadPoolExecutor(1, thread_name_prefix="reconcile-evaluated")
@@ -122,15 +128,18 @@ class Controller:
 
     # --- admission -----------------------------------------------------------------------
 
-    def admit(self, pod: Obj, dry_run: bool, indexes: Indexes) -> AdmissionPlan:
-        """Observe, plan, report; the caller (kopf's webhook) returns the patch. A config not
-        evaluated within the admission's wait is left to the workload's reconcile."""
+    def admit(self, pod: Obj, indexes: Indexes) -> AdmissionPlan:
+        """Observe and plan; the caller (kopf's webhook) returns the patch. Nothing is written,
+        and nothing read outside the pod's namespace, which must be one the API server sends
+        here: anyone who reaches the webhook's port can send a review (kopf checks no caller).
+        A config not evaluated within the admission's wait is left to the workload's reconcile."""
+        namespace = (pod.get("metadata") or {}).get("namespace") or ""
+        if not optin.served(namespace, self.settings.watch_namespaces):
+            return AdmissionPlan(None, f"namespace {namespace!r} is not served")
         evaluate = self.evaluator(self.settings.evaluation_admission_wait, [])
-        plan = plan_admission(self.settings, self.observe_pod(pod, dry_run, indexes), evaluate)
-        self.events.report(plan.target, plan.events)
-        return plan
+        return plan_admission(self.settings, self.observe_pod(pod, indexes), evaluate)
 
-    def observe_pod(self, pod: Obj, dry_run: bool, indexes: Indexes) -> observation.Admission:
+    def observe_pod(self, pod: Obj, indexes: Indexes) -> observation.Admission:
         metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
         namespace = metadata.get("namespace") or ""
         namespace_labels = self._namespace_labels(namespace, indexes)
@@ -146,33 +155,48 @@ class Controller:
         configmaps = {}
         prosody = candidate(metadata, spec, workload_annotations, namespace_labels)
         if prosody.wanted:
-            names = prosody.configmaps(spec)
-            for name in names:
-                data = Indexes.first(indexes.configmaps, (namespace, name))
+            mounted = prosody.configmaps(spec)
+            for name in mounted:
+                data = self.configmaps.get(namespace, name)
                 if data is not None:
                     configmaps[name] = data
-            configmaps.update(self.kube.configmap_data(namespace, names - configmaps.keys()))
-        cidrs = [cidr for cidrs in indexes.node_pod_cidrs.get(None, ()) for cidr in cidrs]
-        if prosody.wanted and not cidrs:
-            cidrs = self.kube.node_pod_cidrs()
+            configmaps.update(self.kube.configmap_data(namespace, mounted - configmaps.keys()))
         return observation.Admission(
             pod,
             namespace_labels,
             owner,
             workload_annotations,
             configmaps,
-            tuple(cidrs),
-            dry_run,
+            self._node_cidrs(indexes),
+            tuple(indexes.quotas.get(namespace, ())),
         )
 
-    def report_admission_failure(self, pod: Obj, message: str) -> None:
-        self.events.report(
-            pod_owner(pod) or pod_ref(pod), [Event.warning("InjectionFailed", message)]
-        )
+    def _node_cidrs(self, indexes: Indexes) -> tuple[str, ...]:
+        """The Nodes' podCIDRs from the index; until kopf has filled it (it serves the webhook
+        meanwhile), as read once at start-up. Never a list of all Nodes per admission."""
+        nodes = indexes.node_pod_cidrs.get(None)
+        if nodes is None:
+            return self.node_cidrs_at_start
+        return tuple(cidr for cidrs in nodes for cidr in cidrs)
+
+    def read_node_cidrs(self) -> None:
+        """At start-up, before the webhook serves."""
+        self.node_cidrs_at_start = tuple(self.kube.node_pod_cidrs())
 
     # --- reconcile -----------------------------------------------------------------------
 
-    def reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan:
+    def reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan | None:
+        """The plan carried out; None when it failed for a reason that passes, and will be
+        tried again (retries.py)."""
+        ref = ObjectRef.of(workload)
+        return self._retrying(ref, indexes, lambda: self._reconcile(workload, indexes))
+
+    def reconcile_named(self, kind: str, namespace: str, name: str, indexes: Indexes) -> None:
+        """Reconcile a workload known by name (its ConfigMap, namespace or objects changed)."""
+        ref = ObjectRef("", kind, namespace, name)
+        self._retrying(ref, indexes, lambda: self._reconcile_named(ref, indexes))
+
+    def _reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan:
         waiting: list[Future[StatisticsConfig]] = []
         wait = self.settings.evaluation_timeout + RECONCILE_SLACK
         plan = plan_reconcile(
@@ -192,11 +216,25 @@ class Controller:
                 future.add_done_callback(follow_up)
         return plan
 
-    def reconcile_named(self, kind: str, namespace: str, name: str, indexes: Indexes) -> None:
-        """Reconcile a workload known by name (its ConfigMap, namespace or objects changed)."""
-        workload = self.kube.workload(kind, namespace, name)
+    def _reconcile_named(self, ref: ObjectRef, indexes: Indexes) -> None:
+        workload = self.kube.workload(ref.kind, ref.namespace, ref.name)
         if workload is not None and not workload["metadata"].get("deletionTimestamp"):
-            self.reconcile(workload, indexes)
+            self._reconcile(workload, indexes)
+
+    def _retrying(self, ref: ObjectRef, indexes: Indexes, work: Callable[[], T]) -> T | None:
+        try:
+            done = work()
+        except Exception as error:
+            if not retryable(error):
+                raise
+            key = (ref.namespace, ref.kind, ref.name)
+            delay = self.retries.failed(
+                key, lambda: self.reconcile_named(ref.kind, ref.namespace, ref.name, indexes)
+            )
+            log.warning("reconciling %s failed (%s); again in %g s", ref, error, delay)
+            return None
+        self.retries.succeeded((ref.namespace, ref.kind, ref.name))
+        return done
 
     def observe_workload(self, workload: Obj, indexes: Indexes) -> observation.Workload:
         """Reads only what the plan can need: nothing more for a workload that is not a
@@ -210,7 +248,7 @@ class Controller:
             kinds.update(monitor_kinds(self.settings))
         owned: dict[str, Obj] = {}
         if kinds:
-            name = builders.metrics_object_name(ref.name)
+            name = names.metrics_object_name(ref.name)
             owned = self.kube.metrics_objects(ref.namespace, name, kinds)
         if not prosody.wanted:
             return observation.Workload(workload, namespace_labels, owned=owned)
@@ -218,6 +256,8 @@ class Controller:
         configmaps = self.kube.configmap_data(
             ref.namespace, prosody.configmaps(template.get("spec") or {})
         )
+        for name, data in configmaps.items():  # for the webhook: its pods will need them
+            self.configmaps.put(ref.namespace, name, data)
         selector = label_selector(workload["spec"].get("selector") or {})
         pods = self.kube.pods(ref.namespace, selector) if selector else []
         prometheuses: list[PrometheusSelectors] = list(indexes.prometheuses.get(None, ()))

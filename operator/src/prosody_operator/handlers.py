@@ -20,7 +20,9 @@ from . import annotations as ann
 from . import builders
 from .controller import Controller, Indexes, start_evaluations, summarize
 from .kube import MONITOR_PLURALS, MONITORING_GROUP, MONITORING_VERSION, Kube, load_config
+from .planner import AdmissionPlan
 from .prosody import prosody_configmaps
+from .quotas import Requirement, requirement
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
 from .tls import ServingCertificate, load_serving_certificate, make_serving_certificate
@@ -71,7 +73,6 @@ def _indexes(kwargs: Mapping[str, Any]) -> Indexes:
 
     return Indexes(
         node_pod_cidrs=kwargs.get("node_pod_cidrs") or {},
-        configmaps=kwargs.get("prosody_configmaps") or {},
         namespaces=kwargs.get("namespace_labels") or {},
         workloads=merged("workloads"),
         by_configmap=merged("configmaps_of"),
@@ -82,6 +83,7 @@ def _indexes(kwargs: Mapping[str, Any]) -> Indexes:
             )
         ),
         prometheuses=kwargs.get("prometheus_selectors") or {},
+        quotas=kwargs.get("quota_requirements") or {},
     )
 
 
@@ -128,6 +130,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     controller = memo.controller = Controller(
         operator_settings, Kube(), start_evaluations(operator_settings)
     )
+    controller.read_node_cidrs()
     certificate = _certificate(operator_settings)
     settings.admission.server = WebhookServer(
         controller.apply_webhook_configuration,
@@ -150,14 +153,10 @@ def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
     return list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
 
 
-@kopf.index("", "v1", "configmaps", id="prosody_configmaps")
-def prosody_configmaps_index(
-    body: kopf.Body, name: str, namespace: str, **_: Any
-) -> dict[tuple[str, str], dict[str, str]]:
-    """ConfigMaps holding Lua files, so the webhook finds Prosody's config without an API call
-    (it was most of the webhook's latency); anything not here is read on demand."""
-    data = dict(body.get("data") or {})
-    return {(namespace, name): data} if any(key.endswith(".lua") for key in data) else {}
+@kopf.index("", "v1", "resourcequotas", id="quota_requirements")
+def quota_requirements(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Requirement]:
+    found = requirement(body)
+    return {namespace: found} if found else {}
 
 
 @kopf.index("", "v1", "namespaces", id="namespace_labels")
@@ -237,10 +236,15 @@ for _plural in MONITOR_PLURALS.values():
 
 
 @kopf.on.event("", "v1", "configmaps", id="configmap-changed")
-def configmap_changed(name: str, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+def configmap_changed(
+    type: str, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    controller = _controller(memo)
+    data = None if type == "DELETED" else dict(body.get("data") or {})
+    controller.configmaps.update(namespace, name, data)
     indexes = _indexes(kwargs)
     for kind, workload in set(indexes.by_configmap.get((namespace, name)) or ()):
-        _controller(memo).reconcile_named(kind, namespace, workload, indexes)
+        controller.reconcile_named(kind, namespace, workload, indexes)
 
 
 @kopf.on.event("", "v1", "namespaces", id="namespace-changed")
@@ -286,33 +290,28 @@ def prometheus_changed(
     id=builders.WEBHOOK_HANDLER_ID,
     operations={"CREATE"},
     ignore_failures=True,
-    side_effects=True,
+    side_effects=False,
 )
 def inject_exporter(
-    body: kopf.Body,
-    patch: kopf.Patch,
-    dryrun: bool,
-    warnings: list[str],
-    memo: kopf.Memo,
-    **kwargs: Any,
+    body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo: kopf.Memo, **kwargs: Any
 ) -> None:
     # kopf denies the pod if this handler raises, even before its first line runs (a missing
     # keyword, say): so it names no optional keyword and catches everything.
     controller = _controller(memo)
     pod = _plain(body)
     try:
-        plan = controller.admit(pod, dryrun, _indexes(kwargs))
+        plan = controller.admit(pod, _indexes(kwargs))
     except Exception as error:  # a pod must never be blocked: admit it without the sidecar
         log.exception("injection failed; admitting the pod without the sidecar")
-        message = f"prosody-exporter sidecar not injected: {error}"
-        warnings.append(message)
-        if not dryrun:
-            controller.report_admission_failure(pod, message)
-        return
+        warnings.append(f"prosody-exporter sidecar not injected: {error}")
+        # For the reconciler, which reports it on the workload (the webhook posts nothing).
+        failure = f"injecting it failed: {error}"
+        plan = AdmissionPlan(builders.build_failure_patch(failure), failure)
     warnings.extend(plan.warnings)
     if plan.patch is not None:
         patch.metadata.annotations.update(plan.patch["metadata"]["annotations"])
-        patch.spec["containers"] = plan.patch["spec"]["containers"]
+        if "spec" in plan.patch:
+            patch.spec["containers"] = plan.patch["spec"]["containers"]
     name = pod["metadata"].get("name") or pod["metadata"].get("generateName", "")
     # Every pod of an opted-in namespace comes here: the ones left alone are not news.
     level = logging.INFO if plan.patch or plan.warnings else logging.DEBUG

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from .events import Event
@@ -46,6 +47,15 @@ def load_config() -> None:
             raise NoCredentials(
                 f"not in a pod with a service account token, and no kubeconfig ({error})"
             ) from error
+
+
+def retryable(error: BaseException) -> bool:
+    """A failure that passes: the API server unreachable or restarting, overloaded (429), a
+    conflict (409), a server error (5xx)."""
+    if isinstance(error, ApiException):
+        status = error.status or 0
+        return status in (0, 409, 429) or status >= 500
+    return isinstance(error, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
 def _or_none(read: Callable[[], T]) -> T | None:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .quotas import Requirement
 from .selection import PrometheusSelectors
 from .workloads import ObjectRef
 
@@ -39,4 +40,5 @@ class Admission:
     workload_annotations: Mapping[str, str]
     configmaps: Mapping[str, Mapping[str, str]]
     node_cidrs: tuple[str, ...]
-    dry_run: bool = False
+    # What the ResourceQuotas of its namespace require of every container.
+    quotas: tuple[Requirement, ...] = ()

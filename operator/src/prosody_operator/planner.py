@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import annotations as ann
-from . import builders, optin, prosody
+from . import builders, optin, prosody, quotas
 from .events import Event
 from .intervals import EffectiveInterval, format_duration
 from .observation import Admission, Workload
@@ -18,7 +18,7 @@ from .prosody import Evaluator
 from .prosody_versions import DEFAULT_UPSTREAM_URL
 from .selection import Selection, select
 from .settings import OperatorSettings
-from .workloads import ObjectRef, controller_uid, pod_ref, restart_command
+from .workloads import ObjectRef, controller_uid, restart_command
 
 Obj = dict[str, Any]
 
@@ -41,6 +41,8 @@ RECONCILE_REASONS = frozenset(
         "NotSelectedByPrometheus",
         "SidecarMissing",
         "WebhookNotCalled",
+        "InjectionFailed",
+        "NoPodNetwork",
     }
 )
 # The sidecar's allowlist when no pod network is known: loopback only.
@@ -49,6 +51,10 @@ MONITOR_BUILDERS = {
     "ServiceMonitor": builders.build_service_monitor,
     "PodMonitor": builders.build_pod_monitor,
 }
+NO_POD_NETWORK = (
+    "no pod-network CIDRs known (Nodes have no spec.podCIDRs and PROSODY_OPERATOR_POD_CIDRS is "
+    "empty): the sidecar only allows loopback"
+)
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,13 @@ class ReconcilePlan:
 
 @dataclass(frozen=True)
 class AdmissionPlan:
+    """What the webhook answers. It posts no Event: the reconciler reports on the workload what
+    its pods were admitted with (a forged admission review can then make the operator write
+    nothing)."""
+
     patch: Obj | None  # None: admit the pod as it is
     reason: str  # what was decided, for the log
-    target: ObjectRef  # where the Events go: the pod's workload, or the pod
     warnings: tuple[str, ...] = ()  # returned to the client
-    events: tuple[Event, ...] = ()
 
 
 def _invalid(problems: tuple[str, ...] | list[str]) -> list[Event]:
@@ -135,38 +143,30 @@ def plan_admission(
 ) -> AdmissionPlan:
     pod = seen.pod
     spec, metadata = pod.get("spec") or {}, pod.get("metadata") or {}
-    target = seen.workload or pod_ref(pod)
     if builders.has_sidecar(spec):
-        return AdmissionPlan(None, "already injected", target)
+        return AdmissionPlan(None, "already injected")
     found = candidate(metadata, spec, seen.workload_annotations, seen.namespace_labels)
     opt_in, overrides, container = found.opt_in, found.overrides, found.container
-
-    def plan(patch: Obj | None, reason: str, events: list[Event]) -> AdmissionPlan:
-        warnings = tuple(e.message for e in events if e.type == "Warning")
-        return AdmissionPlan(patch, reason, target, warnings, () if seen.dry_run else tuple(events))
-
+    warnings = list(found.problems)
     if not opt_in.inject:
         why = f'its {opt_in.source} says "false"' if opt_in.source else "not opted in"
-        return plan(None, why, _invalid(found.problems))
+        return AdmissionPlan(None, why, tuple(warnings))
     if container is None:  # only the namespace opted in, and this pod is not Prosody
-        return AdmissionPlan(None, "not recognised as Prosody", target)
-    events = _invalid(found.problems)
+        return AdmissionPlan(None, "not recognised as Prosody")
     decision = prosody.decide_config(
         settings.manual_interval, spec, container, seen.configmaps, overrides, evaluate
     )
     cidrs = builders.allowlist(seen.node_cidrs, settings)
     if not cidrs and overrides.allow_cidrs is None:
-        events.append(
-            Event.warning(
-                "NoPodNetwork",
-                "no pod-network CIDRs known (Nodes have no spec.podCIDRs and "
-                "PROSODY_OPERATOR_POD_CIDRS is empty): the sidecar only allows loopback",
-            )
-        )
+        warnings.append(NO_POD_NETWORK)
         cidrs = list(LOOPBACK)
     sidecar = builders.build_sidecar_container(
         settings, overrides, cidrs, decision.interval, upstream_url=decision.upstream.url
     )
+    rejected = quotas.unmet(seen.quotas, sidecar["resources"])
+    if rejected is not None:  # the API server would reject the pod: admit it as it is
+        patch = builders.build_failure_patch(rejected)
+        return AdmissionPlan(patch, "not injected: " + rejected, (*warnings, rejected))
     interval, upstream = decision.interval, decision.upstream
     annotations = {}
     if settings.prometheus_scrape_annotations:
@@ -175,11 +175,11 @@ def plan_admission(
         present = metadata.get("annotations") or {}
         wanted = builders.prometheus_scrape_annotations(port)
         annotations = {k: v for k, v in wanted.items() if k not in present}
-    return plan(
+    return AdmissionPlan(
         builders.build_injection_patch(pod, sidecar, annotations),
         f"injected ({opt_in.source}), interval {interval.scrape_interval} ({interval.source}), "
         f"/metrics at {upstream.url} ({upstream.source})",
-        events,
+        tuple(warnings),
     )
 
 
@@ -255,7 +255,8 @@ def plan_reconcile(
             events.append(_configured(ref, monitor, decision, port, behind, note))
         events.append(_selection_event(settings, selection, monitor))
     drift, restart = _check_sidecars(settings, seen, ref, pod_metadata, opt_in, pods)
-    return ReconcilePlan(ref, tuple(apply), stale, (*events, *drift), restart)
+    admitted = _admission_results(ref, overrides, pods)
+    return ReconcilePlan(ref, tuple(apply), stale, (*events, *drift, *admitted), restart)
 
 
 def monitor_kinds(settings: OperatorSettings) -> tuple[str, ...]:
@@ -327,16 +328,13 @@ def _name_conflict(obj: Mapping[str, Any], ref: ObjectRef) -> Event:
 
 def _behind(pod: Mapping[str, Any], decision: prosody.ConfigDecision) -> bool:
     """Whether the pod's sidecar collects at another interval or from another URL."""
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        if container.get("name") == builders.SIDECAR_NAME:
-            env = {e.get("name"): e.get("value") for e in container.get("env") or []}
-            interval = env.get(builders.INTERVAL_ENV)
-            # Sidecars injected before the URL was set collect from the exporter's default.
-            url = env.get(builders.UPSTREAM_ENV, DEFAULT_UPSTREAM_URL)
-            return interval not in (None, decision.interval.scrape_interval) or (
-                url != decision.upstream.url
-            )
-    return False
+    env = builders.sidecar_env(pod)
+    if env is None:
+        return False
+    # Sidecars injected before the URL was set collect from the exporter's default.
+    url = env.get(builders.UPSTREAM_ENV, DEFAULT_UPSTREAM_URL)
+    interval = env.get(builders.INTERVAL_ENV)
+    return interval not in (None, decision.interval.scrape_interval) or url != decision.upstream.url
 
 
 def _configured(
@@ -426,7 +424,9 @@ def _check_sidecars(
         )
         return [Event.warning("WebhookNotCalled", message)], False
     missing = sorted(
-        pod["metadata"]["name"] for pod in pods if not builders.has_sidecar(pod.get("spec") or {})
+        pod["metadata"]["name"]
+        for pod in pods
+        if not builders.has_sidecar(pod.get("spec") or {}) and builders.injection_error(pod) is None
     )
     if not missing:
         return [], False
@@ -447,3 +447,38 @@ def _check_sidecars(
         f"reachable when they were created): {', '.join(missing[:5])}. {advice}"
     )
     return [Event.warning("SidecarMissing", message)], restart
+
+
+def _admission_results(ref: ObjectRef, overrides: ann.Overrides, pods: list[Obj]) -> list[Event]:
+    """What the webhook did to the workload's pods that the workload's owner should hear of (the
+    webhook itself posts nothing): injection failed, or no pod network was known."""
+    events = []
+    failed = [(p["metadata"]["name"], builders.injection_error(p)) for p in pods]
+    failed = [(name, error) for name, error in failed if error is not None]
+    if failed:
+        names = ", ".join(sorted(name for name, _ in failed)[:5])
+        events.append(
+            Event.warning(
+                "InjectionFailed",
+                f"{len(failed)} pod(s) were admitted without the prosody-exporter sidecar "
+                f"({failed[0][1]}): {names}. Once fixed: {restart_command(ref)}",
+            )
+        )
+    loopback = ",".join(LOOPBACK)
+    confined = sorted(
+        p["metadata"]["name"]
+        for p in pods
+        if (builders.sidecar_env(p) or {}).get(builders.ALLOW_CIDRS_ENV) == loopback
+    )
+    if confined and overrides.allow_cidrs is None:
+        events.append(
+            Event.warning(
+                "NoPodNetwork",
+                f"{len(confined)} pod(s) have a sidecar that allows only loopback, as no "
+                "pod-network CIDRs were known when they were created (Nodes have no "
+                "spec.podCIDRs and PROSODY_OPERATOR_POD_CIDRS is empty): "
+                f"{', '.join(confined[:5])}. Set the chart's sidecar.podCIDRs, then: "
+                f"{restart_command(ref)}",
+            )
+        )
+    return events

@@ -7,11 +7,12 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, IPvAnyNetwork, field_validator, with_config
+from pydantic import ConfigDict, Field, IPvAnyNetwork, ValidationInfo, field_validator, with_config
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import TypedDict
 
 from . import __version__
+from .annotations import quantity
 from .intervals import parse_duration
 
 ENV_PREFIX = "PROSODY_OPERATOR_"
@@ -34,6 +35,22 @@ def _namespaces(value: list[str]) -> list[str]:
         if not NAMESPACE.match(name):
             raise ValueError(f"{name!r} is not a namespace name")
     return sorted(set(value))
+
+
+def _quantity(value: str) -> str:
+    """A resource quantity, or empty for none."""
+    if value:
+        quantity(value)
+    return value
+
+
+def _not_below_request(value: str, info: ValidationInfo) -> str:
+    """The API server rejects a pod whose request is above its limit: so would every pod be."""
+    resource = (info.field_name or "").removeprefix("sidecar_").removesuffix("_limit")
+    request = info.data.get(f"sidecar_{resource}_request")
+    if value and request and quantity(request) > quantity(value):
+        raise ValueError(f"{value} is below the {resource} request {request}")
+    return value
 
 
 def _parse_labels(value: Any) -> Any:
@@ -288,3 +305,7 @@ class OperatorSettings(BaseSettings):
         mode="before",
     )(_json)
     _durations = field_validator("service_monitor_scrape_timeout", mode="before")(_duration)
+    _quantities = field_validator(
+        "sidecar_cpu_request", "sidecar_memory_request", "sidecar_cpu_limit", "sidecar_memory_limit"
+    )(_quantity)
+    _limits = field_validator("sidecar_cpu_limit", "sidecar_memory_limit")(_not_below_request)

@@ -77,12 +77,6 @@ def pod_owner(pod: Mapping[str, Any]) -> ObjectRef | None:
     return None
 
 
-def pod_ref(pod: Mapping[str, Any]) -> ObjectRef:
-    metadata = pod.get("metadata") or {}
-    name = metadata.get("name") or metadata.get("generateName") or "pod"
-    return ObjectRef("v1", "Pod", metadata.get("namespace") or "", name, metadata.get("uid"))
-
-
 def controller_uid(obj: Mapping[str, Any]) -> str | None:
     """The uid of the object's controller (its owner that garbage-collects it), if any."""
     for owner in (obj.get("metadata") or {}).get("ownerReferences") or []:

@@ -1,0 +1,40 @@
+"""What one admission costs the API server, counted by the real kube-apiserver's own metrics."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes import client
+
+from prosody_operator import annotations as ann
+from prosody_operator.controller import Controller, Indexes
+from prosody_operator.kube import Kube
+from prosody_operator.settings import OperatorSettings
+from testinfra.kubeapi import requests_served
+from testinfra.workloads import prosody_pod_spec
+
+pytestmark = pytest.mark.cluster
+
+
+def test_admissions_do_not_list_nodes_when_none_has_pod_cidrs(
+    k8s_client: client.ApiClient, namespace: str
+) -> None:
+    """Nodes without spec.podCIDRs (Calico, Cilium IPAM): the index knows them, and no
+    admission lists every Node again to find none (each of 20 did)."""
+    controller = Controller(OperatorSettings(), Kube(k8s_client))
+    indexes = Indexes(
+        node_pod_cidrs={None: [[]]},  # one Node, no podCIDRs
+        namespaces={namespace: {}},
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "xmpp", "namespace": namespace, "labels": {ann.INJECT: "true"}},
+        "spec": prosody_pod_spec(None),
+    }
+    before = requests_served(k8s_client, ("nodes",), ("LIST",))
+    for _ in range(20):
+        plan = controller.admit(pod, indexes)
+        assert plan.patch is not None and any("loopback" in w for w in plan.warnings)
+    assert (
+        requests_served(k8s_client, ("nodes",), ("LIST",)) - before <= 2
+    )  # another client's, at most
