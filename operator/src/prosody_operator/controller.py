@@ -171,6 +171,9 @@ class Controller:
 
     def execute(self, plan: ReconcilePlan) -> None:
         try:
+            for live, obj in plan.replace:
+                if self.kube.delete(live):  # else replaced meanwhile: the next reconcile sees it
+                    self.kube.apply(obj)
             for obj in plan.apply:
                 self.kube.apply(obj)
         except NamespaceTerminating:

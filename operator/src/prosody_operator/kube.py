@@ -138,8 +138,9 @@ class Kube:
                 raise NamespaceTerminating(meta["namespace"]) from None
             raise
 
-    def delete(self, obj: Mapping[str, Any]) -> None:
-        """Delete the object observed (not one made since with the same name)."""
+    def delete(self, obj: Mapping[str, Any]) -> bool:
+        """Delete the object observed (not one made since with the same name). False when
+        another object holds its name by now."""
         meta = obj["metadata"]
         options = kubernetes.client.V1DeleteOptions(
             preconditions=kubernetes.client.V1Preconditions(uid=meta["uid"])
@@ -152,8 +153,11 @@ class Kube:
                     SM_GROUP, SM_VERSION, meta["namespace"], SM_PLURAL, meta["name"], body=options
                 )
         except ApiException as error:
-            if error.status not in (404, 409):  # gone, or replaced: not ours to delete any more
+            if error.status == 409:  # replaced: not ours to delete any more
+                return False
+            if error.status != 404:  # 404: gone already
                 raise
+        return True
 
     def restart_rollout(self, workload: ObjectRef) -> None:
         """What `kubectl rollout restart` does."""

@@ -52,6 +52,9 @@ class ReconcilePlan:
     delete: tuple[Mapping[str, Any], ...] = ()  # live objects, to delete (by their uid)
     events: tuple[Event, ...] = ()  # on the workload
     restart: bool = False  # restart the workload's rollout
+    # (live, built): delete the live object (by its uid), then apply the built one in its place
+    # (a field that cannot change in place differs: builders.must_recreate).
+    replace: tuple[tuple[Mapping[str, Any], Obj], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -196,20 +199,22 @@ def plan_reconcile(
             workload, decision.interval, settings.service_monitor_labels, selection.summary
         ),
     )
-    apply = []
+    apply, replace = [], []
     for obj in built:
         live = seen.owned.get(obj["kind"])
         if live is not None and controller_uid(live) != ref.uid:
             events.append(_name_conflict(obj, ref))
+        elif builders.must_recreate(live, obj):
+            replace.append((live, obj))
         elif not builders.up_to_date(live, obj):
             apply.append(obj)
     pods = _active(seen.pods)
     name = built[1]["metadata"]["name"]
-    if apply:
+    if apply or replace:
         events.append(_configured(ref, name, decision.interval, port, pods))
     events.append(_selection_event(settings, selection, name))
     drift, restart = _check_sidecars(settings, seen, ref, pod_metadata, opt_in, pods)
-    return ReconcilePlan(ref, tuple(apply), (), (*events, *drift), restart)
+    return ReconcilePlan(ref, tuple(apply), (), (*events, *drift), restart, tuple(replace))
 
 
 def _plan_removal(ref: ObjectRef, seen: Workload, opt_in: optin.OptIn) -> ReconcilePlan:
