@@ -17,6 +17,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -46,10 +47,11 @@ PORTS_FILE = CLUSTER_DIR / "ports.json"
 # Outside CLUSTER_DIR because `down` deletes that folder while holding the lock.
 LOCK_FILE = CACHE_DIR / "cluster.lock"
 
-# In the test range 198.18.0.0/15 like every address here: the PodRunner gives the `kubernetes`
-# Service's ClusterIP (the first address) to the pods, as kube-proxy would.
-SERVICE_CIDR = "198.19.240.0/24"
-KUBERNETES_SERVICE_IP = "198.19.240.1"
+# In the test range 198.18.0.0/15 like every address here, and sized like a real cluster's
+# (EKS and AKS default to a /16): a /24 ran out at 253 Services. The PodRunner gives the
+# `kubernetes` Service's ClusterIP (the first address) to the pods, as kube-proxy would.
+SERVICE_CIDR = ipaddress.IPv4Network("198.19.0.0/16")
+KUBERNETES_SERVICE_IP = str(SERVICE_CIDR[1])
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Every name the API server's serving certificate must carry, as in a kubeadm cluster.
 APISERVER_HOSTS = (
