@@ -18,6 +18,7 @@ INTERVAL_ENV = "PROSODY_EXPORTER_INTERVAL"
 METRICS_PORT_NAME = "metrics"
 WEBHOOK_HANDLER_ID = "inject-exporter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "prosody-operator"}
+OWNED_KINDS = ("Service", "ServiceMonitor")  # what the operator makes for a workload
 # The webhook for labelled pods keeps the name it always had (bench/ reads the API server's
 # metrics by it); the other serves opted-in namespaces.
 POD_WEBHOOK = "inject.prosody-operator.io"

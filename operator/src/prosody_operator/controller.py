@@ -8,15 +8,18 @@ kube.py have side effects, and kube.py alone talks to the API.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import annotations as ann
-from . import builders, observation
-from .events import Event, EventLog
+from . import builders, metrics, observation
+from .events import MEMORY_OBJECTS, Event, EventLog
 from .kube import Kube, NamespaceTerminating
+from .logs import about
 from .planner import (
     RECONCILE_REASONS,
     AdmissionPlan,
@@ -56,7 +59,8 @@ class Indexes:
     namespaces: Index = field(default_factory=dict)  # name -> labels
     workloads: Index = field(default_factory=dict)  # (namespace, kind, name) -> WorkloadSummary
     by_configmap: Index = field(default_factory=dict)  # (namespace, configmap) -> (kind, name)
-    owners: Index = field(default_factory=dict)  # (namespace, kind, name) of owners -> True
+    # (namespace, kind, name) of owners -> the Service and ServiceMonitor of ours they own
+    owners: Index = field(default_factory=dict)
     prometheuses: Index = field(default_factory=dict)  # None -> PrometheusSelectors
 
     @staticmethod
@@ -70,12 +74,82 @@ class Controller:
     ) -> None:
         self.settings = settings
         self.kube = kube
-        self.evaluate = evaluator
-        self.events = EventLog(kube.post_event)
+        self.evaluate = metrics.counted(evaluator)
+        self.events = EventLog(self._post_event)
+        # The resourceVersion of each object this operator last wrote, until its watch event
+        # arrives: that event is no news, and until then the index holds an older version.
+        self._written: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._written_lock = threading.Lock()
+
+    def _post_event(self, involved: ObjectRef, event: Event) -> None:
+        metrics.event_posted(event, self.kube.post_event(involved, event))
+
+    def remember_posted_events(self) -> int:
+        """Seed the Event log with the Events an earlier process posted, so a restart posts
+        none again; returns how many."""
+        posted = self.kube.posted_events(self.settings.watch_namespaces)
+        for uid, reason, message in posted:
+            self.events.remember(uid, reason, message)
+        return len(posted)
 
     def _namespace_labels(self, namespace: str, indexes: Indexes) -> Mapping[str, str]:
         labels = Indexes.first(indexes.namespaces, namespace)
         return labels if labels is not None else self.kube.namespace_labels(namespace)
+
+    def _configmaps(
+        self, namespace: str, names: set[str], indexes: Indexes
+    ) -> dict[str, dict[str, str]]:
+        """The data of the named ConfigMaps: from the index of those holding Lua files, the
+        others (or all, while it fills at start-up) from the API."""
+        found = {}
+        for name in names:
+            data = Indexes.first(indexes.configmaps, (namespace, name))
+            if data is not None:
+                found[name] = data
+        found.update(self.kube.configmap_data(namespace, names - found.keys()))
+        return found
+
+    # --- our own writes ----------------------------------------------------------------
+
+    def _wrote(self, obj: Mapping[str, Any], resource_version: str) -> None:
+        meta = obj["metadata"]
+        with self._written_lock:
+            self._written[(meta["namespace"], obj["kind"], meta["name"])] = resource_version
+            while len(self._written) > MEMORY_OBJECTS:
+                self._written.popitem(last=False)
+
+    def observed(self, obj: Mapping[str, Any]) -> bool:
+        """Whether a watch event about one of our objects shows our own last write (no news);
+        from then on the index holds that version."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "", obj.get("kind") or "", meta.get("name") or "")
+        with self._written_lock:
+            if key in self._written and self._written[key] == meta.get("resourceVersion"):
+                del self._written[key]
+                return True
+        return False
+
+    def _indexed_current(self, obj: Mapping[str, Any]) -> bool:
+        """Whether the index's copy can be trusted: no write of ours is on its way to it."""
+        meta = obj["metadata"]
+        with self._written_lock:
+            written = self._written.get((meta["namespace"], obj["kind"], meta["name"]))
+        return written is None or written == meta.get("resourceVersion")
+
+    def _owned(self, ref: ObjectRef, indexes: Indexes) -> dict[str, Obj]:
+        """The live Service and ServiceMonitor named as ours for the workload: the index's
+        copies when current, else read (missing from the index: not ours, or not seen yet)."""
+        name = builders.metrics_object_name(ref.name)
+        indexed = {
+            obj["kind"]: dict(obj)
+            for obj in indexes.owners.get(ref.key) or ()
+            if obj["metadata"]["name"] == name
+        }
+        owned = {kind: obj for kind, obj in indexed.items() if self._indexed_current(obj)}
+        if len(owned) < len(builders.OWNED_KINDS):
+            read = self.kube.metrics_objects(ref.namespace, name)
+            owned.update({kind: obj for kind, obj in read.items() if kind not in owned})
+        return owned
 
     # --- admission -----------------------------------------------------------------------
 
@@ -101,12 +175,7 @@ class Controller:
         configmaps = {}
         prosody = candidate(metadata, spec, workload_annotations, namespace_labels)
         if prosody.wanted:
-            names = prosody.configmaps(spec)
-            for name in names:
-                data = Indexes.first(indexes.configmaps, (namespace, name))
-                if data is not None:
-                    configmaps[name] = data
-            configmaps.update(self.kube.configmap_data(namespace, names - configmaps.keys()))
+            configmaps = self._configmaps(namespace, prosody.configmaps(spec), indexes)
         cidrs = [cidr for cidrs in indexes.node_pod_cidrs.get(None, ()) for cidr in cidrs]
         if prosody.wanted and not cidrs:
             cidrs = self.kube.node_pod_cidrs()
@@ -128,10 +197,28 @@ class Controller:
     # --- reconcile -----------------------------------------------------------------------
 
     def reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan:
-        plan = plan_reconcile(
-            self.settings, self.observe_workload(workload, indexes), self.evaluate
-        )
-        self.execute(plan)
+        ref = ObjectRef.of(workload)
+        started = time.perf_counter()
+        try:
+            plan = plan_reconcile(
+                self.settings, self.observe_workload(workload, indexes), self.evaluate
+            )
+            self.execute(plan)
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        changed = bool(plan.apply or plan.delete or plan.replace or plan.restart)
+        metrics.RECONCILES.labels("changed" if changed else "unchanged").inc()
+        metrics.WORKLOADS.set(ref.key, metrics.workload_states(plan.events))
+        if changed:
+            what = [f"{o['kind']} applied" for o in plan.apply]
+            what += [f"{live['kind']} made again" for live, _ in plan.replace]
+            what += [f"{o['kind']} deleted" for o in plan.delete]
+            what += ["rollout restarted"] * plan.restart
+            where = about(ref.kind, ref.namespace, ref.name)
+            log.info("reconciled: %s", ", ".join(what), extra=where)
         return plan
 
     def reconcile_named(self, kind: str, namespace: str, name: str, indexes: Indexes) -> None:
@@ -148,13 +235,12 @@ class Controller:
         prosody = workload_candidate(workload, namespace_labels)
         owned: dict[str, Obj] = {}
         if prosody.wanted or Indexes.first(indexes.owners, ref.key):
-            name = builders.metrics_object_name(ref.name)
-            owned = self.kube.metrics_objects(ref.namespace, name)
+            owned = self._owned(ref, indexes)
         if not prosody.wanted:
             return observation.Workload(workload, namespace_labels, owned=owned)
         template = workload["spec"].get("template") or {}
-        configmaps = self.kube.configmap_data(
-            ref.namespace, prosody.configmaps(template.get("spec") or {})
+        configmaps = self._configmaps(
+            ref.namespace, prosody.configmaps(template.get("spec") or {}), indexes
         )
         selector = label_selector(workload["spec"].get("selector") or {})
         pods = self.kube.pods(ref.namespace, selector) if selector else []
@@ -173,9 +259,9 @@ class Controller:
         try:
             for live, obj in plan.replace:
                 if self.kube.delete(live):  # else replaced meanwhile: the next reconcile sees it
-                    self.kube.apply(obj)
+                    self._wrote(obj, self.kube.apply(obj))
             for obj in plan.apply:
-                self.kube.apply(obj)
+                self._wrote(obj, self.kube.apply(obj))
         except NamespaceTerminating:
             return  # the namespace goes, and everything in it
         for live in plan.delete:
@@ -194,11 +280,13 @@ class Controller:
         if client_config is None:
             log.warning("no webhook URL or Service set: the webhook configuration is not managed")
             return
-        self.kube.apply_webhook_configuration(
-            builders.build_webhook_configuration(
-                self.settings.webhook_configuration, client_config, self.settings.watch_namespaces
-            )
+        configuration = builders.build_webhook_configuration(
+            self.settings.webhook_configuration, client_config, self.settings.watch_namespaces
         )
+        # Another replica, or this one before a restart, may have applied the same already.
+        live = self.kube.webhook_configuration(self.settings.webhook_configuration)
+        if live is None or not builders.is_subset(configuration, live):
+            self.kube.apply_webhook_configuration(configuration)
 
 
 def summarize(workload: Mapping[str, Any]) -> WorkloadSummary:

@@ -45,6 +45,19 @@ class EventLog:
         self._seen: OrderedDict[tuple[str, ...], frozenset[tuple[str, str]]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        """Objects whose Events are remembered."""
+        return len(self._seen)
+
+    def remember(self, uid: str, reason: str, message: str) -> None:
+        """An Event posted before this process started (still kept by the API server): not
+        posted again while the condition lasts."""
+        with self._lock:
+            key = (uid,)
+            self._seen[key] = self._seen.pop(key, frozenset()) | {(reason, message)}
+            while len(self._seen) > self._capacity:
+                self._seen.popitem(last=False)
+
     def report(
         self, target: ObjectRef, events: Iterable[Event], settles: Collection[str] = ()
     ) -> list[Event]:

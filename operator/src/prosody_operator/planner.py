@@ -204,7 +204,7 @@ def plan_reconcile(
         live = seen.owned.get(obj["kind"])
         if live is not None and controller_uid(live) != ref.uid:
             events.append(_name_conflict(obj, ref))
-        elif builders.must_recreate(live, obj):
+        elif live is not None and builders.must_recreate(live, obj):
             replace.append((live, obj))
         elif not builders.up_to_date(live, obj):
             apply.append(obj)
