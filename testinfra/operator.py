@@ -25,7 +25,7 @@ from . import helm as chart
 from .kubeapi import or_none
 from .procs import Process, ProcessOwner, free_port, http_ok, venv_command, wait_until
 
-IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding")
+IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
 
 def operator_command() -> str:
@@ -135,6 +135,7 @@ class OperatorProcess(ProcessOwner):
     release: str = field(default_factory=lambda: f"pot-{uuid.uuid4().hex[:6]}")
     webhook_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     process: Process | None = None
 
     @property
@@ -203,6 +204,7 @@ class OperatorProcess(ProcessOwner):
             "PROSODY_OPERATOR_WEBHOOK_URL": self.webhook_url,
             "PROSODY_OPERATOR_WEBHOOK_CONFIGURATION": self.webhook_configuration,
             "PROSODY_OPERATOR_HEALTH_PORT": str(self.health_port),
+            "PROSODY_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "PROSODY_OPERATOR_WATCH_NAMESPACES": ",".join(self.watch_namespaces),
             **{f"PROSODY_OPERATOR_{k.upper()}": v for k, v in self.settings.items()},
             **self.environment,
@@ -259,6 +261,10 @@ class OperatorProcess(ProcessOwner):
             lambda: client.CoreV1Api(self.api).delete_namespace(self.namespace),
         ):
             or_none(delete)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def log_text(self) -> str:
         return (self.workdir / "operator.log").read_text(errors="replace")

@@ -110,7 +110,7 @@ def test_the_check_passes_against_the_running_operator(installed: Installed) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["ok", "ok", "ok"], done.stdout
-    assert lines[0] == f"ok: deployment {installed.release.name}: 1/1 ready"
+    assert lines[0] == f"ok: deployment {installed.release.name}: 2/2 ready"
     assert "has a caBundle" in lines[1]
     service = f"{installed.release.name}-webhook.{installed.release.namespace}.svc"
     assert lines[2].startswith(f"ok: webhook {service}: TLS verified with the caBundle")

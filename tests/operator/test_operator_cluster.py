@@ -962,6 +962,9 @@ def test_an_upgrade_rolls_out_what_the_new_version_builds(
                     obj["metadata"]["name"], obj,
                     field_manager="prosody-operator", _content_type="application/apply-patch+yaml",
                 )  # fmt: skip
+        made_with_cluster_ip = cluster.service("xmpp")
+        assert made_with_cluster_ip is not None
+        assert made_with_cluster_ip.spec.cluster_ip not in (None, "None")
     finally:
         operator.start()
 
@@ -986,4 +989,8 @@ def test_an_upgrade_rolls_out_what_the_new_version_builds(
         assert "prosody-operator.io/inputs-hash" not in notes
     assert monitor["spec"]["selector"]["matchLabels"][ann.WORKLOAD] == "xmpp"
     assert "prosody-operator.io/deployment" not in monitor["spec"]["selector"]["matchLabels"]
+    # The previous version's Service had a ClusterIP, which cannot change in place: it was
+    # deleted and made again, headless.
+    assert service.spec.cluster_ip == "None"
+    assert service.metadata.uid != made_with_cluster_ip.metadata.uid
     assert monitor["spec"]["endpoints"][0]["scrapeTimeout"] == "10s"

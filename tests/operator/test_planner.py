@@ -805,6 +805,32 @@ def test_deletes_name_the_observed_objects():
     assert {obj["metadata"]["uid"] for obj in plan.delete} == {"uid-Service", "uid-ServiceMonitor"}
 
 
+def with_cluster_ip(owned: dict[str, dict]) -> dict[str, dict]:
+    """The Service as operator versions before headless Services made it: a ClusterIP."""
+    changed = copy.deepcopy(owned)
+    changed["Service"]["spec"].update(clusterIP="198.19.7.9", clusterIPs=["198.19.7.9"])
+    return changed
+
+
+def test_a_service_with_a_cluster_ip_is_made_again_headless():
+    """spec.clusterIP cannot change in place: the Service is deleted (by the uid observed)
+    and applied anew; the ServiceMonitor, up to date, is left alone."""
+    owned = with_cluster_ip(built(opted_in()))
+    plan = plan_reconcile(SETTINGS, Workload(opted_in(), {}, owned=owned))
+    assert plan.apply == () and plan.delete == ()
+    ((live, new),) = plan.replace
+    assert live["metadata"]["uid"] == "uid-Service"
+    assert new["kind"] == "Service" and new["spec"]["clusterIP"] == "None"
+    assert {e.reason for e in plan.events} == {"MetricsConfigured", "NotSelectedByPrometheus"}
+    # Headless already: nothing to do.
+    assert plan_reconcile(SETTINGS, Workload(opted_in(), {}, owned=built(opted_in()))).replace == ()
+    # Not ours: never deleted.
+    foreign_plan = plan_reconcile(
+        SETTINGS, Workload(opted_in(), {}, owned=foreign(owned, "Service"))
+    )
+    assert foreign_plan.replace == () and foreign_plan.delete == ()
+
+
 def test_an_upgrade_whose_builder_changed_rewrites_every_object(monkeypatch):
     """Objects written by an operator version that built them differently carry another hash:
     the new version rewrites them, even though none of their inputs changed."""

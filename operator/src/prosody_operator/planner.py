@@ -64,6 +64,9 @@ class ReconcilePlan:
     delete: tuple[Mapping[str, Any], ...] = ()  # live objects, to delete (by their uid)
     events: tuple[Event, ...] = ()  # on the workload
     restart: bool = False  # restart the workload's rollout
+    # (live, built): delete the live object (by its uid), then apply the built one in its place
+    # (a field that cannot change in place differs: builders.must_recreate).
+    replace: tuple[tuple[Mapping[str, Any], Obj], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -226,11 +229,13 @@ def plan_reconcile(
             scrape,
         )
         built.append(monitor)
-    apply = []
+    apply, recreate = [], []
     for obj in built:
         live = seen.owned.get(obj["kind"])
         if live is not None and controller_uid(live) != ref.uid:
             events.append(_name_conflict(obj, ref))
+        elif live is not None and builders.must_recreate(live, obj):
+            recreate.append((live, obj))
         elif not builders.up_to_date(live, obj):
             apply.append(obj)
     # The kinds another mode made (monitor kind switched, or inject only): ours go.
@@ -251,12 +256,14 @@ def plan_reconcile(
         # Sidecars set otherwise when their pods were created (before a change, or from the
         # fallbacks while the config was still being evaluated). Not known while it still is.
         behind = not decision.pending and any(_behind(pod, decision) for pod in pods)
-        if apply or behind:
+        if apply or recreate or behind:
             events.append(_configured(ref, monitor, decision, port, behind, note))
         events.append(_selection_event(settings, selection, monitor))
     drift, restart = _check_sidecars(settings, seen, ref, pod_metadata, opt_in, pods)
     admitted = _admission_results(ref, overrides, pods)
-    return ReconcilePlan(ref, tuple(apply), stale, (*events, *drift, *admitted), restart)
+    return ReconcilePlan(
+        ref, tuple(apply), stale, (*events, *drift, *admitted), restart, tuple(recreate)
+    )
 
 
 def monitor_kinds(settings: OperatorSettings) -> tuple[str, ...]:
