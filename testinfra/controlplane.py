@@ -543,7 +543,7 @@ def restart_apiserver() -> float:
     with exclusive_lock():
         ports = Ports.load()
         stopped = time.monotonic()
-        stop_process("kube-apiserver")
+        daemons.stop_process(CLUSTER_DIR, "kube-apiserver")
         apiserver = apiserver_component(ports)
         wait_until_ready(apiserver, spawn(apiserver), lambda: apiserver_ready(ports))
         return time.monotonic() - stopped
