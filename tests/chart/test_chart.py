@@ -23,6 +23,7 @@ import yaml
 from prosody_operator import __version__, builders
 from prosody_operator import annotations as ann
 from prosody_operator.intervals import EffectiveInterval, format_duration
+from prosody_operator.prosody_versions import DEFAULT_UPSTREAM_URL
 from prosody_operator.settings import (
     ENV_PREFIX,
     RESTRICTED_SIDECAR,
@@ -961,7 +962,11 @@ def test_openshift_mode_reaches_the_sidecars_security_context(
     )
     interval = EffectiveInterval(60.0, 60.0, "x")
     sidecar = builders.build_sidecar_container(
-        operator_settings(env_of(objects), monkeypatch), ann.Overrides(), [], interval
+        operator_settings(env_of(objects), monkeypatch),
+        ann.Overrides(),
+        [],
+        interval,
+        upstream_url=DEFAULT_UPSTREAM_URL,
     )
     assert sidecar["securityContext"] == context
 
