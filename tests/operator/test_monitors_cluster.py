@@ -21,7 +21,7 @@ import pytest
 from kubernetes import client, utils
 
 from prosody_operator import annotations as ann
-from prosody_operator import builders, planner
+from prosody_operator import builders, names, planner
 from prosody_operator.observation import Workload
 from prosody_operator.settings import ENV_PREFIX, OperatorSettings
 from testinfra.kubeapi import or_none
@@ -78,7 +78,7 @@ class Objects:
         utils.create_from_dict(self.api, body, namespace=self.namespace)
 
     def monitor(self, kind: str, workload: str) -> dict[str, Any] | None:
-        name = builders.metrics_object_name(workload)
+        name = names.metrics_object_name(workload)
         found: dict[str, Any] | None = or_none(
             lambda: self.custom.get_namespaced_custom_object(  # type: ignore[arg-type,return-value]
                 *MONITORING, self.namespace, PLURALS[kind], name
@@ -87,7 +87,7 @@ class Objects:
         return found
 
     def service(self, workload: str) -> client.V1Service | None:
-        name = builders.metrics_object_name(workload)
+        name = names.metrics_object_name(workload)
         return or_none(lambda: self.core.read_namespaced_service(name, self.namespace))
 
     def kinds(self, workload: str) -> set[str]:

@@ -23,7 +23,7 @@ from kubernetes import client, utils
 
 from prosody_operator import annotations as ann
 from prosody_operator import names
-from prosody_operator.kube import Kube
+from prosody_operator.kube import FIELD_MANAGER, Kube
 from testinfra import controlplane
 from testinfra.kubeapi import or_none, requests_served
 from testinfra.operator import OperatorProcess
@@ -152,8 +152,10 @@ class Cluster:
         return or_none(lambda: self.core.read_namespaced_service(name, self.namespace))
 
     def events(self, name: str) -> list[client.CoreV1Event]:
+        """The operator's Events on the object (not the scheduler's, say)."""
         events = self.core.list_namespaced_event(
-            self.namespace, field_selector=f"involvedObject.name={name}"
+            self.namespace,
+            field_selector=f"involvedObject.name={name},source={FIELD_MANAGER}",
         )
         return list(events.items)
 
