@@ -195,10 +195,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     # kopf posts its own handler errors as Events too; keep those to real problems.
     settings.posting.level = logging.WARNING
     memo.admissions = ThreadPoolExecutor(ADMISSION_WORKERS, thread_name_prefix="admission")
-    try:
-        log.info("%d Events posted before remembered", controller.remember_posted_events())
-    except Exception:
-        log.exception("could not read the Events posted before: some may be posted again")
 
     def process(key: Key, body: dict[str, Any] | None) -> None:
         if body is None:
@@ -224,6 +220,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     metrics.SIZES.register("reconcile_queue", functools.partial(len, queue))
 
     def start_leading() -> None:
+        # Another replica, or this process before a restart, may have posted Events this one
+        # would otherwise post again: read them each time this replica starts reconciling.
+        try:
+            log.info("%d Events posted before remembered", controller.remember_posted_events())
+        except Exception:
+            log.exception("could not read the Events posted before: some may be posted again")
         metrics.set_leader(True)
         for key in list(indexes.workloads):  # what was queued as a standby is queued already
             queue.add(key)
