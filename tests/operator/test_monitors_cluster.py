@@ -35,8 +35,9 @@ pytestmark = pytest.mark.cluster
 CI = chart.CHART / "ci"
 MONITORING = ("monitoring.coreos.com", "v1")
 PLURALS = {"ServiceMonitor": "servicemonitors", "PodMonitor": "podmonitors"}
-# Where the webhook listens and what it serves: OperatorProcess sets these for a local run.
-LOCAL_SETTINGS = ("WEBHOOK_", "HEALTH_PORT", "WATCH_NAMESPACES")
+# Where the webhook listens and what it serves, its ports, and the release namespace's Lease:
+# OperatorProcess sets these for a local run (one replica, which reconciles).
+LOCAL_SETTINGS = ("WEBHOOK_", "HEALTH_PORT", "METRICS_PORT", "WATCH_NAMESPACES", "LEADER_")
 
 
 def chart_settings(*values_files: Path, **set_values: Any) -> dict[str, str]:
