@@ -32,7 +32,7 @@ from kubernetes.watch import Watch
 from prometheus_client.parser import text_string_to_metric_families
 
 from prosody_operator import names
-from testinfra.kubeapi import or_none
+from testinfra.kubeapi import node_with_pod_cidrs, or_none
 from testinfra.operator import OperatorProcess
 from testinfra.procs import wait_until
 from testinfra.workloads import prosody_config, prosody_pod, prosody_workload
@@ -46,22 +46,16 @@ TAKEOVER = 120.0
 
 
 @pytest.fixture
-def node(k8s_client: client.ApiClient) -> Iterator[None]:
+def pod_network(k8s_client: client.ApiClient) -> Iterator[str]:
     """A Node with podCIDRs: the sidecar's default allowlist, without which none is injected."""
-    core = client.CoreV1Api(k8s_client)
-    name = f"node-{uuid.uuid4().hex[:6]}"
-    core.create_node(
-        client.V1Node(
-            metadata=client.V1ObjectMeta(name=name),
-            spec=client.V1NodeSpec(pod_cidr=NODE_CIDRS[0], pod_cidrs=NODE_CIDRS),
-        )
-    )
-    yield
-    core.delete_node(name)
+    with node_with_pod_cidrs(k8s_client, NODE_CIDRS) as name:
+        yield name
 
 
 @pytest.fixture
-def first(k8s_client: client.ApiClient, node: None, tmp_path: Path) -> Iterator[OperatorProcess]:
+def first(
+    k8s_client: client.ApiClient, pod_network: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
     """The release's identity, Lease and Secret, and its first replica's settings (not started)."""
     operator = OperatorProcess(
         k8s_client,

@@ -25,7 +25,7 @@ from prosody_operator import annotations as ann
 from prosody_operator import names
 from prosody_operator.kube import FIELD_MANAGER, Kube
 from testinfra import controlplane
-from testinfra.kubeapi import or_none, requests_served
+from testinfra.kubeapi import node_with_pod_cidrs, or_none, requests_served
 from testinfra.operator import OperatorProcess
 from testinfra.procs import free_port, wait_until
 from testinfra.workloads import prosody_pod_spec, prosody_workload
@@ -39,16 +39,8 @@ MANUAL_INTERVAL = "20"
 @pytest.fixture(scope="module")
 def node(k8s_client: client.ApiClient) -> Iterator[str]:
     """A Node whose spec.podCIDRs is the pod network the sidecar allows by default."""
-    core = client.CoreV1Api(k8s_client)
-    name = f"node-{uuid.uuid4().hex[:6]}"
-    core.create_node(
-        client.V1Node(
-            metadata=client.V1ObjectMeta(name=name),
-            spec=client.V1NodeSpec(pod_cidr=NODE_CIDRS[0], pod_cidrs=NODE_CIDRS),
-        )
-    )
-    yield name
-    core.delete_node(name)
+    with node_with_pod_cidrs(k8s_client, NODE_CIDRS) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
