@@ -40,7 +40,7 @@ from testinfra.workloads import prosody_config, prosody_pod, prosody_workload
 pytestmark = pytest.mark.cluster
 
 NODE_CIDRS = ["198.18.65.0/24", "2001:db8:65::/64"]
-SHUTDOWN_DELAY = 30  # long enough to look at a stopping replica; the test never waits it out
+SHUTDOWN_DELAY = 120  # long enough to look at a stopping replica; the test never waits it out
 # Generous: a takeover after a SIGKILL waits for the Lease's 15 s duration, on a busy machine.
 TAKEOVER = 120.0
 
