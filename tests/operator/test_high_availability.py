@@ -23,7 +23,6 @@ import ssl
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -35,6 +34,7 @@ from prosody_operator import names
 from testinfra.kubeapi import node_with_pod_cidrs, or_none
 from testinfra.operator import OperatorProcess
 from testinfra.procs import wait_until
+from testinfra.webhook import pod_admission_review
 from testinfra.workloads import prosody_config, prosody_pod, prosody_workload
 
 pytestmark = pytest.mark.cluster
@@ -131,29 +131,6 @@ def monitored(api: client.ApiClient, namespace: str, name: str) -> bool:
     return monitor is not None and "NotSelectedByPrometheus" in reasons
 
 
-def admission_review(pod: dict[str, Any], namespace: str) -> dict[str, Any]:
-    """What the API server sends the webhook for a pod's creation."""
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": str(uuid.uuid4()),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "name": pod["metadata"]["name"],
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "test"},
-            "object": {**pod, "metadata": {**pod["metadata"], "namespace": namespace}},
-            "oldObject": None,
-            "dryRun": False,
-            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
-        },
-    }
-
-
 def injected_by(api: client.ApiClient, operator: OperatorProcess, namespace: str) -> bool:
     """Whether this replica's webhook, called directly over TLS the webhook configuration's
     caBundle verifies (the certificate the replicas share), injects the sidecar."""
@@ -165,7 +142,7 @@ def injected_by(api: client.ApiClient, operator: OperatorProcess, namespace: str
     pod = prosody_pod(f"direct-{uuid.uuid4().hex[:6]}", None)
     response = httpx.post(
         f"{operator.webhook_url}/inject-exporter",
-        json=admission_review(pod, namespace),
+        json=pod_admission_review(pod, namespace),
         verify=context,
         timeout=10,
     )

@@ -28,6 +28,7 @@ from testinfra import controlplane
 from testinfra.kubeapi import node_with_pod_cidrs, or_none, requests_served
 from testinfra.operator import OperatorProcess
 from testinfra.procs import free_port, wait_until
+from testinfra.webhook import pod_admission_review
 from testinfra.workloads import prosody_pod_spec, prosody_workload
 
 pytestmark = pytest.mark.cluster
@@ -438,20 +439,7 @@ def forge_admission_review(
         },
         "spec": spec,
     }
-    review = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": str(uuid.uuid4()),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "attacker"},
-            "object": pod,
-            "dryRun": False,
-        },
-    }
+    review = pod_admission_review(pod, namespace, username="attacker")
     response = httpx.post(f"{operator.webhook_url}/inject-exporter", json=review, verify=False)
     answer: dict[str, Any] = response.json()["response"]
     return answer
