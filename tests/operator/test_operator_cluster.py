@@ -471,7 +471,7 @@ def test_no_write_when_nothing_changed(cluster: Cluster):
     cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
     cluster.create_deployment(deployment("xmpp", "prosody"))
     cluster.wait_for_interval("xmpp", "45s")
-    cluster.wait_for_pod("xmpp")  # the Deployment controller has acted
+    cluster.wait_for_event("xmpp", "ScalingReplicaSet")
     # The count is cluster-wide: let earlier tests' namespaces finish going away first (their
     # teardown writes to their own Services), and the Deployment's status updates settle.
     wait_until(
