@@ -1,7 +1,8 @@
 """Every metric name the dashboard and the PrometheusRule query is one a real Prosody serves
 through the real exporter, with the modules deployments commonly enable: on each Prosody version
 testinfra runs (0.12.3 and 13.0.1); or one the real operator serves (its own metrics, read from
-a prosody-operator running against the local control plane with the chart's identity).
+a prosody-operator running against the local control plane with the chart's identity, Lease and
+certificate Secret).
 
 Prosody runs with the modules of its own example config (prosody.cfg.lua.dist) plus those the
 example lists for HTTP (BOSH, WebSocket, mod_http_openmetrics) and message archives, a MUC
@@ -22,6 +23,7 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from prosody_operator import metrics
 from testinfra.exporter import ExporterProcess
 from testinfra.operator import OperatorProcess
 from testinfra.prosody import VERSIONS, ProsodyServer
@@ -89,17 +91,25 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def operator_served(k8s_client: Any, tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    """Series names the real operator serves on its metrics port."""
+def operator_families(k8s_client: Any, tmp_path_factory: pytest.TempPathFactory) -> list[Metric]:
+    """What the real operator serves on its metrics port, run as the chart runs each replica
+    (the Lease, the shared certificate Secret)."""
     operator = OperatorProcess(k8s_client, tmp_path_factory.mktemp("operator"))
     operator.install_identity()
+    operator.settings.update(operator.replica_settings())
     try:
         operator.start()
         response = httpx.get(operator.metrics_url, headers={"Accept": OPENMETRICS})
     finally:
         operator.uninstall()
     response.raise_for_status()
-    return series_names(list(text_string_to_metric_families(response.text)))
+    return list(text_string_to_metric_families(response.text))
+
+
+@pytest.fixture(scope="module")
+def operator_served(operator_families: list[Metric]) -> set[str]:
+    """Series names the real operator serves."""
+    return series_names(operator_families)
 
 
 @pytest.fixture
@@ -173,6 +183,17 @@ def test_the_operator_serves_what_its_row_and_alerts_are_about(operator_served: 
         "process_resident_memory_bytes",
     ):
         assert name in operator_served, name
+
+
+@pytest.mark.cluster
+def test_every_workload_state_is_served_before_any_workload(
+    operator_families: list[Metric],
+) -> None:
+    """The alerts and the dashboard select states by label (state="sidecar_missing"): each has
+    its series from the start, at 0, rather than appearing with its first workload."""
+    (workloads,) = [f for f in operator_families if f.name == "prosody_operator_workloads"]
+    served = {sample.labels["state"]: sample.value for sample in workloads.samples}
+    assert served == dict.fromkeys(metrics.STATES, 0.0)
 
 
 @pytest.mark.cluster

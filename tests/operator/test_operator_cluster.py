@@ -25,9 +25,10 @@ from prosody_operator import annotations as ann
 from prosody_operator import names
 from prosody_operator.kube import FIELD_MANAGER, Kube
 from testinfra import controlplane
-from testinfra.kubeapi import or_none, requests_served
+from testinfra.kubeapi import node_with_pod_cidrs, or_none, requests_served
 from testinfra.operator import OperatorProcess
 from testinfra.procs import free_port, wait_until
+from testinfra.webhook import pod_admission_review
 from testinfra.workloads import prosody_pod_spec, prosody_workload
 
 pytestmark = pytest.mark.cluster
@@ -39,16 +40,8 @@ MANUAL_INTERVAL = "20"
 @pytest.fixture(scope="module")
 def node(k8s_client: client.ApiClient) -> Iterator[str]:
     """A Node whose spec.podCIDRs is the pod network the sidecar allows by default."""
-    core = client.CoreV1Api(k8s_client)
-    name = f"node-{uuid.uuid4().hex[:6]}"
-    core.create_node(
-        client.V1Node(
-            metadata=client.V1ObjectMeta(name=name),
-            spec=client.V1NodeSpec(pod_cidr=NODE_CIDRS[0], pod_cidrs=NODE_CIDRS),
-        )
-    )
-    yield name
-    core.delete_node(name)
+    with node_with_pod_cidrs(k8s_client, NODE_CIDRS) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
@@ -445,20 +438,7 @@ def forge_admission_review(
         },
         "spec": spec,
     }
-    review = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": str(uuid.uuid4()),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "attacker"},
-            "object": pod,
-            "dryRun": False,
-        },
-    }
+    review = pod_admission_review(pod, namespace, username="attacker")
     response = httpx.post(f"{operator.webhook_url}/inject-exporter", json=review, verify=False)
     answer: dict[str, Any] = response.json()["response"]
     return answer

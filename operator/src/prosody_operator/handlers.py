@@ -14,6 +14,7 @@ import copy
 import functools
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -195,12 +196,26 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     # kopf posts its own handler errors as Events too; keep those to real problems.
     settings.posting.level = logging.WARNING
     memo.admissions = ThreadPoolExecutor(ADMISSION_WORKERS, thread_name_prefix="admission")
-    try:
-        log.info("%d Events posted before remembered", controller.remember_posted_events())
-    except Exception:
-        log.exception("could not read the Events posted before: some may be posted again")
+
+    # Another replica, or this process before a restart, may have posted Events this one would
+    # otherwise post again: read them each time this replica starts leading, before its first
+    # reconcile, in a worker (a long list in the elector's thread would delay its renewals).
+    events_read = threading.Lock()
+    events_stale = threading.Event()
+
+    def remember_posted_events() -> None:
+        with events_read:
+            if not events_stale.is_set():
+                return
+            events_stale.clear()
+            try:
+                remembered = controller.remember_posted_events()
+                log.info("%d Events posted before remembered", remembered)
+            except Exception:
+                log.exception("could not read the Events posted before: some may be posted again")
 
     def process(key: Key, body: dict[str, Any] | None) -> None:
+        remember_posted_events()
         if body is None:
             controller.reconcile_named(key[1], key[0], key[2], indexes)
         else:
@@ -224,6 +239,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     metrics.SIZES.register("reconcile_queue", functools.partial(len, queue))
 
     def start_leading() -> None:
+        events_stale.set()
         metrics.set_leader(True)
         for key in list(indexes.workloads):  # what was queued as a standby is queued already
             queue.add(key)

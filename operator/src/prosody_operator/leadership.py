@@ -110,12 +110,17 @@ class LeaderElector:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:
-                log.exception("leader election: the Lease %s/%s", self.namespace, self.name)
-            self._check_deadline()
+            self.look()
             self._stop.wait(RENEW if self.leading else RETRY)
+
+    def look(self) -> None:
+        """One turn of the loop: a look at the Lease (a failure logged), then the renewal
+        deadline checked."""
+        try:
+            self.step()
+        except Exception:
+            log.exception("leader election: the Lease %s/%s", self.namespace, self.name)
+        self._check_deadline()
 
     def step(self) -> None:
         """One look at the Lease: create it, renew it, take it over, or wait."""
