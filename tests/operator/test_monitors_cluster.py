@@ -96,10 +96,10 @@ class Objects:
         found = {kind for kind in PLURALS if self.monitor(kind, workload) is not None}
         return found | ({"Service"} if self.service(workload) is not None else set())
 
-    def wait_for_kinds(self, workload: str, kinds: set[str], timeout: float = 30) -> None:
+    def wait_for_kinds(self, workload: str, kinds: set[str], timeout: float = 90) -> None:
         wait_until(lambda: self.kinds(workload) == kinds, timeout, f"{workload}: just {kinds}")
 
-    def wait_for_monitor(self, kind: str, workload: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_for_monitor(self, kind: str, workload: str, timeout: float = 90) -> dict[str, Any]:
         wait_until(lambda: bool(self.monitor(kind, workload)), timeout, f"{kind} of {workload}")
         found = self.monitor(kind, workload)
         assert found is not None
@@ -119,7 +119,7 @@ class Objects:
             ]
             return bool(found)
 
-        wait_until(has_event, 30, f"a {reason} event on {name} containing {contains!r}")
+        wait_until(has_event, 90, f"a {reason} event on {name} containing {contains!r}")
         return found[0]
 
     def pod(self, name: str) -> client.V1Pod:
