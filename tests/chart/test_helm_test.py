@@ -46,7 +46,8 @@ class Installed:
         return found
 
     def operator_address(self) -> str:
-        operator = e2e.wait_for_ready_pod(self.api, self.release.namespace, self.release.selector)
+        # Any replica serves the webhook (helm install --wait made them Ready).
+        operator = e2e.ready_pods(self.api, self.release.namespace, self.release.selector)[0]
         (container,) = operator.spec.containers
         (port,) = [p.container_port for p in container.ports if p.name == "webhook"]
         return f"{operator.status.pod_ip}:{port}"
