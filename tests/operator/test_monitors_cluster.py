@@ -21,7 +21,7 @@ import pytest
 from kubernetes import client, utils
 
 from prosody_operator import annotations as ann
-from prosody_operator import builders, planner
+from prosody_operator import builders, names, planner
 from prosody_operator.observation import Workload
 from prosody_operator.settings import ENV_PREFIX, OperatorSettings
 from testinfra.kubeapi import or_none
@@ -35,8 +35,9 @@ pytestmark = pytest.mark.cluster
 CI = chart.CHART / "ci"
 MONITORING = ("monitoring.coreos.com", "v1")
 PLURALS = {"ServiceMonitor": "servicemonitors", "PodMonitor": "podmonitors"}
-# Where the webhook listens and what it serves: OperatorProcess sets these for a local run.
-LOCAL_SETTINGS = ("WEBHOOK_", "HEALTH_PORT", "WATCH_NAMESPACES")
+# Where the webhook listens and what it serves, its ports, and the release namespace's Lease:
+# OperatorProcess sets these for a local run (one replica, which reconciles).
+LOCAL_SETTINGS = ("WEBHOOK_", "HEALTH_PORT", "METRICS_PORT", "WATCH_NAMESPACES", "LEADER_")
 
 
 def chart_settings(*values_files: Path, **set_values: Any) -> dict[str, str]:
@@ -78,7 +79,7 @@ class Objects:
         utils.create_from_dict(self.api, body, namespace=self.namespace)
 
     def monitor(self, kind: str, workload: str) -> dict[str, Any] | None:
-        name = builders.metrics_object_name(workload)
+        name = names.metrics_object_name(workload)
         found: dict[str, Any] | None = or_none(
             lambda: self.custom.get_namespaced_custom_object(  # type: ignore[arg-type,return-value]
                 *MONITORING, self.namespace, PLURALS[kind], name
@@ -87,7 +88,7 @@ class Objects:
         return found
 
     def service(self, workload: str) -> client.V1Service | None:
-        name = builders.metrics_object_name(workload)
+        name = names.metrics_object_name(workload)
         return or_none(lambda: self.core.read_namespaced_service(name, self.namespace))
 
     def kinds(self, workload: str) -> set[str]:
