@@ -420,6 +420,12 @@ def test_replicas_spread_across_nodes_and_one_of_them_reconciles(
             "verbs": ["get", "update"],
         },
     ]
+    # With restartOnDrift, the webhook Service's EndpointSlices too: listed, here only.
+    drift = only([o for o in render(**{"sidecar.restartOnDrift": True}) if not _is_test(o)], "Role")
+    assert drift["rules"] == [
+        *role["rules"],
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
+    ]
     custom = render(chart.CHART / "ci" / "high-availability-values.yaml")
     spread = only(custom, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert [c["topologyKey"] for c in spread] == ["topology.kubernetes.io/zone"]
@@ -711,6 +717,8 @@ def test_rights_are_least_privilege() -> None:
     ]
     configuration = only(default, "MutatingWebhookConfiguration")["metadata"]["name"]
     assert verbs(default, "mutatingwebhookconfigurations") == [("get", "patch", configuration)]
+    # EndpointSlices (is the webhook ready for a restart's pods?): in no ClusterRole at all.
+    assert verbs(render(**{"sidecar.restartOnDrift": True}), "endpointslices") == []
 
 
 def test_network_policy_opens_only_the_webhook_port_to_its_callers() -> None:

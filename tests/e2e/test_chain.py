@@ -90,11 +90,16 @@ def container_status(pod: client.V1Pod, name: str) -> client.V1ContainerStatus:
 
 
 def test_the_helm_installed_operator_injects_through_the_charts_service(chain: Chain):
-    """The operator runs in the two pods `helm install` made, from the image built here; the API
-    server reaches its webhook at the endpoints of the chart's Service (the configuration names
-    no URL), and it injected."""
-    operators = e2e.ready_pods(chain.api, chain.release.namespace, chain.release.selector)
-    assert len(operators) == 2, [p.metadata.name for p in operators]
+    """The operator runs in the chart's two replicas `helm install` made, from the image built
+    here; the API server reaches its webhook at the endpoints of the chart's Service (the
+    configuration names no URL), and it injected."""
+    operators: list[client.V1Pod] = []
+
+    def both_ready() -> bool:  # the chart's operator.replicas
+        operators[:] = e2e.ready_pods(chain.api, chain.release.namespace, chain.release.selector)
+        return len(operators) == 2
+
+    wait_until(both_ready, 120, "the operator's two replicas Ready")
     for operator in operators:
         status = container_status(operator, "operator")
         assert status.state.running and status.restart_count == 0
@@ -108,9 +113,8 @@ def test_the_helm_installed_operator_injects_through_the_charts_service(chain: C
     slices = client.DiscoveryV1Api(chain.api).list_namespaced_endpoint_slice(
         chain.release.namespace, label_selector=f"kubernetes.io/service-name={webhook.service.name}"
     )
-    assert sorted(a for s in slices.items for e in s.endpoints for a in e.addresses) == sorted(
-        p.status.pod_ip for p in operators
-    )
+    addresses = sorted(a for s in slices.items for e in s.endpoints for a in e.addresses)
+    assert addresses == sorted(operator.status.pod_ip for operator in operators)
     for app in ("xmpp", "manual", "xmpp13"):
         pod = chain.pod(app)
         assert [c.name for c in pod.spec.containers] == ["prosody", SIDECAR]

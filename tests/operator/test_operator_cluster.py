@@ -567,6 +567,84 @@ def test_restart_on_drift_restarts_the_rollout(cluster: Cluster, operator: Opera
         operator.start()
 
 
+def test_restart_on_drift_waits_for_a_ready_webhook_endpoint(
+    cluster: Cluster, operator: OperatorProcess
+):
+    """With its webhook Service known (the chart's), the operator restarts a rollout for pods
+    without the sidecar only once that Service has a ready endpoint, as the API server reads
+    it from the EndpointSlices: before, the new pods would lack the sidecar too. It says so
+    once in its log, and looks again every few seconds. No pod runs the webhook here (the
+    operator is a local process, called at its URL): the Service has no selector, and this
+    test writes its EndpointSlice, as the endpoint-slice controller does for the chart's."""
+    discovery = client.DiscoveryV1Api(operator.api)
+    service = f"{operator.fullname}-webhook"
+
+    def endpoint_slice(ready: bool) -> dict[str, Any]:
+        return {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": service, "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["198.18.64.10"], "conditions": {"ready": ready}}],
+            "ports": [{"name": "https", "port": 9443, "protocol": "TCP"}],
+        }
+
+    def reconciles() -> float:
+        text = httpx.get(operator.metrics_url, timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("prosody_operator_reconciles_total{")
+        )
+
+    operator.stop()
+    cluster.create_deployment(deployment("xmpp", None))
+    assert sidecar(cluster.wait_for_pod("xmpp")) is None
+    operator.settings["restart_on_drift"] = "true"
+    operator.settings["webhook_service"] = f"{operator.namespace}/{service}"
+    operator.apply_identity()
+    cluster.core.create_namespaced_service(
+        operator.namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name=service),
+            spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=443, target_port=9443)]),
+        ),
+    )
+    discovery.create_namespaced_endpoint_slice(operator.namespace, endpoint_slice(ready=False))
+    logged = len(operator.log_text())
+    try:
+        assert may(operator, "list", "discovery.k8s.io", "endpointslices", operator.namespace)
+        assert not may(operator, "list", "discovery.k8s.io", "endpointslices", cluster.namespace)
+        operator.start()
+        message = cluster.wait_for_event("xmpp", "SidecarMissing", "once the webhook Service")
+        assert f"{operator.namespace}/{service} has a ready endpoint" in message
+        seen = reconciles()
+        wait_until(lambda: reconciles() >= seen + 2, 60, "the workload to be looked at again")
+        template = cluster.apps.read_namespaced_deployment("xmpp", cluster.namespace).spec.template
+        assert "kubectl.kubernetes.io/restartedAt" not in (template.metadata.annotations or {})
+        deferred = operator.log_text()[logged:].count("rollout restart deferred")
+        assert deferred == 1, operator.log_text()[logged:]
+
+        discovery.replace_namespaced_endpoint_slice(
+            service, operator.namespace, endpoint_slice(ready=True)
+        )
+        cluster.wait_for_event("xmpp", "SidecarMissing", "Restarting the rollout.")
+        template = cluster.apps.read_namespaced_deployment("xmpp", cluster.namespace).spec.template
+        assert "kubectl.kubernetes.io/restartedAt" in template.metadata.annotations
+        wait_until(
+            lambda: any(sidecar(pod) for pod in cluster.pods("xmpp")),
+            30,
+            "a new pod, with the sidecar",
+        )
+    finally:
+        operator.stop()
+        del operator.settings["restart_on_drift"], operator.settings["webhook_service"]
+        or_none(lambda: discovery.delete_namespaced_endpoint_slice(service, operator.namespace))
+        or_none(lambda: cluster.core.delete_namespaced_service(service, operator.namespace))
+        operator.apply_identity()
+        operator.start()
+
+
 KINDS_PLURAL = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
 
 
@@ -605,6 +683,9 @@ def test_least_privilege(cluster: Cluster, operator: OperatorProcess):
         assert may(operator, "watch", "apps", resource, cluster.namespace)
         assert not may(operator, "patch", "apps", resource, cluster.namespace)
     assert not may(operator, "get", "", "secrets", cluster.namespace)
+    # EndpointSlices only with restartOnDrift, and then only its own namespace's.
+    for namespace in (operator.namespace, cluster.namespace):
+        assert not may(operator, "list", "discovery.k8s.io", "endpointslices", namespace)
 
 
 def limited(body: dict[str, Any]) -> dict[str, Any]:

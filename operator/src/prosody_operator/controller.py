@@ -80,6 +80,8 @@ class Indexes:
 # Seconds a reconcile waits beyond the evaluation budget (the result of a killed evaluation
 # comes right after it).
 RECONCILE_SLACK = 2.0
+# Seconds before a workload whose rollout restart waits for the webhook is looked at again.
+DEFERRED_RESTART_RECHECK = 5.0
 
 
 class Controller:
@@ -96,6 +98,10 @@ class Controller:
         self.configmaps = ConfigMapCache()
         self.node_cidrs_at_start: tuple[str, ...] = ()
         self.retries = Retries()
+        # Workloads whose rollout restart waits for the webhook: looked at again, at a fixed
+        # pace; the keys of those waiting, said once in the log.
+        self.deferrals = Retries((DEFERRED_RESTART_RECHECK,))
+        self._deferred: set[tuple[str, str, str]] = set()
         # Reconciles of workloads whose config was still being evaluated when they were last
         # reconciled: one thread, run when the evaluation is done.
         self._followups = ThreadPoolExecutor(1, thread_name_prefix="reconcile-evaluated")
@@ -264,11 +270,16 @@ class Controller:
         wait = self.settings.evaluation_timeout + RECONCILE_SLACK
         started = time.perf_counter()
         try:
-            plan = plan_reconcile(
-                self.settings,
-                self.observe_workload(workload, indexes),
-                self.evaluator(wait, waiting),
-            )
+            evaluate = self.evaluator(wait, waiting)
+            seen = self.observe_workload(workload, indexes)
+            plan = plan_reconcile(self.settings, seen, evaluate)
+            if plan.restart and self.settings.webhook_service:
+                # New pods get the sidecar only if the webhook can be called: look (the config's
+                # evaluation is cached by now).
+                namespace, _, name = self.settings.webhook_service.partition("/")
+                ready = self.kube.has_ready_endpoint(namespace, name)
+                seen = replace(seen, webhook_ready=ready)
+                plan = plan_reconcile(self.settings, seen, evaluate)
             self.execute(plan)
         except Exception:
             metrics.RECONCILES.labels("error").inc()
@@ -276,6 +287,7 @@ class Controller:
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         self._record(plan)
+        self._defer(plan, indexes)
         if waiting:  # queued behind other evaluations: reconcile again once they are done
             ref = plan.workload
 
@@ -286,6 +298,27 @@ class Controller:
             for future in waiting:
                 future.add_done_callback(follow_up)
         return plan
+
+    def _defer(self, plan: ReconcilePlan, indexes: Indexes) -> None:
+        """A restart that waits: reconcile again shortly (said once in the log)."""
+        ref = plan.workload
+        key = (ref.namespace, ref.kind, ref.name)
+        if not plan.deferred:
+            self._forget_deferral(key)
+            return
+        if key not in self._deferred:
+            self._deferred.add(key)
+            log.info(
+                "rollout restart deferred: %s; looking again every %g s",
+                plan.deferred,
+                DEFERRED_RESTART_RECHECK,
+                extra=about(ref.kind, ref.namespace, ref.name),
+            )
+        self.deferrals.failed(key, lambda: self._later(ref, indexes))
+
+    def _forget_deferral(self, key: tuple[str, str, str]) -> None:
+        self._deferred.discard(key)
+        self.deferrals.succeeded(key)
 
     @staticmethod
     def _record(plan: ReconcilePlan) -> None:
@@ -305,6 +338,8 @@ class Controller:
         workload = self.kube.workload(ref.kind, ref.namespace, ref.name)
         if workload is not None and not workload["metadata"].get("deletionTimestamp"):
             self._reconcile(workload, indexes)
+        else:  # gone: nothing waits for it any more
+            self._forget_deferral((ref.namespace, ref.kind, ref.name))
 
     def _later(self, ref: ObjectRef, indexes: Indexes) -> None:
         if self.requeue is not None:

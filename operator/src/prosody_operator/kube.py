@@ -94,6 +94,7 @@ class Kube:
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
         self.admission = kubernetes.client.AdmissionregistrationV1Api(self.client)
         self.coordination = kubernetes.client.CoordinationV1Api(self.client)
+        self.discovery = kubernetes.client.DiscoveryV1Api(self.client)
 
     def _plain(self, obj: Any) -> dict[str, Any] | None:
         found: dict[str, Any] | None = self.client.sanitize_for_serialization(obj)
@@ -155,6 +156,25 @@ class Kube:
     def pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=label_selector)
         return [self.client.sanitize_for_serialization(pod) for pod in pods.items]
+
+    def has_ready_endpoint(self, namespace: str, service: str) -> bool | None:
+        """Whether one of the Service's EndpointSlices has a ready endpoint, one the API server
+        would call (an unset `ready` counts as ready, as it counts it). None when the operator
+        may not list them (RBAC older than the operator): not known."""
+        try:
+            slices = self.discovery.list_namespaced_endpoint_slice(
+                namespace, label_selector=f"kubernetes.io/service-name={service}"
+            )
+        except ApiException as error:
+            if error.status != 403:
+                raise
+            log.warning("may not list EndpointSlices in %s: %s", namespace, error.reason)
+            return None
+        return any(
+            endpoint.conditions is None or endpoint.conditions.ready is not False
+            for found in slices.items
+            for endpoint in found.endpoints or ()
+        )
 
     # --- writes --------------------------------------------------------------------------
 
