@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-SERVICE_CIDR = ipaddress.IPv4Network("198.19.240.0/24")
+# Sized like a real cluster's (EKS and AKS default to a /16): a /24 ran out at 253 Services.
+SERVICE_CIDR = ipaddress.IPv4Network("198.19.0.0/16")
 # The `kubernetes` Service's ClusterIP: the first address of the range, as the API server picks.
 KUBERNETES_SERVICE_IP = str(SERVICE_CIDR[1])
 POD_CIDR_POOL = ipaddress.IPv4Network("198.18.96.0/19")  # slot k: its k-th /24

@@ -15,8 +15,9 @@ The chain, end to end (all real, all local):
   its `--controller-id`. It runs on the host rather than in a pod: its own install manifests are
   not this project's business, what it generates is.
 * `create_prometheus()`: a ServiceAccount with read access to services, endpoints,
-  endpointslices and pods of the namespace, and a `Prometheus` resource with the node's
-  Prometheus image, so prometheus-operator's StatefulSet runs it on the node.
+  endpointslices and pods of the namespace (and of any other whose ServiceMonitors it selects),
+  and a `Prometheus` resource with the node's Prometheus image, so prometheus-operator's
+  StatefulSet runs it on the node.
 * `PrometheusPod`: one replica, read through its HTTP API at its pod IP (the host routes the pod
   network to the node). A new scrape configuration reaches it as a real kubelet delivers a
   changed Secret to a pod's volume, at its next sync of the pod: measured up to ~3 minutes here
@@ -28,6 +29,7 @@ from __future__ import annotations
 import base64
 import gzip
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,14 +93,55 @@ def create_prometheus(
     controller_id: str,
     service_monitor_labels: dict[str, str],
     replicas: int = 1,
+    other_namespaces: Sequence[str] = (),
 ) -> None:
-    """A ServiceAccount that may discover targets in the namespace, and a Prometheus resource
-    selecting ServiceMonitors with `service_monitor_labels` in its own namespace."""
+    """A ServiceAccount that may discover targets in the namespace (and in `other_namespaces`),
+    and a Prometheus resource selecting ServiceMonitors with `service_monitor_labels` in its own
+    namespace (and in `other_namespaces`: prometheus-operator must watch them too)."""
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     account = f"prometheus-{name}"
     core.create_namespaced_service_account(
         namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=account))
     )
+    for discovered in (namespace, *other_namespaces):
+        grant_discovery(rbac, discovered, account, namespace)
+    spec: dict[str, Any] = {
+        "image": PROMETHEUS_IMAGE.name,
+        "version": PROMETHEUS_VERSION,
+        "replicas": replicas,
+        "serviceAccountName": account,
+        "serviceMonitorSelector": {"matchLabels": service_monitor_labels},
+        # Scrape results and rule evaluations show up within a second or two.
+        "evaluationInterval": "1s",
+    }
+    if other_namespaces:  # without a selector, only its own namespace
+        names = [namespace, *other_namespaces]
+        spec["serviceMonitorNamespaceSelector"] = {
+            "matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": names}
+            ]
+        }
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        "monitoring.coreos.com",
+        "v1",
+        namespace,
+        "prometheuses",
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "Prometheus",
+            "metadata": {
+                "name": name,
+                "annotations": {"operator.prometheus.io/controller-id": controller_id},
+            },
+            "spec": spec,
+        },
+    )
+
+
+def grant_discovery(
+    rbac: client.RbacAuthorizationV1Api, namespace: str, account: str, account_namespace: str
+) -> None:
+    """Let ServiceAccount `account` discover (and so scrape) the targets in `namespace`."""
     rbac.create_namespaced_role(
         namespace,
         {
@@ -122,30 +165,9 @@ def create_prometheus(
         {
             "metadata": {"name": account},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
-        },
-    )
-    client.CustomObjectsApi(api).create_namespaced_custom_object(
-        "monitoring.coreos.com",
-        "v1",
-        namespace,
-        "prometheuses",
-        {
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "Prometheus",
-            "metadata": {
-                "name": name,
-                "annotations": {"operator.prometheus.io/controller-id": controller_id},
-            },
-            "spec": {
-                "image": PROMETHEUS_IMAGE.name,
-                "version": PROMETHEUS_VERSION,
-                "replicas": replicas,
-                "serviceAccountName": account,
-                "serviceMonitorSelector": {"matchLabels": service_monitor_labels},
-                # Scrape results and rule evaluations show up within a second or two.
-                "evaluationInterval": "1s",
-            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": account, "namespace": account_namespace}
+            ],
         },
     )
 

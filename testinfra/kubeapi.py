@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import contextlib
+import uuid
+from collections.abc import Callable, Collection, Iterator
 from typing import TypeVar
 
 from kubernetes import client
@@ -35,6 +37,24 @@ def create_namespace(api: client.ApiClient, name: str, timeout: float = 30.0) ->
 
     wait_until(has_default_account, timeout, f"the default ServiceAccount of {name}")
     return name
+
+
+@contextlib.contextmanager
+def node_with_pod_cidrs(api: client.ApiClient, cidrs: list[str]) -> Iterator[str]:
+    """A Node object (no kubelet behind it) whose spec.podCIDRs are `cidrs`: the pod network the
+    sidecar allows by default; deleted afterwards."""
+    core = client.CoreV1Api(api)
+    name = f"node-{uuid.uuid4().hex[:6]}"
+    core.create_node(
+        client.V1Node(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1NodeSpec(pod_cidr=cidrs[0], pod_cidrs=cidrs),
+        )
+    )
+    try:
+        yield name
+    finally:
+        core.delete_node(name)
 
 
 def namespace_gone(api: client.ApiClient, name: str) -> bool:

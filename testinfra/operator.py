@@ -25,7 +25,9 @@ from . import helm as chart
 from .kubeapi import or_none
 from .procs import Process, ProcessOwner, free_port, http_ok, venv_command, wait_until
 
-IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding")
+IDENTITY_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+# What the chart makes once for all replicas, and the operator only updates.
+SHARED_KINDS = ("MutatingWebhookConfiguration", "Lease", "Secret")
 
 
 def operator_command() -> str:
@@ -135,6 +137,7 @@ class OperatorProcess(ProcessOwner):
     release: str = field(default_factory=lambda: f"pot-{uuid.uuid4().hex[:6]}")
     webhook_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     process: Process | None = None
 
     @property
@@ -152,9 +155,10 @@ class OperatorProcess(ProcessOwner):
 
     def install_identity(self) -> None:
         """The namespace, and what the chart installs besides the operator's Deployment and
-        Services: its identity and the webhook configuration (the operator has no right to
-        create one). The configuration calls the webhook at its loopback URL instead of the
-        chart's Service, as `url` is what the operator then applies (with the caBundle)."""
+        Services: its identity, the webhook configuration (the operator has no right to create
+        one), and the Lease and certificate Secret replicas share (`replica_settings`). The
+        configuration calls the webhook at its loopback URL instead of the chart's Service, as
+        `url` is what the operator then applies (with the caBundle)."""
         client.CoreV1Api(self.api).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name=self.namespace))
         )
@@ -162,8 +166,30 @@ class OperatorProcess(ProcessOwner):
             if obj["kind"] == "MutatingWebhookConfiguration":
                 for webhook in obj["webhooks"]:
                     webhook["clientConfig"] = {"url": f"{self.webhook_url}/inject-exporter"}
+            if obj["kind"] in SHARED_KINDS:
                 utils.create_from_dict(self.api, obj)
         self.apply_identity()
+
+    def replica_settings(self) -> dict[str, str]:
+        """The settings the chart gives every replica: the Lease whose holder reconciles and
+        the Secret they share their webhook certificate through."""
+        shared = {o["kind"]: o["metadata"]["name"] for o in self._chart_objects()}
+        return {
+            "leader_election_lease": f"{self.namespace}/{shared['Lease']}",
+            "webhook_cert_secret": f"{self.namespace}/{shared['Secret']}",
+        }
+
+    def replica(self, workdir: Path) -> OperatorProcess:
+        """Another replica of this release (same identity, settings and Lease), with ports and
+        a log of its own; not started."""
+        return OperatorProcess(
+            self.api,
+            workdir,
+            settings=dict(self.settings),
+            environment=dict(self.environment),
+            watch_namespaces=list(self.watch_namespaces),
+            release=self.release,
+        )
 
     def apply_identity(self) -> None:
         """The chart's ServiceAccount and RBAC for the current settings (its rights follow
@@ -203,6 +229,7 @@ class OperatorProcess(ProcessOwner):
             "PROSODY_OPERATOR_WEBHOOK_URL": self.webhook_url,
             "PROSODY_OPERATOR_WEBHOOK_CONFIGURATION": self.webhook_configuration,
             "PROSODY_OPERATOR_HEALTH_PORT": str(self.health_port),
+            "PROSODY_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "PROSODY_OPERATOR_WATCH_NAMESPACES": ",".join(self.watch_namespaces),
             **{f"PROSODY_OPERATOR_{k.upper()}": v for k, v in self.settings.items()},
             **self.environment,
@@ -222,9 +249,11 @@ class OperatorProcess(ProcessOwner):
 
         def ready() -> bool:
             """Alive, and its CA in the webhook configuration (a self-made one is new at each
-            start)."""
+            start, unless replicas share it)."""
             if not http_ok(f"http://127.0.0.1:{self.health_port}/healthz"):
                 return False
+            if self.settings.get("webhook_cert_secret"):
+                return http_ok(self.readyz_url)  # ready once it applied the configuration
             bundle = self._ca_bundle()
             return bundle == mounted.decode() if mounted else bundle not in ("", before)
 
@@ -259,6 +288,14 @@ class OperatorProcess(ProcessOwner):
             lambda: client.CoreV1Api(self.api).delete_namespace(self.namespace),
         ):
             or_none(delete)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def readyz_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/readyz"
 
     def log_text(self) -> str:
         return (self.workdir / "operator.log").read_text(errors="replace")

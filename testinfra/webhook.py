@@ -11,6 +11,7 @@ import json
 import ssl
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +25,24 @@ def add_label_patch(obj: dict, key: str, value: str) -> list[dict]:
         return [{"op": "add", "path": "/metadata/labels", "value": {key: value}}]
     escaped = key.replace("~", "~0").replace("/", "~1")  # JSON pointer escaping
     return [{"op": "add", "path": f"/metadata/labels/{escaped}", "value": value}]
+
+
+def pod_admission_review(pod: dict, namespace: str, username: str = "test") -> dict:
+    """The AdmissionReview the API server sends a mutating webhook for a pod's creation."""
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": username},
+            "object": {**pod, "metadata": {**pod["metadata"], "namespace": namespace}},
+            "dryRun": False,
+        },
+    }
 
 
 def tls_context(hosts: tuple[str, ...]) -> ssl.SSLContext:

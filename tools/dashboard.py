@@ -4,9 +4,10 @@
 
 Made for a Prosody admin: Prosody's own families first (the ones Prosody 0.12 and 13 emit with
 the modules of its example config, plus BOSH, WebSocket, MUC and HTTP upload), the sidecar's
-health last. tests/chart fails when the file is out of date, and checks every metric name its
-queries use against what a real Prosody serves through the real exporter. A row whose title
-ends in PROSODY_13_ONLY uses families only Prosody 13 emits.
+health, then the operator's own (scraped through the chart's `metrics.serviceMonitor`).
+tests/chart fails when the file is out of date, and checks every metric name its queries use
+against what a real Prosody serves through the real exporter, and a real operator. A row whose
+title ends in PROSODY_13_ONLY uses families only Prosody 13 emits.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 PODS = 'namespace=~"$namespace", service=~"($workload)-prosody-metrics", pod=~"$pod"'
 HOST = PODS + ', host=~"$host"'
 RATE = "[$__rate_interval]"
+# The operator's own targets: every replica, in the namespace it is installed in.
+OPERATOR = 'namespace=~"$operator_namespace"'
 
 
 def query(expr: str, legend: str = "__auto", ref: str = "A") -> prometheus.Dataquery:
@@ -506,6 +509,88 @@ def rows() -> list[tuple[str, list[stat.Panel | timeseries.Panel]]]:
     ]
 
 
+def operator_row() -> tuple[str, list[stat.Panel | timeseries.Panel]]:
+    def by(label: str, family: str) -> str:
+        return f"sum by ({label}) (rate({family}{{{OPERATOR}}}{RATE}))"
+
+    def p99(family: str) -> str:
+        return _quantile(0.99, family, OPERATOR)
+
+    return (
+        "prosody-operator",
+        [
+            single(
+                "Replicas up",
+                "Replicas of the operator Prometheus scrapes; each serves the webhook.",
+                f"count(prosody_operator_build_info{{{OPERATOR}}})",
+            ),
+            single(
+                "Reconciling",
+                "Replicas holding the Lease: 1 when all is well (0: nobody reconciles).",
+                f"sum(prosody_operator_leader{{{OPERATOR}}})",
+            ),
+            single(
+                "Pods without sidecar (failed admissions, 1h)",
+                "Pods the webhook let start without the sidecar after an error.",
+                f'sum(increase(prosody_operator_admissions_total{{{OPERATOR}, result="failed"}}'
+                "[1h]))",
+            ),
+            graph(
+                "Workloads by state",
+                "Monitored workloads as the reconciling replica last saw them: injected, "
+                "sidecar_missing, not_selected (by any Prometheus), config_problem.",
+                "short",
+                (f"max by (state) (prosody_operator_workloads{{{OPERATOR}}})", "{{state}}"),
+            ),
+            graph(
+                "Admissions",
+                "Pods the webhook decided, per second, by result.",
+                "reqps",
+                (by("result", "prosody_operator_admissions_total"), "{{result}}"),
+            ),
+            graph(
+                "Time per admission",
+                "How long the operator takes to decide a pod (the API server waits for it).",
+                "s",
+                (_quantile(0.5, "prosody_operator_admission_duration_seconds", OPERATOR), "p50"),
+                (p99("prosody_operator_admission_duration_seconds"), "p99"),
+            ),
+            graph(
+                "Reconciles",
+                "Workload reconciles per second, by result.",
+                "ops",
+                (by("result", "prosody_operator_reconciles_total"), "{{result}}"),
+            ),
+            graph(
+                "Reconcile and config evaluation time (p99)",
+                "One reconcile (observe, plan, apply) and one evaluation of a Prosody config.",
+                "s",
+                (p99("prosody_operator_reconcile_duration_seconds"), "reconcile"),
+                (p99("prosody_operator_config_evaluation_duration_seconds"), "evaluation"),
+            ),
+            graph(
+                "Events posted",
+                "Kubernetes Events the operator posted, per second, by reason.",
+                "ops",
+                (by("reason", "prosody_operator_events_posted_total"), "{{reason}}"),
+            ),
+            graph(
+                "Caches",
+                "Entries in the reconciling replica's indexes, Event log memory and queue.",
+                "short",
+                (f"max by (cache) (prosody_operator_cache_entries{{{OPERATOR}}})", "{{cache}}"),
+                width=16,
+            ),
+            graph(
+                "Memory",
+                "Resident memory of each replica.",
+                "bytes",
+                (f"process_resident_memory_bytes{{{OPERATOR}}}", "{{pod}}"),
+            ),
+        ],
+    )
+
+
 def variables() -> Iterable[dashboard.QueryVariable | dashboard.DatasourceVariable]:
     yield dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
     yield variable("namespace", "Namespace", "label_values(prosody_exporter_up, namespace)", ".+")
@@ -531,6 +616,12 @@ def variables() -> Iterable[dashboard.QueryVariable | dashboard.DatasourceVariab
         f'label_values({{__name__=~"prosody_mod_.+", {PODS}}}, host)',
         ".*",
     )
+    yield variable(
+        "operator_namespace",
+        "Operator namespace",
+        "label_values(prosody_operator_build_info, namespace)",
+        ".+",
+    )
 
 
 def build() -> dict[str, object]:
@@ -539,7 +630,7 @@ def build() -> dict[str, object]:
         .uid(UID)
         .description(
             "Prosody's own metrics through the prosody-exporter sidecars the operator injects, "
-            "and the sidecars' health."
+            "the sidecars' health, and the operator's own."
         )
         .tags(["prosody", "xmpp"])
         .editable()
@@ -550,7 +641,7 @@ def build() -> dict[str, object]:
     for item in variables():
         board = board.with_variable(item)
     panel_id = 0
-    for title, panels in rows():
+    for title, panels in [*rows(), operator_row()]:
         panel_id += 1
         board = board.with_row(dashboard.Row(title).id(panel_id))
         for panel in panels:

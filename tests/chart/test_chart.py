@@ -72,6 +72,14 @@ def env_of(objects: list[dict]) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container(objects)["env"]}
 
 
+def webhook_service(objects: list[dict]) -> dict:
+    """The Service the API server calls the webhook through (the other is the metrics')."""
+    (found,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith(
+        "-webhook"
+    )]  # fmt: skip
+    return found
+
+
 def operator_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
     """What the operator makes of this environment (it exits with status 2 if invalid)."""
     for name in list(os.environ):
@@ -151,6 +159,7 @@ def test_helm_lint(ci_values: Path) -> None:
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout, result.stdout
 
 
+PORTS_DIFFER = "operator.healthPort, operator.metricsPort and webhook.port must differ"
 BAD_VALUES = [
     # (value, what helm's message names)
     ({"sidecar.manualInterval": "30s"}, "at '/sidecar/manualInterval': got string, want number"),
@@ -239,10 +248,15 @@ BAD_VALUES = [
         "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is",
     ),
     # Not expressible in the schema: a `fail` in the template (`helm lint` only logs those).
-    ({"operator.healthPort": 9443}, "operator.healthPort and webhook.port must differ"),
+    ({"operator.healthPort": 9443}, PORTS_DIFFER),
+    ({"operator.metricsPort": 8080}, PORTS_DIFFER),
+    ({"operator.replicas": 0}, "at '/operator/replicas': minimum"),
+    ({"operator.logFormat": "logfmt"}, "at '/operator/logFormat': value must be one of"),
+    ({"podDisruptionBudget.minAvailable": 0}, "at '/podDisruptionBudget/minAvailable'"),
+    ({"metrics.serviceMonitor.interval": "30 s"}, "at '/metrics/serviceMonitor/interval'"),
 ]
 TEMPLATE_CHECKS = {
-    "operator.healthPort and webhook.port must differ",
+    PORTS_DIFFER,
     "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is",
 }
 
@@ -292,13 +306,21 @@ def test_env_is_what_the_operator_accepts(ci_values: Path, monkeypatch: pytest.M
     assert settings.prometheus_scrape_annotations is sidecar.get(
         "prometheusScrapeAnnotations", False
     )
-    assert settings.webhook_service == f"{NAMESPACE}/{only(objects, 'Service')['metadata']['name']}"
+    assert settings.webhook_service == f"{NAMESPACE}/{webhook_service(objects)['metadata']['name']}"
     assert (
         settings.webhook_configuration
         == only(objects, "MutatingWebhookConfiguration")["metadata"]["name"]
     )
     ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
-    assert ports == {"webhook": settings.webhook_port, "health": settings.health_port}
+    assert ports == {
+        "webhook": settings.webhook_port,
+        "health": settings.health_port,
+        "metrics": settings.metrics_port,
+    }
+    operator = values.get("operator", {})
+    assert settings.log_format == operator.get("logFormat", "text")
+    assert settings.log_level == operator.get("logLevel", "info")
+    assert settings.shutdown_delay == operator.get("shutdownDelay", 5)
     # In a pod: listen on every address, reach the API server through the Service.
     assert settings.webhook_host == "0.0.0.0"
     assert settings.webhook_url == ""
@@ -338,11 +360,17 @@ def test_image_tags_default_to_the_app_version() -> None:
     assert env_of(objects)[f"{ENV_PREFIX}EXPORTER_IMAGE"].endswith(f":{__version__}")
 
 
-def test_deployment_is_one_replica_restricted_with_tmp_and_probes(ci_values: Path) -> None:
+def test_deployment_is_replicated_restricted_with_tmp_and_probes(ci_values: Path) -> None:
     objects = render(ci_values)
     deployment = only(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    values = yaml.safe_load(ci_values.read_text()) or {}
+    replicas = (values.get("operator") or {}).get("replicas", 2)
+    assert deployment["spec"]["replicas"] == replicas
+    # A new replica is up before an old one goes: one always serves the webhook.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -352,15 +380,79 @@ def test_deployment_is_one_replica_restricted_with_tmp_and_probes(ci_values: Pat
     mounts = {m["mountPath"]: m["name"] for m in operator["volumeMounts"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert operator["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
+    assert operator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     accounts = [o for o in objects if o["kind"] == "ServiceAccount" and not _is_test(o)]
     if accounts:  # none with serviceAccount.create=false
         assert pod["serviceAccountName"] == only(accounts, "ServiceAccount")["metadata"]["name"]
 
 
+def test_replicas_spread_across_nodes_and_one_of_them_reconciles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objects = render()
+    pod = only(objects, "Deployment")["spec"]["template"]
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster runs both
+    assert spread["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    settings = operator_settings(env_of(objects), monkeypatch)
+    fullname = f"{RELEASE}-prosody-operator"
+    assert settings.leader_election_lease == f"{NAMESPACE}/{fullname}"
+    assert settings.webhook_cert_secret == f"{NAMESPACE}/{fullname}-webhook-tls"
+    # The Lease and the Secret are the chart's (helm uninstall removes them); the operator may
+    # read and update those two, and no other.
+    lease = only(objects, "Lease")
+    assert (lease["metadata"]["name"], "spec" in lease) == (fullname, False)
+    secret = only([o for o in objects if not _is_test(o)], "Secret")
+    assert (secret["metadata"]["name"], "data" in secret) == (f"{fullname}-webhook-tls", False)
+    role = only([o for o in objects if not _is_test(o)], "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [fullname],
+            "verbs": ["get", "update"],
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": [f"{fullname}-webhook-tls"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    # With restartOnDrift, the webhook Service's EndpointSlices too: listed, here only.
+    drift = only([o for o in render(**{"sidecar.restartOnDrift": True}) if not _is_test(o)], "Role")
+    assert drift["rules"] == [
+        *role["rules"],
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
+    ]
+    custom = render(chart.CHART / "ci" / "high-availability-values.yaml")
+    spread = only(custom, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in spread] == ["topology.kubernetes.io/zone"]
+
+
+def test_the_operators_metrics_service_and_service_monitor() -> None:
+    objects = render(chart.CHART / "ci" / "prometheus-rule-dashboard-values.yaml")
+    metrics = [o for o in objects if o["kind"] == "Service" and o is not webhook_service(objects)]
+    (service,) = metrics
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    monitor = only(objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    ]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert not selector.items() <= webhook_service(objects)["metadata"]["labels"].items()
+    assert "ServiceMonitor" not in {o["kind"] for o in render()}
+
+
 def test_webhook_service_targets_the_webhook_port(ci_values: Path) -> None:
     objects = render(ci_values)
-    service = only(objects, "Service")
+    service = webhook_service(objects)
     assert service["spec"]["ports"] == [
         {"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}
     ]
@@ -384,12 +476,17 @@ def test_pod_template_carries_no_chart_version(tmp_path: Path) -> None:
     assert only(bumped_objects, "Deployment")["spec"]["template"] == template
 
 
-def test_pod_disruption_budget_never_blocks_a_drain() -> None:
+def test_pod_disruption_budget_keeps_one_replica_and_never_blocks_a_lone_one() -> None:
     pdb = only(render(), "PodDisruptionBudget")
-    assert pdb["spec"]["maxUnavailable"] == 1
-    assert "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert "maxUnavailable" not in pdb["spec"]
     pod_labels = only(render(), "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # One replica: minAvailable 1 would block every drain.
+    lone = only(render(**{"operator.replicas": 1}), "PodDisruptionBudget")
+    assert lone["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+    percent = only(render(chart.CHART / "ci" / "pdb-percent-values.yaml"), "PodDisruptionBudget")
+    assert (percent["spec"]["maxUnavailable"], "minAvailable" in percent["spec"]) == ("100%", False)
     disabled = render(**{"podDisruptionBudget.enabled": False})
     assert "PodDisruptionBudget" not in {obj["kind"] for obj in disabled}
 
@@ -431,7 +528,7 @@ def test_cert_manager_certificate_is_mounted_for_the_operator(
     objects = render(values_file)
     certificate = only(objects, "Certificate")
     assert certificate["apiVersion"] == f"{CERT_MANAGER_GROUP}/v1"
-    service = only(objects, "Service")["metadata"]["name"]
+    service = webhook_service(objects)["metadata"]["name"]
     assert f"{service}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
     assert "server auth" in certificate["spec"]["usages"]
     pod = only(objects, "Deployment")["spec"]["template"]["spec"]
@@ -502,7 +599,19 @@ def test_prometheus_rule_alerts_fire_when_they_should(promtool: str, tmp_path: P
         "ProsodyMetricsStale",
         "ProsodyExporterUpstreamErrors",
         "ProsodyConnectionsDropped",
+        # The operator's, with metrics.serviceMonitor.enabled:
+        "ProsodyOperatorDown",
+        "ProsodyOperatorNotReconciling",
+        "ProsodyOperatorReconcileErrors",
+        "ProsodyOperatorAdmissionFailures",
+        "ProsodyOperatorWebhookSlow",
+        "ProsodySidecarMissing",
+        "ProsodyServiceMonitorNotSelected",
+        "ProsodyConfigProblem",
     }
+    without_operator = render(values_file, **{"metrics.serviceMonitor.enabled": False})
+    groups = only(without_operator, "PrometheusRule")["spec"]["groups"]
+    assert [g["name"] for g in groups] == ["prosody"]  # nothing scrapes the operator
     for group in rule["spec"]["groups"]:  # the unit test compares labels, not the prose
         for item in group["rules"]:
             item.pop("annotations")
@@ -608,6 +717,8 @@ def test_rights_are_least_privilege() -> None:
     ]
     configuration = only(default, "MutatingWebhookConfiguration")["metadata"]["name"]
     assert verbs(default, "mutatingwebhookconfigurations") == [("get", "patch", configuration)]
+    # EndpointSlices (is the webhook ready for a restart's pods?): in no ClusterRole at all.
+    assert verbs(render(**{"sidecar.restartOnDrift": True}), "endpointslices") == []
 
 
 def test_network_policy_opens_only_the_webhook_port_to_its_callers() -> None:
@@ -689,6 +800,11 @@ def test_manifests_are_the_default_chart_in_one_namespace() -> None:
             "ClusterRole",
             "ClusterRoleBinding",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Lease",
+            "Secret",
+            "Service",
             "Service",
             "Deployment",
             "PodDisruptionBudget",
@@ -708,7 +824,7 @@ def test_name_override_names_every_object_and_the_selector(
     assert deployment["metadata"]["name"] == f"{RELEASE}-xmpp-metrics"
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector["app.kubernetes.io/name"] == "xmpp-metrics"
-    service = only(objects, "Service")
+    service = webhook_service(objects)
     assert service["metadata"]["name"] == f"{RELEASE}-xmpp-metrics-webhook"
     assert service["spec"]["selector"] == selector
     webhook = only(objects, "MutatingWebhookConfiguration")["webhooks"][0]
@@ -741,7 +857,7 @@ def test_existing_service_account_gets_the_rbac_and_none_is_created() -> None:
     pod = only(objects, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "xmpp-metrics-operator"
     bindings = _operator_bindings(objects)
-    assert len(bindings) == 2
+    assert len(bindings) == 3  # cluster-wide, workloads, and in its own namespace
     for binding in bindings:
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": "xmpp-metrics-operator", "namespace": NAMESPACE}
@@ -926,13 +1042,13 @@ def test_helm_test_pod_runs_the_check_against_this_release() -> None:
     assert _arguments(pod) == {
         "namespace": NAMESPACE,
         "deployment": deployment["metadata"]["name"],
-        "service": only(objects, "Service")["metadata"]["name"],
+        "service": webhook_service(objects)["metadata"]["name"],
         "webhook-configuration": only(objects, "MutatingWebhookConfiguration")["metadata"]["name"],
     }
     assert pod["spec"]["restartPolicy"] == "Never"
     # Never behind the webhook Service or counted by the disruption budget.
     labels = pod["metadata"]["labels"].items()
-    assert not only(objects, "Service")["spec"]["selector"].items() <= labels
+    assert not webhook_service(objects)["spec"]["selector"].items() <= labels
     assert not deployment["spec"]["selector"]["matchLabels"].items() <= labels
 
 
@@ -1051,7 +1167,9 @@ def test_dashboard_queries_follow_the_variables() -> None:
     each variable narrows the next (namespace -> workload -> pod -> host)."""
     board = json.loads(dashboard.DASHBOARD.read_text())
     variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert list(variables) == ["datasource", "namespace", "workload", "pod", "host"]
+    assert list(variables) == [
+        "datasource", "namespace", "workload", "pod", "host", "operator_namespace"
+    ]  # fmt: skip
     assert "$namespace" in variables["workload"]["query"]
     assert "$workload" in variables["pod"]["query"]
     assert "$pod" in variables["host"]["query"]
@@ -1060,11 +1178,14 @@ def test_dashboard_queries_follow_the_variables() -> None:
         "service": ("=~", "($workload)-prosody-metrics"),
         "pod": ("=~", "$pod"),
     }
-    panels = [p for p in board["panels"] if p["type"] != "row"]
-    for panel in panels:
+    operator_scoped = {"namespace": ("=~", "$operator_namespace")}  # the operator's own row
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            in_operator_row = panel["title"] == "prosody-operator"
+            continue
         for target in panel["targets"]:
             for selector in promql.selectors(target["expr"]):
-                for label, matcher in scoped.items():
+                for label, matcher in (operator_scoped if in_operator_row else scoped).items():
                     assert selector.matcher(label) == matcher, (panel["title"], label)
 
 

@@ -193,11 +193,17 @@ def test_install_creates_every_object(release: Release, dynamic: DynamicClient) 
             "ClusterRole",
             "ClusterRoleBinding",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Lease",
+            "Secret",
+            "Service",
             "Service",
             "Deployment",
             "PodDisruptionBudget",
             "MutatingWebhookConfiguration",
             "PrometheusRule",
+            "ServiceMonitor",
             "ConfigMap",
             # what `helm test` runs with (its pod is a hook: not in the manifest)
             "ServiceAccount",
@@ -237,10 +243,10 @@ def test_operator_pod_is_admitted_under_pod_security_restricted(
     def created() -> bool:
         return bool(pods())
 
-    wait_until(created, 30, "the operator's pod")
-    (pod,) = pods()
-    assert pod.status.phase == "Pending"  # no kubelet here
-    assert pod.spec.service_account_name == release.fullname
+    wait_until(lambda: len(pods()) == 2, 30, "the operator's two pods")
+    for pod in pods():
+        assert pod.status.phase == "Pending"  # no kubelet here
+        assert pod.spec.service_account_name == release.fullname
 
 
 @contextmanager
@@ -400,9 +406,9 @@ def installed(
 
         def created() -> bool:
             pods[:] = core.list_namespaced_pod(name, label_selector=selector).items
-            return bool(pods)
+            return len(pods) == 2  # the default replicas
 
-        wait_until(created, 30, "the operator's pod")
+        wait_until(created, 30, "the operator's pods")
         yield name, pods[0]
     finally:
         helm("uninstall", name, "--namespace", name, "--wait", check=False)
@@ -430,7 +436,8 @@ def test_name_override_and_an_existing_service_account(k8s_client: client.ApiCli
         selected = core.list_namespaced_pod(
             name, label_selector=",".join(f"{k}={v}" for k, v in service.spec.selector.items())
         ).items
-        assert [p.metadata.name for p in selected] == [pod.metadata.name]
+        assert pod.metadata.name in [p.metadata.name for p in selected]  # one of the replicas
+        assert {p.metadata.labels["app.kubernetes.io/name"] for p in selected} == {"xmpp-metrics"}
         user = service_account(name, account)
         assert can(k8s_client, user, "list", "nodes")
         assert can(
@@ -442,6 +449,14 @@ def test_name_override_and_an_existing_service_account(k8s_client: client.ApiCli
         )
         assert can(k8s_client, user, "create", "services", namespace="anywhere")
         assert not can(k8s_client, user, "list", "secrets", namespace=name)
+        # Leader election and the shared webhook certificate: the chart's Lease and Secret,
+        # and nothing else of their kinds.
+        leases = "coordination.k8s.io/leases"
+        secret = f"{fullname}-webhook-tls"
+        assert can(k8s_client, user, "update", leases, name=fullname, namespace=name)
+        assert can(k8s_client, user, "update", "secrets", name=secret, namespace=name)
+        assert not can(k8s_client, user, "update", "secrets", name="other", namespace=name)
+        assert not can(k8s_client, user, "update", leases, name="other", namespace=name)
         helm("uninstall", name, "--namespace", name, "--wait")
         assert core.read_namespaced_service_account(account, name).metadata.name == account
 

@@ -1,6 +1,8 @@
 """Every metric name the dashboard and the PrometheusRule query is one a real Prosody serves
 through the real exporter, with the modules deployments commonly enable: on each Prosody version
-testinfra runs (0.12.3 and 13.0.1).
+testinfra runs (0.12.3 and 13.0.1); or one the real operator serves (its own metrics, read from
+a prosody-operator running against the local control plane with the chart's identity, Lease and
+certificate Secret).
 
 Prosody runs with the modules of its own example config (prosody.cfg.lua.dist) plus those the
 example lists for HTTP (BOSH, WebSocket, mod_http_openmetrics) and message archives, a MUC
@@ -21,7 +23,9 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from prosody_operator import metrics
 from testinfra.exporter import ExporterProcess
+from testinfra.operator import OperatorProcess
 from testinfra.prosody import VERSIONS, ProsodyServer
 from tools import chart, dashboard, promql
 
@@ -86,6 +90,33 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return series_names(families) | PROMETHEUS_SERIES
 
 
+@pytest.fixture(scope="module")
+def operator_families(k8s_client: Any, tmp_path_factory: pytest.TempPathFactory) -> list[Metric]:
+    """What the real operator serves on its metrics port, run as the chart runs each replica
+    (the Lease, the shared certificate Secret)."""
+    operator = OperatorProcess(k8s_client, tmp_path_factory.mktemp("operator"))
+    operator.install_identity()
+    operator.settings.update(operator.replica_settings())
+    try:
+        operator.start()
+        response = httpx.get(operator.metrics_url, headers={"Accept": OPENMETRICS})
+    finally:
+        operator.uninstall()
+    response.raise_for_status()
+    return list(text_string_to_metric_families(response.text))
+
+
+@pytest.fixture(scope="module")
+def operator_served(operator_families: list[Metric]) -> set[str]:
+    """Series names the real operator serves."""
+    return series_names(operator_families)
+
+
+@pytest.fixture
+def known(served: set[str], operator_served: set[str]) -> set[str]:
+    return served | operator_served
+
+
 def test_the_modules_emit_what_the_dashboard_is_about(served: set[str]) -> None:
     """The Prosody really ran with the modules: a family of each is served."""
     for name in (
@@ -138,17 +169,44 @@ def unknown_names(queries: Iterator[tuple[str, str]], served: set[str]) -> list[
     return unknown
 
 
-def test_dashboard_reads_only_served_names(
-    served: set[str], request: pytest.FixtureRequest
+@pytest.mark.cluster
+def test_the_operator_serves_what_its_row_and_alerts_are_about(operator_served: set[str]) -> None:
+    for name in (
+        "prosody_operator_admissions_total",
+        "prosody_operator_admission_duration_seconds_bucket",
+        "prosody_operator_reconciles_total",
+        "prosody_operator_config_evaluations_total",
+        "prosody_operator_events_posted_total",
+        "prosody_operator_workloads",
+        "prosody_operator_cache_entries",
+        "prosody_operator_leader",
+        "process_resident_memory_bytes",
+    ):
+        assert name in operator_served, name
+
+
+@pytest.mark.cluster
+def test_every_workload_state_is_served_before_any_workload(
+    operator_families: list[Metric],
 ) -> None:
+    """The alerts and the dashboard select states by label (state="sidecar_missing"): each has
+    its series from the start, at 0, rather than appearing with its first workload."""
+    (workloads,) = [f for f in operator_families if f.name == "prosody_operator_workloads"]
+    served = {sample.labels["state"]: sample.value for sample in workloads.samples}
+    assert served == dict.fromkeys(metrics.STATES, 0.0)
+
+
+@pytest.mark.cluster
+def test_dashboard_reads_only_served_names(known: set[str], request: pytest.FixtureRequest) -> None:
     board = json.loads(dashboard.DASHBOARD.read_text())
     # The row marked dashboard.PROSODY_13_ONLY is checked on 13 and later.
     prosody_13 = not request.node.callspec.params["served"].startswith("0.")
-    assert unknown_names(dashboard_queries(board, prosody_13), served) == []
+    assert unknown_names(dashboard_queries(board, prosody_13), known) == []
 
 
-def test_alerts_read_only_served_names(served: set[str]) -> None:
-    assert unknown_names(rule_queries(), served) == []
+@pytest.mark.cluster
+def test_alerts_read_only_served_names(known: set[str]) -> None:
+    assert unknown_names(rule_queries(), known) == []
 
 
 def test_a_misspelt_name_is_caught(served: set[str]) -> None:

@@ -1,8 +1,10 @@
 """The chain every end-to-end test runs on, started once for tests/e2e, on the test node: the
-chart `helm install`ed with the images built here (its operator in a pod, restartOnDrift on),
+chart `helm install`ed with the images built here (its two operator replicas in pods,
+restartOnDrift on, and the chart's ServiceMonitor of the operator's own metrics),
 prometheus-operator, and the two Prometheus pods of the Prometheus resource `k8s` that
-prometheus-operator's StatefulSet runs. Each test module deploys its own Prosody workloads into
-the chain's namespace (`Chain.deploy`).
+prometheus-operator's StatefulSet runs; they select the ServiceMonitors of the chain's namespace
+and the operator's in the release's namespace. Each test module deploys its own Prosody
+workloads into the chain's namespace (`Chain.deploy`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from testinfra.node import Node
 from testinfra.operator import ChartRelease
 
 LABELS = {"release": "e2e"}  # on the ServiceMonitors, and what the Prometheus selects
+OPERATOR_SCRAPE_INTERVAL = "5s"  # the chart's metrics.serviceMonitor.interval (default 30s)
 MANUAL_INTERVAL = 2  # seconds: the chart's sidecar.manualInterval
 PROMETHEUS = "k8s"
 SIDECAR = "prosody-exporter"
@@ -109,6 +112,9 @@ def chain(
             k8s_client,
             values={
                 "serviceMonitor.labels": LABELS,
+                "metrics.serviceMonitor.enabled": True,
+                "metrics.serviceMonitor.labels": LABELS,
+                "metrics.serviceMonitor.interval": OPERATOR_SCRAPE_INTERVAL,
                 "sidecar.manualInterval": MANUAL_INTERVAL,
                 # What a Deployment whose pods missed the webhook needs (test_real_node.py).
                 "sidecar.restartOnDrift": True,
@@ -118,7 +124,9 @@ def chain(
         stack.callback(release.uninstall)
         release.install()
         prometheus_operator = stack.enter_context(
-            e2e.PrometheusOperator(tmp_path_factory.mktemp("prometheus-operator"), [namespace])
+            e2e.PrometheusOperator(
+                tmp_path_factory.mktemp("prometheus-operator"), [namespace, release.namespace]
+            )
         )
         e2e.create_prometheus(
             k8s_client,
@@ -127,6 +135,7 @@ def chain(
             controller_id=prometheus_operator.controller_id,
             service_monitor_labels=LABELS,
             replicas=2,
+            other_namespaces=[release.namespace],
         )
         yield Chain(
             k8s_client,

@@ -17,16 +17,19 @@ On the chain of conftest.py, three Deployments (module-scoped):
   chart's sidecar.manualInterval seconds, whatever the number of Prometheus replicas;
 * `xmpp13`: Prosody 13.0 (its image, and its version in the pod annotation), whose config uses
   13.0's list methods, which 0.12 cannot read.
-Two Prometheus replicas run the generated configuration. The host, outside the pod network (the
-sidecar's default allowlist is the Nodes' podCIDRs), is refused. The last test edits the xmpp
-ConfigMap and restarts its rollout: the new interval reaches the generated configuration, the
-running Prometheus (reloaded by its config-reloader) and the new pod's sidecar.
+Two Prometheus replicas run the generated configuration; they also scrape the operator's two
+replicas through the chart's own ServiceMonitor (metrics.serviceMonitor). The host, outside the
+pod network (the sidecar's default allowlist is the Nodes' podCIDRs), is refused. The last test
+edits the xmpp ConfigMap and restarts its rollout: the new interval reaches the generated
+configuration, the running Prometheus (reloaded by its config-reloader) and the new pod's
+sidecar.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import httpx
 import pytest
@@ -39,7 +42,7 @@ from testinfra.procs import wait_until
 from testinfra.workloads import prosody_config, prosody_deployment
 from tools import chart
 
-from .conftest import SIDECAR, Chain
+from .conftest import OPERATOR_SCRAPE_INTERVAL, SIDECAR, Chain
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 
@@ -87,13 +90,20 @@ def container_status(pod: client.V1Pod, name: str) -> client.V1ContainerStatus:
 
 
 def test_the_helm_installed_operator_injects_through_the_charts_service(chain: Chain):
-    """The operator runs in the pod `helm install` made, from the image built here; the API
-    server reaches its webhook at the endpoint of the chart's Service (the configuration names
-    no URL), and it injected."""
-    operator = e2e.wait_for_ready_pod(chain.api, chain.release.namespace, chain.release.selector)
-    status = container_status(operator, "operator")
-    assert status.state.running and status.restart_count == 0
-    assert status.image == e2e.loaded_image(chain.node, "prosody-operator")
+    """The operator runs in the chart's two replicas `helm install` made, from the image built
+    here; the API server reaches its webhook at the endpoints of the chart's Service (the
+    configuration names no URL), and it injected."""
+    operators: list[client.V1Pod] = []
+
+    def both_ready() -> bool:  # the chart's operator.replicas
+        operators[:] = e2e.ready_pods(chain.api, chain.release.namespace, chain.release.selector)
+        return len(operators) == 2
+
+    wait_until(both_ready, 120, "the operator's two replicas Ready")
+    for operator in operators:
+        status = container_status(operator, "operator")
+        assert status.state.running and status.restart_count == 0
+        assert status.image == e2e.loaded_image(chain.node, "prosody-operator")
     config = client.AdmissionregistrationV1Api(chain.api).read_mutating_webhook_configuration(
         chain.release.webhook_configuration
     )
@@ -103,9 +113,8 @@ def test_the_helm_installed_operator_injects_through_the_charts_service(chain: C
     slices = client.DiscoveryV1Api(chain.api).list_namespaced_endpoint_slice(
         chain.release.namespace, label_selector=f"kubernetes.io/service-name={webhook.service.name}"
     )
-    assert [a for s in slices.items for e in s.endpoints for a in e.addresses] == [
-        operator.status.pod_ip
-    ]
+    addresses = sorted(a for s in slices.items for e in s.endpoints for a in e.addresses)
+    assert addresses == sorted(operator.status.pod_ip for operator in operators)
     for app in ("xmpp", "manual", "xmpp13"):
         pod = chain.pod(app)
         assert [c.name for c in pod.spec.containers] == ["prosody", SIDECAR]
@@ -170,6 +179,65 @@ def test_prometheus_scrapes_prosody_through_the_sidecar(chain: Chain):
         )
         assert series[0]["metric"]["namespace"] == chain.namespace
         assert prometheus.query(f'prosody_exporter_up{{pod="{name}"}}')[0]["value"][1] == "1"
+
+
+def test_prometheus_scrapes_both_operator_replicas_through_the_charts_service_monitor(
+    chain: Chain,
+):
+    """The chart's ServiceMonitor selects its metrics Service: both Prometheus replicas scrape
+    both operator replicas at their pod IPs, at the chart's interval, and the series the chart's
+    alerts read (selected by `namespace` and `job`, as they select them) come one per replica:
+    exactly one leads, and its workload counts are the ones that are not zero."""
+    release = chain.release
+    (service,) = (
+        client.CoreV1Api(chain.api)
+        .list_namespaced_service(
+            release.namespace,
+            label_selector=f"{release.selector},app.kubernetes.io/component=metrics",
+        )
+        .items
+    )
+    job = f"serviceMonitor/{release.namespace}/{service.metadata.name}/0"
+    operators = e2e.ready_pods(chain.api, release.namespace, release.selector)
+    assert len(operators) == 2, [p.metadata.name for p in operators]
+    urls = {operator_metrics_url(pod) for pod in operators}
+    names = {pod.metadata.name for pod in operators}
+    alerts_select = f'namespace="{release.namespace}", job="{service.metadata.name}"'
+    for prometheus in chain.prometheus:
+        wait_until(
+            partial(scrapes, prometheus, job, urls), 300, f"{prometheus.pod_name} to scrape {urls}"
+        )
+        running = yaml.safe_load(prometheus.running_config())
+        (scrape_config,) = [c for c in running["scrape_configs"] if c["job_name"] == job]
+        assert scrape_config["scrape_interval"] == OPERATOR_SCRAPE_INTERVAL
+        prometheus.wait_for_series(f"count(prosody_operator_leader{{{alerts_select}}}) == 2")
+        # xmpp, manual and xmpp13, once the leader has reconciled them all.
+        workloads = f'prosody_operator_workloads{{{alerts_select}, state="injected"}}'
+        prometheus.wait_for_series(f"max({workloads}) == 3")
+        leader = {
+            s["metric"]["pod"]: float(s["value"][1])
+            for s in prometheus.query(f"prosody_operator_leader{{{alerts_select}}}")
+        }
+        assert set(leader) == names and sorted(leader.values()) == [0.0, 1.0], leader
+        injected = {s["metric"]["pod"]: float(s["value"][1]) for s in prometheus.query(workloads)}
+        # The leader counts the three; the other replica, which does not reconcile, none.
+        assert injected == {pod: 3.0 * lead for pod, lead in leader.items()}, (injected, leader)
+
+
+def operator_metrics_url(pod: client.V1Pod) -> str:
+    (container,) = pod.spec.containers
+    port = next(p.container_port for p in container.ports if p.name == "metrics")
+    return f"http://{pod.status.pod_ip}:{port}/metrics"
+
+
+def scrapes(prometheus: e2e.PrometheusPod, job: str, urls: set[str]) -> bool:
+    """Whether `prometheus` scrapes exactly `urls` in `job`, all up."""
+    targets = [t for t in prometheus.targets() if t["scrapePool"] == job]
+    return (
+        {t["scrapeUrl"] for t in targets if t["health"] == "up"}
+        == urls
+        == {t["scrapeUrl"] for t in targets}
+    )
 
 
 def test_scrape_interval_is_prosodys_statistics_interval(chain: Chain):

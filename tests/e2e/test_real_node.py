@@ -1,11 +1,11 @@
 """What only a real node shows: memory limits enforced by the kernel, readiness computed by a
 real kubelet from the injected probes, and a container killed and restarted under the operator.
 
-On the chain of conftest.py (its chart has `sidecar.restartOnDrift=true`, so a workload whose
-pods started without the sidecar gets its rollout restarted). The hostile clients are
-testinfra.hostile's, run from the host (outside the pod network: refused by the sidecar's
-allowlist) and from the node's network namespace (the pod bridge's address: allowed), bounded in
-count and time.
+On the chain of conftest.py (the chart's two operator replicas; `sidecar.restartOnDrift=true`,
+so a workload whose pods started without the sidecar gets its rollout restarted). The hostile
+clients are testinfra.hostile's, run from the host (outside the pod network: refused by the
+sidecar's allowlist) and from the node's network namespace (the pod bridge's address: allowed),
+bounded in count and time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 from kubernetes import client
 
 from testinfra import e2e
+from testinfra.kubeapi import or_none
 from testinfra.layout import REPO_ROOT
 from testinfra.procs import wait_until
 from testinfra.workloads import prosody_config, prosody_deployment
@@ -134,55 +135,186 @@ def test_prosody_stays_ready_while_its_sidecar_is_broken(chain: Chain):
     assert sidecar_reports_broken()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="found on the test node: back from the kill, the operator restarts the rollouts "
-    "before its own webhook endpoint is Ready, so the new pods lack the sidecar too, and the "
-    "10-minute cool-down keeps it from restarting again (it depends on timing: XPASS when the "
-    "webhook is Ready first)",
-)
-def test_killing_the_operator_while_pods_are_created_leaves_none_unreported(chain: Chain):
-    """Last: the operator's container is killed; Deployments created meanwhile get pods without
-    the sidecar (the webhook fails open). Once the kubelet has restarted the operator, each such
-    Deployment gets a SidecarMissing Event and its rollout restarted, and every pod ends up
-    injected."""
-    core = client.CoreV1Api(chain.api)
+# --- Last: the operator's replicas killed and gone (they come back) ---------------------------
+
+
+def operator_pods(chain: Chain) -> list[client.V1Pod]:
+    """The operator's Ready replicas."""
+    return e2e.ready_pods(chain.api, chain.release.namespace, chain.release.selector)
+
+
+def webhook_endpoints(chain: Chain) -> dict[str, bool]:
+    """The webhook Service's endpoints, as the API server reads them to call the webhook: the
+    pod each one is, and whether it is ready (an unset `ready` counts as ready)."""
     release = chain.release
-    operator = e2e.wait_for_ready_pod(chain.api, release.namespace, release.selector)
-    restarts = operator.status.container_statuses[0].restart_count
-    chain.node.kill_container(operator.status.container_statuses[0].container_id)
-    names = [f"storm-{i}" for i in range(4)]
+    admission = client.AdmissionregistrationV1Api(chain.api)
+    configuration = admission.read_mutating_webhook_configuration(release.webhook_configuration)
+    service = configuration.webhooks[0].client_config.service.name
+    slices = client.DiscoveryV1Api(chain.api).list_namespaced_endpoint_slice(
+        release.namespace, label_selector=f"kubernetes.io/service-name={service}"
+    )
+    return {
+        endpoint.target_ref.name: endpoint.conditions.ready is not False
+        for found in slices.items
+        for endpoint in found.endpoints or ()
+    }
+
+
+def lease_holder(chain: Chain) -> str:
+    lease = client.CoordinationV1Api(chain.api).read_namespaced_lease(
+        chain.release.name, chain.release.namespace
+    )
+    return lease.spec.holder_identity or ""
+
+
+def all_replicas_serving(chain: Chain) -> list[client.V1Pod]:
+    """The chart's two replicas Ready, both endpoints of the webhook Service ready, one of them
+    holding the Lease."""
+    pods: list[client.V1Pod] = []
+
+    def serving() -> bool:
+        pods[:] = operator_pods(chain)
+        endpoints = webhook_endpoints(chain)
+        names = {p.metadata.name for p in pods}
+        return (
+            len(pods) == 2
+            and endpoints == dict.fromkeys(names, True)
+            and any(lease_holder(chain).startswith(f"{name}-") for name in names)
+        )
+
+    wait_until(serving, 180, "both operator replicas serving, one holding the Lease")
+    return pods
+
+
+def pods_of(chain: Chain, name: str) -> list[client.V1Pod]:
+    return (
+        client.CoreV1Api(chain.api)
+        .list_namespaced_pod(chain.namespace, label_selector=f"app={name}")
+        .items
+    )
+
+
+def injected(pod: client.V1Pod) -> bool:
+    return SIDECAR in [c.name for c in pod.spec.containers]
+
+
+def test_killing_the_leader_while_pods_are_created_leaves_every_pod_injected(chain: Chain):
+    """The leader's container is killed (SIGKILL: no Lease released, no graceful stop). Once
+    the kubelet has seen it die, the API server calls the webhook at the other replica only:
+    Deployments created while the killed one restarts get the sidecar in every pod, and the
+    other replica takes the Lease once it expires and reconciles them (their ServiceMonitors).
+    (Pods created in the second before the kubelet notices can still be sent to the dead
+    replica: the API server admits them without the sidecar, as for any webhook, and the
+    reconciler restarts their rollout: the next test.)"""
+    pods = all_replicas_serving(chain)
+    holder = lease_holder(chain)
+    (leader,) = [p for p in pods if holder.startswith(f"{p.metadata.name}-")]
+    (other,) = [p for p in pods if p is not leader]
+    chain.node.kill_container(leader.status.container_statuses[0].container_id)
+    wait_until(
+        lambda: webhook_endpoints(chain).get(leader.metadata.name) is False,
+        60,
+        "the killed replica's endpoint to be not ready",
+        0.1,
+    )
+    names = [f"leader-killed-{i}" for i in range(4)]
     for name in names:
         deploy(chain, name, prosody_config("2"))
+    wait_until(lambda: all(pods_of(chain, n) for n in names), 60, "the Deployments' pods")
+    missed = [p.metadata.name for n in names for p in pods_of(chain, n) if not injected(p)]
+    assert not missed, f"admitted without the sidecar: {missed}"
+    log = client.CoreV1Api(chain.api).read_namespaced_pod_log(
+        other.metadata.name, chain.release.namespace
+    )
+    admitted = [line for line in log.splitlines() if "pod admitted: injected" in line]
+    for name in names:  # the other replica injected them all
+        assert any(f"/{name}-" in line for line in admitted), log[-3000:]
+    wait_until(
+        lambda: lease_holder(chain).startswith(f"{other.metadata.name}-"),
+        60,
+        f"the other replica {other.metadata.name} to take the Lease",
+    )
+    for name in names:  # ... and reconciles
+        wait_until(
+            lambda name=name: or_none(lambda: chain.service_monitor(name)) is not None,
+            60,
+            f"the ServiceMonitor of {name}",
+        )
+    all_replicas_serving(chain)  # the killed one back, for what follows
 
-    def pods_of(name: str) -> list[client.V1Pod]:
-        return core.list_namespaced_pod(chain.namespace, label_selector=f"app={name}").items
 
-    wait_until(lambda: all(pods_of(n) for n in names), 60, "the storm's pods to be created")
-    missed = {
-        name
-        for name in names
-        for pod in pods_of(name)
-        if SIDECAR not in [c.name for c in pod.spec.containers]
-    }
-    assert missed, "every pod was injected: the operator came back before any was created"
+def test_with_every_replica_gone_rollouts_restart_once_the_webhook_is_ready(chain: Chain):
+    """The operator's Deployment scaled to 0, Deployments created meanwhile (no webhook: their
+    pods are admitted without the sidecar), then scaled back to the chart's replicas. Each
+    such Deployment gets a SidecarMissing Event and, with restartOnDrift, its rollout restarted
+    only once the webhook Service has a ready endpoint (a restart before would make pods that
+    lack it too, and the cool-down would keep them so): every pod ends up injected.
 
-    def restarted() -> bool:
-        pods = e2e.ready_pods(chain.api, release.namespace, release.selector)
-        return bool(pods) and pods[0].status.container_statuses[0].restart_count > restarts
+    Whether the leader reconciles before its webhook endpoint is ready depends on timing, so
+    the test holds the endpoints back: the webhook Service selects no pod (an extra selector
+    label) until the replicas lead and have reported the drift, then selects them again."""
+    release = chain.release
+    core, apps = client.CoreV1Api(chain.api), client.AppsV1Api(chain.api)
+    replicas = apps.read_namespaced_deployment(release.name, release.namespace).spec.replicas
+    assert replicas == 2  # the chart's default
+    all_replicas_serving(chain)
+    service = f"{release.name}-webhook"
 
-    wait_until(restarted, 120, "the kubelet to restart the operator's container")
+    def scale(count: int) -> None:
+        apps.patch_namespaced_deployment_scale(
+            release.name, release.namespace, {"spec": {"replicas": count}}
+        )
+
+    def select_none(hold: bool) -> None:
+        patch = {"spec": {"selector": {"e2e.prosody-operator.io/hold": "true" if hold else None}}}
+        core.patch_namespaced_service(service, release.namespace, patch)
+
+    scale(0)
+    wait_until(
+        lambda: (
+            not core.list_namespaced_pod(release.namespace, label_selector=release.selector).items
+        ),
+        120,
+        "every operator replica to be gone",
+    )
+    names = [f"replicas-gone-{i}" for i in range(4)]
+    for name in names:
+        deploy(chain, name, prosody_config("2"))
+    wait_until(lambda: all(pods_of(chain, n) for n in names), 60, "the Deployments' pods")
+    assert not [p for n in names for p in pods_of(chain, n) if injected(p)]
+    select_none(True)
+    try:
+        scale(replicas)
+
+        def drift_reported(name: str) -> bool:
+            events = core.list_namespaced_event(
+                chain.namespace, field_selector=f"involvedObject.name={name},reason=SidecarMissing"
+            ).items
+            return any("once the webhook Service" in e.message for e in events)
+
+        for name in names:
+            wait_until(lambda name=name: drift_reported(name), 180, f"SidecarMissing on {name}")
+        leader = next(
+            p for p in operator_pods(chain) if lease_holder(chain).startswith(f"{p.metadata.name}-")
+        )
+        log = core.read_namespaced_pod_log(leader.metadata.name, release.namespace)
+        for name in names:
+            assert (
+                sum(f"/{name}] rollout restart deferred" in line for line in log.splitlines()) == 1
+            ), log[-3000:]
+            template = apps.read_namespaced_deployment(name, chain.namespace).spec.template
+            assert "kubectl.kubernetes.io/restartedAt" not in (template.metadata.annotations or {})
+        assert webhook_endpoints(chain) == {}
+    finally:
+        select_none(False)
 
     def all_injected() -> bool:
-        for name in names:
-            pods = pods_of(name)
-            if len(pods) != 1 or SIDECAR not in [c.name for c in pods[0].spec.containers]:
-                return False
-        return True
+        return all(
+            len(pods) == 1 and injected(pods[0]) for pods in (pods_of(chain, n) for n in names)
+        )
 
-    wait_until(all_injected, 240, "every storm Deployment's pods to have the sidecar")
-    for name in missed:
-        events = core.list_namespaced_event(
-            chain.namespace, field_selector=f"involvedObject.name={name},reason=SidecarMissing"
-        ).items
-        assert events, f"no SidecarMissing Event on Deployment {name}"
+    wait_until(all_injected, 300, "every pod of those Deployments to have the sidecar")
+    for name in names:
+        template = apps.read_namespaced_deployment(name, chain.namespace).spec.template
+        assert "kubectl.kubernetes.io/restartedAt" in template.metadata.annotations
+    all_replicas_serving(chain)

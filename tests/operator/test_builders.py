@@ -170,7 +170,7 @@ SERVICE = builders.build_service(DEPLOYMENT, 9755)
 
 
 def server_fields(service):  # what the API server and other managers add
-    service["spec"].update(clusterIP="198.19.240.9", type="ClusterIP")
+    service["spec"].update(clusterIPs=["None"], type="ClusterIP", ipFamilies=["IPv4"])
     service["metadata"].update(uid="u1", resourceVersion="7")
     service["metadata"]["labels"]["team"] = "chat"
 
@@ -213,6 +213,20 @@ def test_up_to_date(change, expected):
         change(live)
     assert builders.up_to_date(live, SERVICE) is expected
     assert builders.up_to_date(None, SERVICE) is False
+
+
+def test_the_service_is_headless_and_a_cluster_ip_means_making_it_again():
+    assert SERVICE["spec"]["clusterIP"] == "None"
+    live = copy.deepcopy(SERVICE)
+    server_fields(live)
+    assert not builders.must_recreate(live, SERVICE)
+    live["spec"].update(clusterIP="198.19.7.9", clusterIPs=["198.19.7.9"])
+    assert builders.must_recreate(live, SERVICE)
+    assert not builders.must_recreate(None, SERVICE)
+    monitor = builders.build_service_monitor(
+        DEPLOYMENT, EffectiveInterval(45.0, 45.0, "x"), {}, "none"
+    )
+    assert not builders.must_recreate(copy.deepcopy(monitor), monitor)
 
 
 def test_injection_patch_appends_the_sidecar_and_records_it():

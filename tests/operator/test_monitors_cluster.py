@@ -35,8 +35,9 @@ pytestmark = pytest.mark.cluster
 CI = chart.CHART / "ci"
 MONITORING = ("monitoring.coreos.com", "v1")
 PLURALS = {"ServiceMonitor": "servicemonitors", "PodMonitor": "podmonitors"}
-# Where the webhook listens and what it serves: OperatorProcess sets these for a local run.
-LOCAL_SETTINGS = ("WEBHOOK_", "HEALTH_PORT", "WATCH_NAMESPACES")
+# Where the webhook listens and what it serves, its ports, and the release namespace's Lease:
+# OperatorProcess sets these for a local run (one replica, which reconciles).
+LOCAL_SETTINGS = ("WEBHOOK_", "HEALTH_PORT", "METRICS_PORT", "WATCH_NAMESPACES", "LEADER_")
 
 
 def chart_settings(*values_files: Path, **set_values: Any) -> dict[str, str]:
@@ -95,10 +96,10 @@ class Objects:
         found = {kind for kind in PLURALS if self.monitor(kind, workload) is not None}
         return found | ({"Service"} if self.service(workload) is not None else set())
 
-    def wait_for_kinds(self, workload: str, kinds: set[str], timeout: float = 30) -> None:
+    def wait_for_kinds(self, workload: str, kinds: set[str], timeout: float = 90) -> None:
         wait_until(lambda: self.kinds(workload) == kinds, timeout, f"{workload}: just {kinds}")
 
-    def wait_for_monitor(self, kind: str, workload: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_for_monitor(self, kind: str, workload: str, timeout: float = 90) -> dict[str, Any]:
         wait_until(lambda: bool(self.monitor(kind, workload)), timeout, f"{kind} of {workload}")
         found = self.monitor(kind, workload)
         assert found is not None
@@ -118,7 +119,7 @@ class Objects:
             ]
             return bool(found)
 
-        wait_until(has_event, 30, f"a {reason} event on {name} containing {contains!r}")
+        wait_until(has_event, 90, f"a {reason} event on {name} containing {contains!r}")
         return found[0]
 
     def pod(self, name: str) -> client.V1Pod:

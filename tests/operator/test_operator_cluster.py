@@ -25,9 +25,10 @@ from prosody_operator import annotations as ann
 from prosody_operator import names
 from prosody_operator.kube import FIELD_MANAGER, Kube
 from testinfra import controlplane
-from testinfra.kubeapi import or_none, requests_served
+from testinfra.kubeapi import node_with_pod_cidrs, or_none, requests_served
 from testinfra.operator import OperatorProcess
 from testinfra.procs import free_port, wait_until
+from testinfra.webhook import pod_admission_review
 from testinfra.workloads import prosody_pod_spec, prosody_workload
 
 pytestmark = pytest.mark.cluster
@@ -39,16 +40,8 @@ MANUAL_INTERVAL = "20"
 @pytest.fixture(scope="module")
 def node(k8s_client: client.ApiClient) -> Iterator[str]:
     """A Node whose spec.podCIDRs is the pod network the sidecar allows by default."""
-    core = client.CoreV1Api(k8s_client)
-    name = f"node-{uuid.uuid4().hex[:6]}"
-    core.create_node(
-        client.V1Node(
-            metadata=client.V1ObjectMeta(name=name),
-            spec=client.V1NodeSpec(pod_cidr=NODE_CIDRS[0], pod_cidrs=NODE_CIDRS),
-        )
-    )
-    yield name
-    core.delete_node(name)
+    with node_with_pod_cidrs(k8s_client, NODE_CIDRS) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
@@ -445,20 +438,7 @@ def forge_admission_review(
         },
         "spec": spec,
     }
-    review = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": str(uuid.uuid4()),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "attacker"},
-            "object": pod,
-            "dryRun": False,
-        },
-    }
+    review = pod_admission_review(pod, namespace, username="attacker")
     response = httpx.post(f"{operator.webhook_url}/inject-exporter", json=review, verify=False)
     answer: dict[str, Any] = response.json()["response"]
     return answer
@@ -587,6 +567,84 @@ def test_restart_on_drift_restarts_the_rollout(cluster: Cluster, operator: Opera
         operator.start()
 
 
+def test_restart_on_drift_waits_for_a_ready_webhook_endpoint(
+    cluster: Cluster, operator: OperatorProcess
+):
+    """With its webhook Service known (the chart's), the operator restarts a rollout for pods
+    without the sidecar only once that Service has a ready endpoint, as the API server reads
+    it from the EndpointSlices: before, the new pods would lack the sidecar too. It says so
+    once in its log, and looks again every few seconds. No pod runs the webhook here (the
+    operator is a local process, called at its URL): the Service has no selector, and this
+    test writes its EndpointSlice, as the endpoint-slice controller does for the chart's."""
+    discovery = client.DiscoveryV1Api(operator.api)
+    service = f"{operator.fullname}-webhook"
+
+    def endpoint_slice(ready: bool) -> dict[str, Any]:
+        return {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": service, "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["198.18.64.10"], "conditions": {"ready": ready}}],
+            "ports": [{"name": "https", "port": 9443, "protocol": "TCP"}],
+        }
+
+    def reconciles() -> float:
+        text = httpx.get(operator.metrics_url, timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("prosody_operator_reconciles_total{")
+        )
+
+    operator.stop()
+    cluster.create_deployment(deployment("xmpp", None))
+    assert sidecar(cluster.wait_for_pod("xmpp")) is None
+    operator.settings["restart_on_drift"] = "true"
+    operator.settings["webhook_service"] = f"{operator.namespace}/{service}"
+    operator.apply_identity()
+    cluster.core.create_namespaced_service(
+        operator.namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name=service),
+            spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=443, target_port=9443)]),
+        ),
+    )
+    discovery.create_namespaced_endpoint_slice(operator.namespace, endpoint_slice(ready=False))
+    logged = len(operator.log_text())
+    try:
+        assert may(operator, "list", "discovery.k8s.io", "endpointslices", operator.namespace)
+        assert not may(operator, "list", "discovery.k8s.io", "endpointslices", cluster.namespace)
+        operator.start()
+        message = cluster.wait_for_event("xmpp", "SidecarMissing", "once the webhook Service")
+        assert f"{operator.namespace}/{service} has a ready endpoint" in message
+        seen = reconciles()
+        wait_until(lambda: reconciles() >= seen + 2, 60, "the workload to be looked at again")
+        template = cluster.apps.read_namespaced_deployment("xmpp", cluster.namespace).spec.template
+        assert "kubectl.kubernetes.io/restartedAt" not in (template.metadata.annotations or {})
+        deferred = operator.log_text()[logged:].count("rollout restart deferred")
+        assert deferred == 1, operator.log_text()[logged:]
+
+        discovery.replace_namespaced_endpoint_slice(
+            service, operator.namespace, endpoint_slice(ready=True)
+        )
+        cluster.wait_for_event("xmpp", "SidecarMissing", "Restarting the rollout.")
+        template = cluster.apps.read_namespaced_deployment("xmpp", cluster.namespace).spec.template
+        assert "kubectl.kubernetes.io/restartedAt" in template.metadata.annotations
+        wait_until(
+            lambda: any(sidecar(pod) for pod in cluster.pods("xmpp")),
+            30,
+            "a new pod, with the sidecar",
+        )
+    finally:
+        operator.stop()
+        del operator.settings["restart_on_drift"], operator.settings["webhook_service"]
+        or_none(lambda: discovery.delete_namespaced_endpoint_slice(service, operator.namespace))
+        or_none(lambda: cluster.core.delete_namespaced_service(service, operator.namespace))
+        operator.apply_identity()
+        operator.start()
+
+
 KINDS_PLURAL = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
 
 
@@ -625,6 +683,9 @@ def test_least_privilege(cluster: Cluster, operator: OperatorProcess):
         assert may(operator, "watch", "apps", resource, cluster.namespace)
         assert not may(operator, "patch", "apps", resource, cluster.namespace)
     assert not may(operator, "get", "", "secrets", cluster.namespace)
+    # EndpointSlices only with restartOnDrift, and then only its own namespace's.
+    for namespace in (operator.namespace, cluster.namespace):
+        assert not may(operator, "list", "discovery.k8s.io", "endpointslices", namespace)
 
 
 def limited(body: dict[str, Any]) -> dict[str, Any]:
@@ -963,6 +1024,9 @@ def test_an_upgrade_rolls_out_what_the_new_version_builds(
                     obj["metadata"]["name"], obj,
                     field_manager="prosody-operator", _content_type="application/apply-patch+yaml",
                 )  # fmt: skip
+        made_with_cluster_ip = cluster.service("xmpp")
+        assert made_with_cluster_ip is not None
+        assert made_with_cluster_ip.spec.cluster_ip not in (None, "None")
     finally:
         operator.start()
 
@@ -987,4 +1051,8 @@ def test_an_upgrade_rolls_out_what_the_new_version_builds(
         assert "prosody-operator.io/inputs-hash" not in notes
     assert monitor["spec"]["selector"]["matchLabels"][ann.WORKLOAD] == "xmpp"
     assert "prosody-operator.io/deployment" not in monitor["spec"]["selector"]["matchLabels"]
+    # The previous version's Service had a ClusterIP, which cannot change in place: it was
+    # deleted and made again, headless.
+    assert service.spec.cluster_ip == "None"
+    assert service.metadata.uid != made_with_cluster_ip.metadata.uid
     assert monitor["spec"]["endpoints"][0]["scrapeTimeout"] == "10s"

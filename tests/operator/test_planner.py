@@ -183,6 +183,8 @@ KPS_PODS = PrometheusSelectors(
     "monitoring", "kps", None, None, {"matchLabels": {"release": "kps"}}, {}
 )
 DRIFT = SETTINGS.model_copy(update={"restart_on_drift": True})
+WEBHOOK = "prosody-operator/prosody-operator-webhook"
+DRIFT_SERVICE = DRIFT.model_copy(update={"webhook_service": WEBHOOK})
 PODS = SETTINGS.model_copy(update={"monitor_kind": "PodMonitor"})
 INJECT_ONLY = SETTINGS.model_copy(update={"service_monitor_enabled": False})
 
@@ -662,6 +664,57 @@ RECONCILE = {
         ),
         [], [], {"NotSelectedByPrometheus": "", "SidecarMissing": "Restarting"}, True,
     ),
+    # -- restartOnDrift and the webhook: a restart only when its new pods can get the sidecar --
+    "restartOnDrift, the webhook Service has a ready endpoint: restart the rollout": (
+        (
+            Workload(opted_in(), {}, owned=built(opted_in()), pods=(pod("xmpp-1"),), now=NOW,
+                     webhook_ready=True),
+            DRIFT_SERVICE,
+        ),
+        [], [], {"NotSelectedByPrometheus": "", "SidecarMissing": "Restarting the rollout."}, True,
+    ),
+    "restartOnDrift, no ready endpoint of the webhook Service: the restart waits": (
+        (
+            Workload(opted_in(), {}, owned=built(opted_in()), pods=(pod("xmpp-1"),), now=NOW,
+                     webhook_ready=False),
+            DRIFT_SERVICE,
+        ),
+        [], [],
+        {"NotSelectedByPrometheus": "",
+         "SidecarMissing": "xmpp-1. Restarting the rollout once the webhook Service "
+         f"{WEBHOOK} has a ready endpoint (none now: new pods would lack the sidecar too)."},
+        False,
+    ),
+    "restartOnDrift, webhook not known (no Service, or not read): restart the rollout": (
+        (
+            Workload(opted_in(), {}, owned=built(opted_in()), pods=(pod("xmpp-1"),), now=NOW,
+                     webhook_ready=None),
+            DRIFT_SERVICE,
+        ),
+        [], [], {"NotSelectedByPrometheus": "", "SidecarMissing": "Restarting the rollout."}, True,
+    ),
+    "restartOnDrift, no ready endpoint, within the cool-down: not again (nothing waits)": (
+        (
+            Workload(restarted(opted_in(), 5), {}, owned=built(restarted(opted_in(), 5)),
+                     pods=(pod("xmpp-1"),), now=NOW, webhook_ready=False),
+            DRIFT_SERVICE,
+        ),
+        [], [],
+        {"NotSelectedByPrometheus": "", "SidecarMissing": "not again within 10 minutes"}, False,
+    ),
+    "no restartOnDrift, no ready endpoint: the command, nothing waits": (
+        Workload(opted_in(), {}, owned=built(opted_in()), pods=(pod("xmpp-1"),), now=NOW,
+                 webhook_ready=False),
+        [], [], {"NotSelectedByPrometheus": "", "SidecarMissing": "Fix: kubectl"}, False,
+    ),
+    "no ready endpoint, every pod injected: nothing to restart, nothing waits": (
+        (
+            Workload(opted_in(), {}, owned=built(opted_in()),
+                     pods=(pod("xmpp-1", sidecar_interval="60s"),), now=NOW, webhook_ready=False),
+            DRIFT_SERVICE,
+        ),
+        [], [], {"NotSelectedByPrometheus": ""}, False,
+    ),
     # -- the monitor's kind: ServiceMonitor (above), PodMonitor, or none (inject only) --
     "PodMonitor mode: a PodMonitor and no Service": (
         (Workload(opted_in(), {}), PODS),
@@ -788,6 +841,9 @@ def test_plan_reconcile(row):
         assert any(e.reason == reason and text in e.message for e in plan.events), (reason, text)
     assert {e.reason for e in plan.events} <= planner.RECONCILE_REASONS
     assert plan.restart is restart
+    # A restart waits, to be looked at again, only when the webhook has no ready endpoint.
+    waits = "once the webhook Service" in str(events.get("SidecarMissing"))
+    assert plan.deferred == (f"no ready endpoint of the webhook Service {WEBHOOK}" if waits else "")
     for obj in plan.apply:  # what is applied is owned by the workload, and carries its hash
         assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
         assert obj["metadata"]["ownerReferences"][0]["kind"] == seen.body["kind"]
@@ -803,6 +859,32 @@ def test_deletes_name_the_observed_objects():
     owned = built(opted_in())
     plan = plan_reconcile(SETTINGS, Workload(workload(), {}, owned=owned))
     assert {obj["metadata"]["uid"] for obj in plan.delete} == {"uid-Service", "uid-ServiceMonitor"}
+
+
+def with_cluster_ip(owned: dict[str, dict]) -> dict[str, dict]:
+    """The Service as operator versions before headless Services made it: a ClusterIP."""
+    changed = copy.deepcopy(owned)
+    changed["Service"]["spec"].update(clusterIP="198.19.7.9", clusterIPs=["198.19.7.9"])
+    return changed
+
+
+def test_a_service_with_a_cluster_ip_is_made_again_headless():
+    """spec.clusterIP cannot change in place: the Service is deleted (by the uid observed)
+    and applied anew; the ServiceMonitor, up to date, is left alone."""
+    owned = with_cluster_ip(built(opted_in()))
+    plan = plan_reconcile(SETTINGS, Workload(opted_in(), {}, owned=owned))
+    assert plan.apply == () and plan.delete == ()
+    ((live, new),) = plan.replace
+    assert live["metadata"]["uid"] == "uid-Service"
+    assert new["kind"] == "Service" and new["spec"]["clusterIP"] == "None"
+    assert {e.reason for e in plan.events} == {"MetricsConfigured", "NotSelectedByPrometheus"}
+    # Headless already: nothing to do.
+    assert plan_reconcile(SETTINGS, Workload(opted_in(), {}, owned=built(opted_in()))).replace == ()
+    # Not ours: never deleted.
+    foreign_plan = plan_reconcile(
+        SETTINGS, Workload(opted_in(), {}, owned=foreign(owned, "Service"))
+    )
+    assert foreign_plan.replace == () and foreign_plan.delete == ()
 
 
 def test_an_upgrade_whose_builder_changed_rewrites_every_object(monkeypatch):

@@ -40,7 +40,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s-webhook" (include "prosody-operator.fullname" . | trunc 55 | trimSuffix "-") -}}
 {{- end -}}
 
-{{/* The webhook certificate's Secret (cert-manager). */}}
+{{/* The Service of the operator's own metrics. */}}
+{{- define "prosody-operator.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "prosody-operator.fullname" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* The webhook certificate's Secret (cert-manager's, or the replicas' shared one). */}}
 {{- define "prosody-operator.webhookSecretName" -}}
 {{- printf "%s-webhook-tls" (include "prosody-operator.fullname" . | trunc 51 | trimSuffix "-") -}}
 {{- end -}}

@@ -22,6 +22,7 @@ ALLOW_CIDRS_ENV = "PROSODY_EXPORTER_ALLOW_CIDRS"
 METRICS_PORT_NAME = "metrics"
 WEBHOOK_HANDLER_ID = "inject-exporter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "prosody-operator"}
+OWNED_KINDS = ("Service", "ServiceMonitor")  # what the operator makes for a workload
 # The webhook for labelled pods keeps the name it always had (bench/ reads the API server's
 # metrics by it); the other serves opted-in namespaces.
 POD_WEBHOOK = "inject.prosody-operator.io"
@@ -208,6 +209,8 @@ def _metadata(workload: Mapping[str, Any]) -> Obj:
 
 
 def build_service(workload: Mapping[str, Any], port: int) -> Obj:
+    """Headless: Prometheus scrapes the endpoints, so a ClusterIP would only use up the
+    cluster's finite service range and a kube-proxy rule on every node."""
     selector = workload["spec"]["selector"].get("matchLabels") or {}
     return with_hash(
         {
@@ -215,6 +218,7 @@ def build_service(workload: Mapping[str, Any], port: int) -> Obj:
             "kind": "Service",
             "metadata": _metadata(workload),
             "spec": {
+                "clusterIP": "None",
                 "selector": dict(selector),
                 "ports": [
                     {
@@ -227,6 +231,15 @@ def build_service(workload: Mapping[str, Any], port: int) -> Obj:
             },
         }
     )
+
+
+def must_recreate(live: Mapping[str, Any] | None, built: Mapping[str, Any]) -> bool:
+    """Whether the live object differs from the built one in a field the API server does not
+    change in place: a Service's clusterIP (one made with a ClusterIP, as operator versions
+    before headless Services made them, cannot become headless). It is deleted and made again."""
+    if live is None or built["kind"] != "Service":
+        return False
+    return bool((live.get("spec") or {}).get("clusterIP") != built["spec"]["clusterIP"])
 
 
 def monitor_labels(workload: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, str]:

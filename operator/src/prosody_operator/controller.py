@@ -8,7 +8,9 @@ kube.py have side effects, and kube.py alone talks to the API.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as NotYet
@@ -16,11 +18,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from . import annotations as ann
-from . import builders, names, observation, optin
+from . import builders, metrics, names, observation, optin
 from .configmaps import ConfigMapCache
 from .evaluation import Busy, Evaluations, Limits
-from .events import EventLog
+from .events import MEMORY_OBJECTS, Event, EventLog
 from .kube import Kube, NamespaceTerminating, retryable
+from .logs import about
 from .planner import (
     RECONCILE_REASONS,
     AdmissionPlan,
@@ -63,7 +66,8 @@ class Indexes:
     namespaces: Index = field(default_factory=dict)  # name -> labels
     workloads: Index = field(default_factory=dict)  # (namespace, kind, name) -> WorkloadSummary
     by_configmap: Index = field(default_factory=dict)  # (namespace, configmap) -> (kind, name)
-    # (namespace, kind, name) of owners -> the kinds of the objects of ours they own
+    # (namespace, kind, name) of owners -> copies of the objects of ours they own (what a
+    # reconcile compares with what it builds)
     owners: Index = field(default_factory=dict)
     prometheuses: Index = field(default_factory=dict)  # None -> PrometheusSelectors
     quotas: Index = field(default_factory=dict)  # namespace -> quotas.Requirement
@@ -76,6 +80,8 @@ class Indexes:
 # Seconds a reconcile waits beyond the evaluation budget (the result of a killed evaluation
 # comes right after it).
 RECONCILE_SLACK = 2.0
+# Seconds before a workload whose rollout restart waits for the webhook is looked at again.
+DEFERRED_RESTART_RECHECK = 5.0
 
 
 class Controller:
@@ -88,13 +94,24 @@ class Controller:
         self.settings = settings
         self.kube = kube
         self.evaluations = evaluations
-        self.events = EventLog(kube.post_event)
+        self.events = EventLog(self._post_event)
         self.configmaps = ConfigMapCache()
         self.node_cidrs_at_start: tuple[str, ...] = ()
         self.retries = Retries()
+        # Workloads whose rollout restart waits for the webhook: looked at again, at a fixed
+        # pace; the keys of those waiting, said once in the log.
+        self.deferrals = Retries((DEFERRED_RESTART_RECHECK,))
+        self._deferred: set[tuple[str, str, str]] = set()
         # Reconciles of workloads whose config was still being evaluated when they were last
         # reconciled: one thread, run when the evaluation is done.
         self._followups = ThreadPoolExecutor(1, thread_name_prefix="reconcile-evaluated")
+        # Where a reconcile asked for later goes (handlers.py: the leader's work queue); None:
+        # it runs in the thread that asks.
+        self.requeue: Callable[[ObjectRef], None] | None = None
+        # The resourceVersion of each object this operator last wrote, until its watch event
+        # arrives: that event is no news, and until then the index holds an older version.
+        self._written: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._written_lock = threading.Lock()
 
     def evaluator(self, wait: float, waiting: list[Future[StatisticsConfig]]) -> Evaluator:
         """Evaluates through the workers, waiting at most `wait` seconds in all (a config read
@@ -102,7 +119,7 @@ class Controller:
         Future goes to `waiting`."""
         evaluations = self.evaluations
         if evaluations is None:
-            return evaluate
+            return metrics.counted(evaluate)
         deadline = time.monotonic() + wait
 
         def bounded(inputs: ConfigInputs) -> StatisticsConfig | None:
@@ -122,9 +139,61 @@ class Controller:
 
         return bounded
 
+    def _post_event(self, involved: ObjectRef, event: Event) -> None:
+        metrics.event_posted(event, self.kube.post_event(involved, event))
+
+    def remember_posted_events(self) -> int:
+        """Seed the Event log with the Events an earlier process posted, so a restart posts
+        none again; returns how many."""
+        posted = self.kube.posted_events(self.settings.watch_namespaces)
+        for uid, reason, message in posted:
+            self.events.remember(uid, reason, message)
+        return len(posted)
+
     def _namespace_labels(self, namespace: str, indexes: Indexes) -> Mapping[str, str]:
         labels = Indexes.first(indexes.namespaces, namespace)
         return labels if labels is not None else self.kube.namespace_labels(namespace)
+
+    # --- our own writes ----------------------------------------------------------------
+
+    def _wrote(self, obj: Mapping[str, Any], resource_version: str) -> None:
+        meta = obj["metadata"]
+        with self._written_lock:
+            self._written[(meta["namespace"], obj["kind"], meta["name"])] = resource_version
+            while len(self._written) > MEMORY_OBJECTS:
+                self._written.popitem(last=False)
+
+    def observed(self, obj: Mapping[str, Any]) -> bool:
+        """Whether a watch event about one of our objects shows our own last write (no news);
+        from then on the index holds that version."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "", obj.get("kind") or "", meta.get("name") or "")
+        with self._written_lock:
+            if key in self._written and self._written[key] == meta.get("resourceVersion"):
+                del self._written[key]
+                return True
+        return False
+
+    def _indexed_current(self, obj: Mapping[str, Any]) -> bool:
+        """Whether the index's copy can be trusted: no write of ours is on its way to it."""
+        meta = obj["metadata"]
+        with self._written_lock:
+            written = self._written.get((meta["namespace"], obj["kind"], meta["name"]))
+        return written is None or written == meta.get("resourceVersion")
+
+    def _owned(self, ref: ObjectRef, kinds: set[str], indexes: Indexes) -> dict[str, Obj]:
+        """The live objects of these kinds named as ours for the workload: the index's copies
+        when current, else read (missing from the index: not ours, or not seen yet)."""
+        name = names.metrics_object_name(ref.name)
+        owned = {
+            obj["kind"]: dict(obj)
+            for obj in indexes.owners.get(ref.key) or ()
+            if obj["metadata"]["name"] == name and self._indexed_current(obj)
+        }
+        missing = kinds - owned.keys()
+        if missing:
+            owned.update(self.kube.metrics_objects(ref.namespace, name, missing))
+        return owned
 
     # --- admission -----------------------------------------------------------------------
 
@@ -199,27 +268,84 @@ class Controller:
     def _reconcile(self, workload: Obj, indexes: Indexes) -> ReconcilePlan:
         waiting: list[Future[StatisticsConfig]] = []
         wait = self.settings.evaluation_timeout + RECONCILE_SLACK
-        plan = plan_reconcile(
-            self.settings, self.observe_workload(workload, indexes), self.evaluator(wait, waiting)
-        )
-        self.execute(plan)
+        started = time.perf_counter()
+        try:
+            evaluate = self.evaluator(wait, waiting)
+            seen = self.observe_workload(workload, indexes)
+            plan = plan_reconcile(self.settings, seen, evaluate)
+            if plan.restart and self.settings.webhook_service:
+                # New pods get the sidecar only if the webhook can be called: look (the config's
+                # evaluation is cached by now).
+                namespace, _, name = self.settings.webhook_service.partition("/")
+                ready = self.kube.has_ready_endpoint(namespace, name)
+                seen = replace(seen, webhook_ready=ready)
+                plan = plan_reconcile(self.settings, seen, evaluate)
+            self.execute(plan)
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        self._record(plan)
+        self._defer(plan, indexes)
         if waiting:  # queued behind other evaluations: reconcile again once they are done
             ref = plan.workload
 
             def follow_up(_: Future[StatisticsConfig]) -> None:
                 if all(future.done() for future in waiting):
-                    self._followups.submit(
-                        self.reconcile_named, ref.kind, ref.namespace, ref.name, indexes
-                    )
+                    self._followups.submit(self._later, ref, indexes)
 
             for future in waiting:
                 future.add_done_callback(follow_up)
         return plan
 
+    def _defer(self, plan: ReconcilePlan, indexes: Indexes) -> None:
+        """A restart that waits: reconcile again shortly (said once in the log)."""
+        ref = plan.workload
+        key = (ref.namespace, ref.kind, ref.name)
+        if not plan.deferred:
+            self._forget_deferral(key)
+            return
+        if key not in self._deferred:
+            self._deferred.add(key)
+            log.info(
+                "rollout restart deferred: %s; looking again every %g s",
+                plan.deferred,
+                DEFERRED_RESTART_RECHECK,
+                extra=about(ref.kind, ref.namespace, ref.name),
+            )
+        self.deferrals.failed(key, lambda: self._later(ref, indexes))
+
+    def _forget_deferral(self, key: tuple[str, str, str]) -> None:
+        self._deferred.discard(key)
+        self.deferrals.succeeded(key)
+
+    @staticmethod
+    def _record(plan: ReconcilePlan) -> None:
+        ref = plan.workload
+        changed = bool(plan.apply or plan.delete or plan.replace or plan.restart)
+        metrics.RECONCILES.labels("changed" if changed else "unchanged").inc()
+        metrics.WORKLOADS.set(ref.key, metrics.workload_states(plan.events))
+        if changed:
+            what = [f"{o['kind']} applied" for o in plan.apply]
+            what += [f"{live['kind']} made again" for live, _ in plan.replace]
+            what += [f"{o['kind']} deleted" for o in plan.delete]
+            what += ["rollout restarted"] * plan.restart
+            where = about(ref.kind, ref.namespace, ref.name)
+            log.info("reconciled: %s", ", ".join(what), extra=where)
+
     def _reconcile_named(self, ref: ObjectRef, indexes: Indexes) -> None:
         workload = self.kube.workload(ref.kind, ref.namespace, ref.name)
         if workload is not None and not workload["metadata"].get("deletionTimestamp"):
             self._reconcile(workload, indexes)
+        else:  # gone: nothing waits for it any more
+            self._forget_deferral((ref.namespace, ref.kind, ref.name))
+
+    def _later(self, ref: ObjectRef, indexes: Indexes) -> None:
+        if self.requeue is not None:
+            self.requeue(ref)
+        else:
+            self.reconcile_named(ref.kind, ref.namespace, ref.name, indexes)
 
     def _retrying(self, ref: ObjectRef, indexes: Indexes, work: Callable[[], T]) -> T | None:
         try:
@@ -228,9 +354,7 @@ class Controller:
             if not retryable(error):
                 raise
             key = (ref.namespace, ref.kind, ref.name)
-            delay = self.retries.failed(
-                key, lambda: self.reconcile_named(ref.kind, ref.namespace, ref.name, indexes)
-            )
+            delay = self.retries.failed(key, lambda: self._later(ref, indexes))
             log.warning("reconciling %s failed (%s); again in %g s", ref, error, delay)
             return None
         self.retries.succeeded((ref.namespace, ref.kind, ref.name))
@@ -243,13 +367,12 @@ class Controller:
         namespace_labels = self._namespace_labels(ref.namespace, indexes)
         prosody = workload_candidate(workload, namespace_labels)
         # What it owns (to delete what the plan no longer builds), and what the plan builds.
-        kinds = set(indexes.owners.get(ref.key) or ())
+        kinds = {obj["kind"] for obj in indexes.owners.get(ref.key) or ()}
         if prosody.wanted:
             kinds.update(monitor_kinds(self.settings))
         owned: dict[str, Obj] = {}
         if kinds:
-            name = names.metrics_object_name(ref.name)
-            owned = self.kube.metrics_objects(ref.namespace, name, kinds)
+            owned = self._owned(ref, kinds, indexes)
         if not prosody.wanted:
             return observation.Workload(workload, namespace_labels, owned=owned)
         template = workload["spec"].get("template") or {}
@@ -273,8 +396,11 @@ class Controller:
 
     def execute(self, plan: ReconcilePlan) -> None:
         try:
+            for live, obj in plan.replace:
+                if self.kube.delete(live):  # else replaced meanwhile: the next reconcile sees it
+                    self._wrote(obj, self.kube.apply(obj))
             for obj in plan.apply:
-                self.kube.apply(obj)
+                self._wrote(obj, self.kube.apply(obj))
         except NamespaceTerminating:
             return  # the namespace goes, and everything in it
         for live in plan.delete:
@@ -293,11 +419,13 @@ class Controller:
         if client_config is None:
             log.warning("no webhook URL or Service set: the webhook configuration is not managed")
             return
-        self.kube.apply_webhook_configuration(
-            builders.build_webhook_configuration(
-                self.settings.webhook_configuration, client_config, self.settings.watch_namespaces
-            )
+        configuration = builders.build_webhook_configuration(
+            self.settings.webhook_configuration, client_config, self.settings.watch_namespaces
         )
+        # Another replica, or this one before a restart, may have applied the same already.
+        live = self.kube.webhook_configuration(self.settings.webhook_configuration)
+        if live is None or not builders.is_subset(configuration, live):
+            self.kube.apply_webhook_configuration(configuration)
 
 
 def start_evaluations(settings: OperatorSettings) -> Evaluations:

@@ -401,6 +401,9 @@ class Evaluations:
             thread.join()
 
     def _run(self, worker: _Worker) -> None:
+        # Here, not at the top: the workers import this module, and need no metrics.
+        from . import metrics
+
         worker.start()  # ahead of the first request: a budget is for evaluating, not importing
         while True:
             with self._lock:
@@ -410,6 +413,7 @@ class Evaluations:
                     worker.kill()
                     return
                 key, request = self._queue.pop(0)
+            started = time.perf_counter()
             try:
                 config, bounded = worker.evaluate(request)
             except Exception as error:  # never leave a caller waiting
@@ -417,6 +421,8 @@ class Evaluations:
                 worker.kill()
                 message = f"the operator could not evaluate the config: {error}"
                 config, bounded = failed(request, message), True
+            outcome = "error" if bounded else "problems" if config.findings else "ok"
+            metrics.record_evaluation(outcome, time.perf_counter() - started)
             if bounded:
                 worker.start()  # a fresh one, ready for the next request
             self._done(key, config, bounded)

@@ -63,6 +63,15 @@ class EventLog:
         self._seen: OrderedDict[tuple[str, ...], tuple[float, _Posted]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def remember(self, uid: str, reason: str, message: str) -> None:
+        """An Event posted before this process started (still kept by the API server): not
+        posted again while the condition lasts."""
+        with self._lock:
+            now = self._clock()
+            _, posted = self._seen.pop((uid,), (now, {}))
+            self._seen[(uid,)] = (now, {**posted, (reason, message): now})
+            self._forget(now - self._repost_after)
+
     def report(
         self, target: ObjectRef, events: Iterable[Event], settles: Collection[str] = ()
     ) -> list[Event]:

@@ -1,15 +1,23 @@
 """kopf handlers: thin wiring from events to the Controller, which they alone call.
 
 Only event handlers, indexes and a webhook are used, so kopf keeps no state on users' objects.
+Every replica runs all of it: the indexes and the webhook serve on each. Event handlers only
+queue the workloads to reconcile (workqueue.py); the queue's workers run while this replica
+leads (leadership.py), so exactly one replica writes. Admissions run in a thread pool of their
+own: a reconcile waiting on the API never delays a pod's admission.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,16 +25,24 @@ from urllib.parse import urlparse
 import kopf
 
 from . import annotations as ann
-from . import builders
+from . import builders, metrics
 from .controller import Controller, Indexes, start_evaluations, summarize
 from .kube import MONITOR_PLURALS, MONITORING_GROUP, MONITORING_VERSION, Kube, load_config
+from .leadership import LeaderElector, default_identity
+from .logs import about
 from .planner import AdmissionPlan
 from .prosody import prosody_configmaps
 from .quotas import Requirement, requirement
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
-from .tls import ServingCertificate, load_serving_certificate, make_serving_certificate
+from .tls import (
+    ServingCertificate,
+    load_serving_certificate,
+    make_serving_certificate,
+    shared_serving_certificate,
+)
 from .workloads import KINDS
+from .workqueue import WorkQueue
 
 log = logging.getLogger("prosody_operator")
 
@@ -34,11 +50,22 @@ log = logging.getLogger("prosody_operator")
 CERTIFICATE_CHECK_INTERVAL = 10.0
 CONFIGURATION_RETRY = 5.0  # seconds between two attempts to apply the webhook configuration
 OWNED = builders.MANAGED_BY  # the label on every object the operator makes
+# Threads that reconcile, each one workload at a time; most of a reconcile is waiting on the API.
+RECONCILE_WORKERS = 4
+# Threads that decide admissions (the API server waits for each; no API call when indexed).
+ADMISSION_WORKERS = 4
+
+Key = tuple[str, str, str]  # (namespace, kind, name) of a workload
 
 
 def _controller(memo: Any) -> Controller:
     controller: Controller = memo.controller
     return controller
+
+
+def _queue(memo: Any) -> WorkQueue:
+    queue: WorkQueue = memo.queue
+    return queue
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
@@ -66,28 +93,31 @@ class _Merged(Mapping[Any, list[Any]]):
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> Indexes:
-    """kopf passes each index as a keyword named by its id."""
+    """kopf passes each index as a keyword named by its id: live views, kept up to date, so
+    the ones a startup handler gets serve the queue's workers for good (an empty one is still
+    the index, not to be replaced)."""
+
+    def index(name: str) -> Mapping[Any, Any]:
+        found = kwargs.get(name)
+        return found if found is not None else {}
 
     def merged(prefix: str) -> _Merged:
-        return _Merged(*(kwargs.get(f"{prefix}_{k.plural}") or {} for k in KINDS.values()))
+        return _Merged(*(index(f"{prefix}_{k.plural}") for k in KINDS.values()))
 
     return Indexes(
-        node_pod_cidrs=kwargs.get("node_pod_cidrs") or {},
-        namespaces=kwargs.get("namespace_labels") or {},
+        node_pod_cidrs=index("node_pod_cidrs"),
+        namespaces=index("namespace_labels"),
         workloads=merged("workloads"),
         by_configmap=merged("configmaps_of"),
         owners=_Merged(
-            *(
-                kwargs.get(f"owned_{plural}") or {}
-                for plural in ("services", *MONITOR_PLURALS.values())
-            )
+            *(index(f"owned_{plural}") for plural in ("services", *MONITOR_PLURALS.values()))
         ),
-        prometheuses=kwargs.get("prometheus_selectors") or {},
-        quotas=kwargs.get("quota_requirements") or {},
+        prometheuses=index("prometheus_selectors"),
+        quotas=index("quota_requirements"),
     )
 
 
-def _certificate(settings: OperatorSettings) -> ServingCertificate:
+def _certificate(settings: OperatorSettings, kube: Kube) -> ServingCertificate:
     if settings.webhook_cert_dir:
         return load_serving_certificate(Path(settings.webhook_cert_dir))
     hosts = []
@@ -96,9 +126,23 @@ def _certificate(settings: OperatorSettings) -> ServingCertificate:
     if settings.webhook_service:
         namespace, _, name = settings.webhook_service.partition("/")
         hosts += [f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"]
-    return make_serving_certificate(
-        Path(tempfile.mkdtemp(prefix="webhook-")), hosts or ["localhost"]
-    )
+    directory = Path(tempfile.mkdtemp(prefix="webhook-"))
+    if settings.webhook_cert_secret:
+        namespace, _, name = settings.webhook_cert_secret.partition("/")
+        try:
+            return shared_serving_certificate(
+                functools.partial(kube.read_secret, namespace, name),
+                functools.partial(kube.replace_secret, namespace),
+                directory,
+                hosts or ["localhost"],
+            )
+        except LookupError:
+            log.error(
+                "the Secret %s holding the replicas' webhook certificate does not exist: this "
+                "replica makes its own, and other replicas' calls will fail TLS",
+                settings.webhook_cert_secret,
+            )
+    return make_serving_certificate(directory, hosts or ["localhost"])
 
 
 class WebhookServer(kopf.WebhookServer):
@@ -124,16 +168,24 @@ class WebhookServer(kopf.WebhookServer):
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     operator_settings: OperatorSettings = memo.settings  # checked and built once, by main()
     load_config()
+    kube = Kube()
     controller = memo.controller = Controller(
-        operator_settings, Kube(), start_evaluations(operator_settings)
+        operator_settings, kube, start_evaluations(operator_settings)
     )
     controller.read_node_cidrs()
-    certificate = _certificate(operator_settings)
+    # kopf hands startup handlers the same live indexes as every handler.
+    indexes = memo.indexes = _indexes(kwargs)
+    certificate = _certificate(operator_settings, kube)
+
+    def serving(ca_bundle: str) -> None:
+        controller.apply_webhook_configuration(ca_bundle)
+        memo.webhook_serving = True
+
     settings.admission.server = WebhookServer(
-        controller.apply_webhook_configuration,
+        serving,
         addr=operator_settings.webhook_host,
         port=operator_settings.webhook_port,
         certfile=str(certificate.certfile),
@@ -143,6 +195,96 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     # kopf posts its own handler errors as Events too; keep those to real problems.
     settings.posting.level = logging.WARNING
+    memo.admissions = ThreadPoolExecutor(ADMISSION_WORKERS, thread_name_prefix="admission")
+
+    # Another replica, or this process before a restart, may have posted Events this one would
+    # otherwise post again: read them each time this replica starts leading, before its first
+    # reconcile, in a worker (a long list in the elector's thread would delay its renewals).
+    events_read = threading.Lock()
+    events_stale = threading.Event()
+
+    def remember_posted_events() -> None:
+        with events_read:
+            if not events_stale.is_set():
+                return
+            events_stale.clear()
+            try:
+                remembered = controller.remember_posted_events()
+                log.info("%d Events posted before remembered", remembered)
+            except Exception:
+                log.exception("could not read the Events posted before: some may be posted again")
+
+    def process(key: Key, body: dict[str, Any] | None) -> None:
+        remember_posted_events()
+        if body is None:
+            controller.reconcile_named(key[1], key[0], key[2], indexes)
+        else:
+            controller.reconcile(body, indexes)
+
+    queue = memo.queue = WorkQueue(
+        process, RECONCILE_WORKERS, log_extra=lambda key: about(key[1], key[0], key[2])
+    )
+    queue.start()
+    # Reconciles asked for later (a retry, a config evaluated meanwhile) go through the queue.
+    controller.requeue = lambda ref: queue.add((ref.namespace, ref.kind, ref.name))
+    for cache, index in (
+        ("workloads", indexes.workloads),
+        ("namespaces", indexes.namespaces),
+        ("owned_objects", indexes.owners),
+        ("prometheuses", indexes.prometheuses),
+    ):
+        metrics.SIZES.register(cache, functools.partial(_entries, index))
+    metrics.SIZES.register("configmaps", functools.partial(len, controller.configmaps))
+    metrics.SIZES.register("event_log_objects", functools.partial(len, controller.events))
+    metrics.SIZES.register("reconcile_queue", functools.partial(len, queue))
+
+    def start_leading() -> None:
+        events_stale.set()
+        metrics.set_leader(True)
+        for key in list(indexes.workloads):  # what was queued as a standby is queued already
+            queue.add(key)
+        queue.resume()
+
+    def stop_leading() -> None:
+        queue.pause()
+        metrics.set_leader(False)
+        metrics.WORKLOADS.clear()
+
+    if operator_settings.leader_election_lease:
+        memo.elector = LeaderElector(
+            kube,
+            operator_settings.leader_election_lease,
+            default_identity(),
+            start_leading,
+            stop_leading,
+        )
+        memo.elector.start()
+    else:
+        start_leading()
+
+
+def _entries(index: Mapping[Any, Any]) -> int:
+    return sum(len(list(values)) for values in index.values())
+
+
+def stop_reconciling(memo: kopf.Memo) -> None:
+    """Release the Lease (another replica takes over at once) and stop the workers; the
+    webhook serves on. Safe to call twice."""
+    elector: LeaderElector | None = getattr(memo, "elector", None)
+    if elector is not None:
+        elector.stop()
+    queue: WorkQueue | None = getattr(memo, "queue", None)
+    if queue is not None:
+        queue.pause()
+        queue.stop()
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    stop_reconciling(memo)
+    admissions: ThreadPoolExecutor | None = getattr(memo, "admissions", None)
+    if admissions is not None:
+        admissions.shutdown(wait=False, cancel_futures=True)
 
 
 # --- indexes: what the webhook and the reconciler look up without an API call ------------------
@@ -179,19 +321,41 @@ def _configmaps_of(
     return {(namespace, configmap): (body["kind"], name) for configmap in names}
 
 
-def _owner(body: kopf.Body, namespace: str, **_: Any) -> dict[tuple[str, str, str], str]:
-    """Objects of ours -> the workload they are for (the object's kind), so that it is cleaned
-    up and re-checked."""
+def _owner_key(body: Mapping[str, Any], namespace: str) -> Key | None:
+    """The workload an object of ours is for."""
     for owner in body.get("metadata", {}).get("ownerReferences") or []:
         if owner.get("controller") and owner.get("kind") in KINDS:
-            return {(namespace, owner["kind"], owner["name"]): str(body.get("kind"))}
-    return {}
+            return (namespace, owner["kind"], owner["name"])
+    return None
 
 
-kopf.index("", "v1", "services", id="owned_services", labels=OWNED)(_owner)
+# What a reconcile compares with what it builds (builders.up_to_date); the rest is left out.
+_KEPT_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels", "annotations")
+
+
+def _owned(body: kopf.Body, namespace: str, **_: Any) -> dict[Key, dict[str, Any]]:
+    """Objects of ours -> the workload they are for: so that it is cleaned up and re-checked,
+    and its reconciles read them without an API call."""
+    key = _owner_key(body, namespace)
+    if key is None:
+        return {}
+    metadata = body.get("metadata", {})
+    kept = {k: copy.deepcopy(metadata[k]) for k in _KEPT_METADATA if k in metadata}
+    kept["ownerReferences"] = copy.deepcopy(metadata.get("ownerReferences") or [])
+    return {
+        key: {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": kept,
+            "spec": copy.deepcopy(dict(body.get("spec") or {})),
+        }
+    }
+
+
+kopf.index("", "v1", "services", id="owned_services", labels=OWNED)(_owned)
 for _plural in MONITOR_PLURALS.values():
     kopf.index(MONITORING_GROUP, MONITORING_VERSION, _plural, id=f"owned_{_plural}", labels=OWNED)(
-        _owner
+        _owned
     )
 
 
@@ -200,13 +364,17 @@ def prometheus_selectors(body: kopf.Body, **_: Any) -> PrometheusSelectors:
     return PrometheusSelectors.of(_plain(body))
 
 
-# --- reconciling workloads -------------------------------------------------------------------
+# --- reconciling workloads: queued, for the workers of the leading replica ------------------
 
 
-def workload_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def workload_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    key: Key = (body.metadata.namespace or "", body["kind"], body.metadata.name or "")
     if type == "DELETED" or body.metadata.get("deletionTimestamp"):
-        return  # the garbage collector removes what the workload owned
-    _controller(memo).reconcile(_plain(body), _indexes(kwargs))
+        # The garbage collector removes what the workload owned.
+        _queue(memo).discard(key)
+        metrics.WORKLOADS.forget(key)
+        return
+    _queue(memo).add(key, _plain(body))
 
 
 for _kind in KINDS.values():
@@ -221,11 +389,12 @@ for _kind in KINDS.values():
     )
 
 
-def owned_changed(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    """A Service or ServiceMonitor of ours changed or went: its workload puts it right (a hand
-    edit is reverted, a deleted one made again; our own writes change nothing more)."""
-    for namespace, kind, name in _owner(body, body.metadata.namespace or ""):
-        _controller(memo).reconcile_named(kind, namespace, name, _indexes(kwargs))
+async def owned_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A Service, ServiceMonitor or PodMonitor of ours changed or went: its workload puts it
+    right (a hand edit is reverted, a deleted one made again). Our own writes are no news."""
+    key = _owner_key(body, body.metadata.namespace or "")
+    if key is not None and (type == "DELETED" or not _controller(memo).observed(body)):
+        _queue(memo).add(key)
 
 
 kopf.on.event("", "v1", "services", id="owned-service-changed", labels=OWNED)(owned_changed)
@@ -236,19 +405,18 @@ for _plural in MONITOR_PLURALS.values():
 
 
 @kopf.on.event("", "v1", "configmaps", id="configmap-changed")
-def configmap_changed(
+async def configmap_changed(
     type: str, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
-    controller = _controller(memo)
     data = None if type == "DELETED" else dict(body.get("data") or {})
-    controller.configmaps.update(namespace, name, data)
+    _controller(memo).configmaps.update(namespace, name, data)
     indexes = _indexes(kwargs)
     for kind, workload in set(indexes.by_configmap.get((namespace, name)) or ()):
-        controller.reconcile_named(kind, namespace, workload, indexes)
+        _queue(memo).add((namespace, kind, workload))
 
 
 @kopf.on.event("", "v1", "namespaces", id="namespace-changed")
-def namespace_changed(
+async def namespace_changed(
     type: str, name: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     """A namespace opted in or out: its workloads' pods are candidates now, or no longer."""
@@ -258,14 +426,13 @@ def namespace_changed(
     seen[name] = now
     if first or before == now or type == "DELETED":
         return  # at start-up every workload is reconciled anyway
-    indexes = _indexes(kwargs)
-    for namespace, kind, workload in list(indexes.workloads):
+    for namespace, kind, workload in list(_indexes(kwargs).workloads):
         if namespace == name:
-            _controller(memo).reconcile_named(kind, namespace, workload, indexes)
+            _queue(memo).add((namespace, kind, workload))
 
 
 @kopf.on.event("monitoring.coreos.com", "v1", "prometheuses", id="prometheus-changed")
-def prometheus_changed(
+async def prometheus_changed(
     type: str, body: kopf.Body, uid: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     """A Prometheus' selectors decide which ServiceMonitors it picks up: when they change (not
@@ -275,9 +442,8 @@ def prometheus_changed(
     if uid in seen and seen[uid] == now:
         return
     seen[uid] = now
-    indexes = _indexes(kwargs)
-    for namespace, kind, workload in list(indexes.owners):
-        _controller(memo).reconcile_named(kind, namespace, workload, indexes)
+    for key in list(_indexes(kwargs).owners):
+        _queue(memo).add(key)
 
 
 # --- admission ---------------------------------------------------------------------------------
@@ -292,30 +458,56 @@ def prometheus_changed(
     ignore_failures=True,
     side_effects=False,
 )
-def inject_exporter(
+async def inject_exporter(
     body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo: kopf.Memo, **kwargs: Any
 ) -> None:
     # kopf denies the pod if this handler raises, even before its first line runs (a missing
     # keyword, say): so it names no optional keyword and catches everything.
-    controller = _controller(memo)
     pod = _plain(body)
+    admit = functools.partial(_admit, _controller(memo), pod, _indexes(kwargs))
     try:
-        plan = controller.admit(pod, _indexes(kwargs))
-    except Exception as error:  # a pod must never be blocked: admit it without the sidecar
-        log.exception("injection failed; admitting the pod without the sidecar")
-        warnings.append(f"prosody-exporter sidecar not injected: {error}")
-        # For the reconciler, which reports it on the workload (the webhook posts nothing).
-        failure = f"injecting it failed: {error}"
-        plan = AdmissionPlan(builders.build_failure_patch(failure), failure)
+        plan = await asyncio.get_running_loop().run_in_executor(memo.admissions, admit)
+    except Exception as error:  # e.g. the pool is shut down: the operator is stopping
+        plan = _failed(error)
     warnings.extend(plan.warnings)
     if plan.patch is not None:
         patch.metadata.annotations.update(plan.patch["metadata"]["annotations"])
         if "spec" in plan.patch:
             patch.spec["containers"] = plan.patch["spec"]["containers"]
-    name = pod["metadata"].get("name") or pod["metadata"].get("generateName", "")
+
+
+def _failed(error: Exception) -> AdmissionPlan:
+    """Admitted without the sidecar, with a warning for the client, and why on the pod for the
+    reconciler, which reports it on the workload (the webhook posts nothing)."""
+    failure = f"injecting it failed: {error}"
+    return AdmissionPlan(
+        builders.build_failure_patch(failure),
+        failure,
+        (f"prosody-exporter sidecar not injected: {error}",),
+    )
+
+
+def _admit(controller: Controller, pod: dict[str, Any], indexes: Indexes) -> AdmissionPlan:
+    """Observe and plan one admission, counted. A pod is never blocked: on a failure it is
+    admitted without the sidecar."""
+    metadata = pod["metadata"]
+    # A pod of a ReplicaSet has only its name's prefix yet.
+    name = metadata.get("name") or metadata.get("generateName") or ""
+    where = about("Pod", metadata.get("namespace"), name)
+    started = time.perf_counter()
+    try:
+        plan = controller.admit(pod, indexes)
+    except Exception as error:
+        metrics.ADMISSIONS.labels("failed").inc()
+        log.exception("injection failed; admitting the pod without the sidecar", extra=where)
+        return _failed(error)
+    finally:
+        metrics.ADMISSION_SECONDS.observe(time.perf_counter() - started)
+    metrics.ADMISSIONS.labels("injected" if plan.patch is not None else "skipped").inc()
     # Every pod of an opted-in namespace comes here: the ones left alone are not news.
     level = logging.INFO if plan.patch or plan.warnings else logging.DEBUG
-    log.log(level, "pod %s/%s: %s", pod["metadata"].get("namespace"), name, plan.reason)
+    log.log(level, "pod admitted: %s", plan.reason, extra=where)
+    return plan
 
 
 @kopf.on.probe(id="webhook-configured")

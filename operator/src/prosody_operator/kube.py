@@ -68,12 +68,33 @@ def _or_none(read: Callable[[], T]) -> T | None:
         raise
 
 
+def _model(model: Any, body: dict[str, Any]) -> Any:
+    """The client's model of a plain object (its typed write methods take no dict)."""
+    found = model.from_dict(body)
+    if found is None:
+        raise ValueError(f"not a {model.__name__}: {body!r}")
+    return found
+
+
+def _unless_conflict(write: Callable[[], object]) -> bool:
+    """The write, or False when the API server answers 409 (it raced another writer)."""
+    try:
+        write()
+    except ApiException as error:
+        if error.status == 409:
+            return False
+        raise
+    return True
+
+
 class Kube:
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
         self.client = api_client or kubernetes.client.ApiClient()
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
         self.admission = kubernetes.client.AdmissionregistrationV1Api(self.client)
+        self.coordination = kubernetes.client.CoordinationV1Api(self.client)
+        self.discovery = kubernetes.client.DiscoveryV1Api(self.client)
 
     def _plain(self, obj: Any) -> dict[str, Any] | None:
         found: dict[str, Any] | None = self.client.sanitize_for_serialization(obj)
@@ -136,30 +157,55 @@ class Kube:
         pods = self.core.list_namespaced_pod(namespace, label_selector=label_selector)
         return [self.client.sanitize_for_serialization(pod) for pod in pods.items]
 
+    def has_ready_endpoint(self, namespace: str, service: str) -> bool | None:
+        """Whether one of the Service's EndpointSlices has a ready endpoint, one the API server
+        would call (an unset `ready` counts as ready, as it counts it). None when the operator
+        may not list them (RBAC older than the operator): not known."""
+        try:
+            slices = self.discovery.list_namespaced_endpoint_slice(
+                namespace, label_selector=f"kubernetes.io/service-name={service}"
+            )
+        except ApiException as error:
+            if error.status != 403:
+                raise
+            log.warning("may not list EndpointSlices in %s: %s", namespace, error.reason)
+            return None
+        return any(
+            endpoint.conditions is None or endpoint.conditions.ready is not False
+            for found in slices.items
+            for endpoint in found.endpoints or ()
+        )
+
     # --- writes --------------------------------------------------------------------------
 
-    def apply(self, obj: dict[str, Any]) -> None:
-        """Server-side apply a Service, ServiceMonitor or PodMonitor (creating it if need be)."""
+    def apply(self, obj: dict[str, Any]) -> str:
+        """Server-side apply a Service, ServiceMonitor or PodMonitor (creating it if need be);
+        returns the resourceVersion written."""
         meta = obj["metadata"]
         apply: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True}
+        written: Any
         try:
             if obj["kind"] == "Service":
-                self.core.patch_namespaced_service(
-                    meta["name"], meta["namespace"], obj, _content_type=APPLY, **apply
+                written = self._plain(
+                    self.core.patch_namespaced_service(
+                        meta["name"], meta["namespace"], obj, _content_type=APPLY, **apply
+                    )
                 )
             else:
-                self.custom.patch_namespaced_custom_object(
+                written = self.custom.patch_namespaced_custom_object(
                     MONITORING_GROUP, MONITORING_VERSION, meta["namespace"],
                     MONITOR_PLURALS[obj["kind"]], meta["name"], obj,
                     _content_type=APPLY, **apply,
                 )  # fmt: skip
+            return str(((written or {}).get("metadata") or {}).get("resourceVersion") or "")
         except ApiException as error:
             if error.status == 403 and "being terminated" in str(error.body):
                 raise NamespaceTerminating(meta["namespace"]) from None
             raise
 
-    def delete(self, obj: Mapping[str, Any]) -> None:
-        """Delete the object observed (not one made since with the same name)."""
+    def delete(self, obj: Mapping[str, Any]) -> bool:
+        """Delete the object observed (not one made since with the same name). False when
+        another object holds its name by now."""
         meta = obj["metadata"]
         options = kubernetes.client.V1DeleteOptions(
             preconditions=kubernetes.client.V1Preconditions(uid=meta["uid"])
@@ -173,8 +219,11 @@ class Kube:
                     MONITOR_PLURALS[obj["kind"]], meta["name"], body=options,
                 )  # fmt: skip
         except ApiException as error:
-            if error.status not in (404, 409):  # gone, or replaced: not ours to delete any more
+            if error.status == 409:  # replaced: not ours to delete any more
+                return False
+            if error.status != 404:  # 404: gone already
                 raise
+        return True
 
     def restart_rollout(self, workload: ObjectRef) -> None:
         """What `kubectl rollout restart` does."""
@@ -192,6 +241,10 @@ class Kube:
             _content_type=MERGE_PATCH,
         )  # fmt: skip
 
+    def webhook_configuration(self, name: str) -> dict[str, Any] | None:
+        read = self.admission.read_mutating_webhook_configuration
+        return self._plain(_or_none(lambda: read(name)))
+
     def apply_webhook_configuration(self, configuration: dict[str, Any]) -> None:
         self.admission.patch_mutating_webhook_configuration(
             configuration["metadata"]["name"],
@@ -201,7 +254,7 @@ class Kube:
             _content_type=APPLY,
         )
 
-    def post_event(self, involved: ObjectRef, event: Event) -> None:
+    def post_event(self, involved: ObjectRef, event: Event) -> bool:
         """A core/v1 Event on the object, as `kubectl describe` shows them."""
         now = datetime.datetime.now(datetime.UTC)
         body = kubernetes.client.CoreV1Event(
@@ -229,3 +282,65 @@ class Kube:
             self.core.create_namespaced_event(involved.namespace, body)
         except ApiException as error:  # an Event is never worth failing the work it reports on
             log.warning("could not post event %s on %s: %s", event.reason, involved, error.reason)
+            return False
+        return True
+
+    def posted_events(self, namespaces: list[str]) -> list[tuple[str, str, str]]:
+        """(involved object's uid, reason, message) of the Events the operator posted that the
+        API server still keeps (in `namespaces`, or all): so that a restart posts none again."""
+        found = []
+        selector = f"source={FIELD_MANAGER}"
+        everywhere: list[str | None] = [None]
+        for namespace in namespaces or everywhere:
+            token = None
+            while True:
+                if namespace is None:
+                    page = self.core.list_event_for_all_namespaces(
+                        field_selector=selector, limit=500, _continue=token
+                    )
+                else:
+                    page = self.core.list_namespaced_event(
+                        namespace, field_selector=selector, limit=500, _continue=token
+                    )
+                for event in page.items:
+                    uid = event.involved_object.uid if event.involved_object else None
+                    if uid:
+                        found.append((uid, event.reason or "", event.message or ""))
+                token = page.metadata._continue if page.metadata else None
+                if not token:
+                    break
+        return found
+
+    # --- leader election and the shared webhook certificate ---------------------------------
+
+    def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._plain(
+            _or_none(lambda: self.coordination.read_namespaced_lease(name, namespace))
+        )
+
+    def create_lease(self, namespace: str, body: dict[str, Any]) -> bool:
+        """False when another replica created it first."""
+        return _unless_conflict(
+            lambda: self.coordination.create_namespaced_lease(
+                namespace, _model(kubernetes.client.V1Lease, body)
+            )
+        )
+
+    def replace_lease(self, namespace: str, body: dict[str, Any]) -> bool:
+        """False when the Lease changed since it was read (its resourceVersion)."""
+        return _unless_conflict(
+            lambda: self.coordination.replace_namespaced_lease(
+                body["metadata"]["name"], namespace, _model(kubernetes.client.V1Lease, body)
+            )
+        )
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._plain(_or_none(lambda: self.core.read_namespaced_secret(name, namespace)))
+
+    def replace_secret(self, namespace: str, body: dict[str, Any]) -> bool:
+        """False when the Secret changed since it was read (its resourceVersion)."""
+        return _unless_conflict(
+            lambda: self.core.replace_namespaced_secret(
+                body["metadata"]["name"], namespace, _model(kubernetes.client.V1Secret, body)
+            )
+        )

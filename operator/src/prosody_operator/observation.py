@@ -27,6 +27,10 @@ class Workload:
     prometheuses: tuple[PrometheusSelectors, ...] = ()
     pods: tuple[Obj, ...] = ()  # its pods, for the sidecar check
     now: float = 0.0  # seconds since the epoch
+    # Whether the webhook Service has a ready endpoint (so that pods created now get the
+    # sidecar); None: not known (no webhook Service set, or not read: it is read only when a
+    # rollout restart is planned).
+    webhook_ready: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,11 @@ class ReconcilePlan:
     delete: tuple[Mapping[str, Any], ...] = ()  # live objects, to delete (by their uid)
     events: tuple[Event, ...] = ()  # on the workload
     restart: bool = False  # restart the workload's rollout
+    # (live, built): delete the live object (by its uid), then apply the built one in its place
+    # (a field that cannot change in place differs: builders.must_recreate).
+    replace: tuple[tuple[Mapping[str, Any], Obj], ...] = ()
+    # Why a restart waits (reconcile again shortly to look again); empty: none waits.
+    deferred: str = ""
 
 
 @dataclass(frozen=True)
@@ -226,11 +231,13 @@ def plan_reconcile(
             scrape,
         )
         built.append(monitor)
-    apply = []
+    apply, recreate = [], []
     for obj in built:
         live = seen.owned.get(obj["kind"])
         if live is not None and controller_uid(live) != ref.uid:
             events.append(_name_conflict(obj, ref))
+        elif live is not None and builders.must_recreate(live, obj):
+            recreate.append((live, obj))
         elif not builders.up_to_date(live, obj):
             apply.append(obj)
     # The kinds another mode made (monitor kind switched, or inject only): ours go.
@@ -251,12 +258,14 @@ def plan_reconcile(
         # Sidecars set otherwise when their pods were created (before a change, or from the
         # fallbacks while the config was still being evaluated). Not known while it still is.
         behind = not decision.pending and any(_behind(pod, decision) for pod in pods)
-        if apply or behind:
+        if apply or recreate or behind:
             events.append(_configured(ref, monitor, decision, port, behind, note))
         events.append(_selection_event(settings, selection, monitor))
-    drift, restart = _check_sidecars(settings, seen, ref, pod_metadata, opt_in, pods)
+    drift, restart, deferred = _check_sidecars(settings, seen, ref, pod_metadata, opt_in, pods)
     admitted = _admission_results(ref, overrides, pods)
-    return ReconcilePlan(ref, tuple(apply), stale, (*events, *drift, *admitted), restart)
+    return ReconcilePlan(
+        ref, tuple(apply), stale, (*events, *drift, *admitted), restart, tuple(recreate), deferred
+    )
 
 
 def monitor_kinds(settings: OperatorSettings) -> tuple[str, ...]:
@@ -410,9 +419,11 @@ def _check_sidecars(
     pod_metadata: Mapping[str, Any],
     opt_in: optin.OptIn,
     pods: list[Obj],
-) -> tuple[list[Event], bool]:
+) -> tuple[list[Event], bool, str]:
     """Running pods without the sidecar: the webhook was down when they were created, or the
-    API server never sends them to it."""
+    API server never sends them to it. The Events, whether to restart the rollout, and why a
+    restart waits: until the webhook Service has a ready endpoint, as the new pods would lack
+    the sidecar too, and the cool-down would then keep them so."""
     labels = pod_metadata.get("labels") or {}
     if not optin.reaches_webhook(
         labels, ref.namespace, seen.namespace_labels, settings.watch_namespaces
@@ -422,18 +433,27 @@ def _check_sidecars(
             "pods to the webhook, so they get no sidecar: "
             + optin.how_to_reach(ref.namespace, settings.watch_namespaces)
         )
-        return [Event.warning("WebhookNotCalled", message)], False
+        return [Event.warning("WebhookNotCalled", message)], False, ""
     missing = sorted(
         pod["metadata"]["name"]
         for pod in pods
         if not builders.has_sidecar(pod.get("spec") or {}) and builders.injection_error(pod) is None
     )
     if not missing:
-        return [], False
+        return [], False, ""
     restarted = _restarted_at(pod_metadata)
     cooling = restarted is not None and seen.now - restarted < RESTART_COOLDOWN_SECONDS
     restart = settings.restart_on_drift and not cooling
-    if restart:
+    deferred = ""
+    if restart and seen.webhook_ready is False:
+        restart = False
+        service = settings.webhook_service
+        deferred = f"no ready endpoint of the webhook Service {service}"
+        advice = (
+            f"Restarting the rollout once the webhook Service {service} has a ready endpoint "
+            "(none now: new pods would lack the sidecar too)."
+        )
+    elif restart:
         advice = "Restarting the rollout."
     elif settings.restart_on_drift:
         advice = (
@@ -446,7 +466,7 @@ def _check_sidecars(
         f"{len(missing)} pod(s) lack the prosody-exporter sidecar (the webhook was not "
         f"reachable when they were created): {', '.join(missing[:5])}. {advice}"
     )
-    return [Event.warning("SidecarMissing", message)], restart
+    return [Event.warning("SidecarMissing", message)], restart, deferred
 
 
 def _admission_results(ref: ObjectRef, overrides: ann.Overrides, pods: list[Obj]) -> list[Event]:

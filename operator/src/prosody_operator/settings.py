@@ -53,6 +53,14 @@ def _not_below_request(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _reference(value: str) -> str:
+    """`namespace/name`, or empty."""
+    namespace, slash, name = value.partition("/")
+    if value and not (slash and NAMESPACE.match(namespace) and name):
+        raise ValueError(f"{value!r}: expected namespace/name")
+    return value
+
+
 def _parse_labels(value: Any) -> Any:
     """`a=b,c=d` or a JSON object."""
     if not isinstance(value, str):
@@ -293,6 +301,37 @@ class OperatorSettings(BaseSettings):
         description="Directory with tls.crt/tls.key/ca.crt; empty: the operator makes its own.",
     )
 
+    # -- Running in production: metrics, logs, several replicas (issue 14). --
+    metrics_port: int = Field(
+        8081,
+        ge=1,
+        le=65535,
+        description="Port of the operator's own /metrics (and /readyz: the webhook serves).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log line format: text, or json (one object per line)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    leader_election_lease: str = Field(
+        "",
+        description="namespace/name of the Lease whose holder reconciles (every replica serves "
+        "the webhook); empty: this replica always reconciles.",
+    )
+    webhook_cert_secret: str = Field(
+        "",
+        description="namespace/name of a Secret the replicas share their self-made webhook "
+        "certificate through (the first to start fills it); empty: each makes its own.",
+    )
+    shutdown_delay: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="Seconds the webhook keeps serving after SIGTERM, not ready, while its "
+        "endpoint is removed.",
+    )
+
     _lists = field_validator("pod_cidrs", "extra_cidrs", "watch_namespaces", mode="before")(
         _split_list
     )
@@ -309,3 +348,4 @@ class OperatorSettings(BaseSettings):
         "sidecar_cpu_request", "sidecar_memory_request", "sidecar_cpu_limit", "sidecar_memory_limit"
     )(_quantity)
     _limits = field_validator("sidecar_cpu_limit", "sidecar_memory_limit")(_not_below_request)
+    _references = field_validator("leader_election_lease", "webhook_cert_secret")(_reference)

@@ -5,10 +5,13 @@ webhook configuration's caBundle."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -82,3 +85,35 @@ def make_serving_certificate(
 def load_serving_certificate(directory: Path) -> ServingCertificate:
     """tls.crt, tls.key and ca.crt from a mounted Secret (chart- or cert-manager-made)."""
     return ServingCertificate(directory / "tls.crt", directory / "tls.key", directory / "ca.crt")
+
+
+# The Secret the replicas share a self-made certificate through: its keys are the file names.
+SECRET_FILES = ("tls.crt", "tls.key", "ca.crt")
+
+
+def shared_serving_certificate(
+    read: Callable[[], dict[str, Any] | None],
+    replace: Callable[[dict[str, Any]], bool],
+    directory: Path,
+    hosts: list[str],
+) -> ServingCertificate:
+    """The self-made certificate every replica serves, so that one caBundle verifies them all:
+    the one in the Secret (`read`), or, while it holds none, one made here and written there
+    (`replace`, which fails when another replica wrote first: then that one is used)."""
+    for _ in range(3):
+        secret = read()
+        if secret is None:
+            raise LookupError("the Secret does not exist")
+        data = secret.get("data") or {}
+        if all(data.get(name) for name in SECRET_FILES):
+            directory.mkdir(parents=True, exist_ok=True)
+            for name in SECRET_FILES:
+                (directory / name).write_bytes(base64.b64decode(data[name]))
+            (directory / "tls.key").chmod(0o600)
+            return load_serving_certificate(directory)
+        made = make_serving_certificate(directory, hosts)
+        files = {name: (directory / name).read_bytes() for name in SECRET_FILES}
+        encoded = {name: base64.b64encode(content).decode() for name, content in files.items()}
+        if replace({**secret, "data": encoded}):
+            return made
+    raise RuntimeError("the Secret kept changing while this replica tried to fill it")
