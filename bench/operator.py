@@ -101,7 +101,7 @@ from bench.report import (
 from bench.report import machine as machine_basics
 from testinfra import controlplane
 from testinfra.interrupt import exit_status, unwind_on_signals
-from testinfra.kubeapi import create_namespace, namespace_gone, or_none
+from testinfra.kubeapi import create_namespace, namespace_gone, node_with_pod_cidrs, or_none
 from testinfra.layout import CACHE_DIR
 from testinfra.operator import OperatorProcess
 from testinfra.procs import MissingPrerequisite, wait_until
@@ -585,22 +585,6 @@ def control_plane() -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def node(core: client.CoreV1Api) -> Iterator[str]:
-    """A Node whose spec.podCIDRs the sidecar's allowlist is built from."""
-    name = f"bench-node-{uuid.uuid4().hex[:6]}"
-    core.create_node(
-        client.V1Node(
-            metadata=client.V1ObjectMeta(name=name),
-            spec=client.V1NodeSpec(pod_cidr=NODE_CIDRS[0], pod_cidrs=NODE_CIDRS),
-        )
-    )
-    try:
-        yield name
-    finally:
-        or_none(lambda: core.delete_node(name))
-
-
-@contextlib.contextmanager
 def operator(
     api: Api, api_client: client.ApiClient
 ) -> Iterator[tuple[OperatorProcess, OperatorRequests]]:
@@ -928,7 +912,10 @@ def run(args: argparse.Namespace, started_here: bool) -> dict[str, Any]:
     api_client = config.new_client_from_config(config_file=str(controlplane.ADMIN_KUBECONFIG))
     with api_client:
         core = client.CoreV1Api(api_client)
-        with node(core), operator(api, api_client) as (process, requests):
+        with (
+            node_with_pod_cidrs(api_client, NODE_CIDRS),
+            operator(api, api_client) as (process, requests),
+        ):
             info["other_namespaces"] = other_namespaces(core, process.namespace)
             pid = running_pid(process)
             others = other_webhook_configurations(api_client, process.webhook_configuration)
