@@ -201,7 +201,8 @@ def test_workers_die_with_the_operator():
 
 def test_a_caller_waits_its_budget_in_all_then_falls_back(pool: Evaluations):
     """What admission does: at most its wait for every dialect together, then None (the
-    fallbacks); the evaluation goes on, and its result is there for the next caller."""
+    fallbacks); the evaluation goes on, and its result is there for the next caller. The
+    evaluator makes no API call, so the Controller gets a stand-in for Kube (nothing to reach)."""
     controller = Controller(OperatorSettings(), SimpleNamespace(post_event=None), pool)  # type: ignore[arg-type]
     waiting: list[Future[StatisticsConfig]] = []
     unknown = replace(inputs(NEVER_ENDS), version_known=False)
