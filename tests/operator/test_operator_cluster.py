@@ -221,8 +221,18 @@ def cluster(k8s_client: client.ApiClient, namespace: str, operator: OperatorProc
 def test_annotated_workload_gets_sidecar_service_and_service_monitor(cluster: Cluster, kind):
     cluster.create_configmap("prosody", {"prosody.cfg.lua": prosody_config("45")})
     cluster.create_deployment(deployment("xmpp", "prosody", kind=kind))
-
-    pod = cluster.wait_for_pod("xmpp")
+    # The first pod may be admitted before the operator's first evaluation of this config ends
+    # (admission waits 200 ms, then injects the fallbacks: tested in test_evaluation_cluster.py).
+    # Once the reconciler has it, it is cached: a pod created now gets it at admission.
+    cluster.wait_for_interval("xmpp", "45s")
+    first = cluster.wait_for_pod("xmpp")
+    cluster.core.delete_namespaced_pod(first["metadata"]["name"], cluster.namespace)
+    wait_until(
+        lambda: any(p["metadata"]["uid"] != first["metadata"]["uid"] for p in cluster.pods("xmpp")),
+        60,
+        "the pod made again",
+    )
+    (pod,) = [p for p in cluster.pods("xmpp") if p["metadata"]["uid"] != first["metadata"]["uid"]]
     env = sidecar_env(pod)
     assert env["PROSODY_EXPORTER_INTERVAL"] == "45s"
     assert env["PROSODY_EXPORTER_ALLOW_CIDRS"] == ",".join(NODE_CIDRS)
