@@ -27,7 +27,8 @@ sidecar's interval, as for a real Deployment). SIGTERM or Ctrl-C stops it and re
 3. The operator's requests, counted by the API server itself: for the run, FlowSchemas route
    the operator ServiceAccount's requests to the priority level they would get anyway
    (`workload-low`, as every ServiceAccount's), one FlowSchema per (write verb, resource), one
-   for its other writes and one for its reads, so that
+   for its other writes, one per (get or list, resource in READ) and one for its other reads and
+   watches, so that
    `apiserver_flowcontrol_dispatched_requests_total{flow_schema=...}` counts them. Counted over
    --window seconds of steady state after the storm has settled (no request for 5 s, or
    --time-limit), and over a restart of the operator (SIGTERM, then a new process, until it
@@ -60,8 +61,10 @@ Results go to stdout as tables and to .cache/results/bench-operator.json, whose 
   settle_s (last ServiceMonitor -> no operator request for 5 s), cpu {wall_s, operator_s,
   apiserver_s} (from the first CREATE until settled).
 - requests: steady and restart, each {window_s, writes: {"verb resource": n}, other_writes,
-  reads}; restart also has settle_s (process start until settled) and cpu_s (the new
-  process's CPU until then).
+  reads_by_resource: {"get/list resource": n}, other_reads, reads (all reads)}; restart also
+  has settle_s (process start until settled) and cpu_s (the new process's CPU until then).
+  storm.requests: the same, from the first create until settled; storm.reconciles: the
+  operator's own prosody_operator_reconciles_total over the storm, by result.
 - operator_memory_kib: first and restarted, each {VmRSS, VmHWM} at the end of its phase; pid.
 - operator_log: lines, errors (lines at ERROR level or with a Traceback), of both processes.
 - targets: name, goal, measured (text), passed (bool).
@@ -123,6 +126,8 @@ KINDS = ("Deployment", "StatefulSet")
 # The operator's requests, by what the API server counts them under (see OperatorRequests).
 WRITE_VERBS = ("create", "update", "patch", "delete")
 WRITTEN = ("services", "servicemonitors", "events", "leases", "mutatingwebhookconfigurations")
+READ_VERBS = ("get", "list")
+READ = ("pods", "configmaps", "services", "servicemonitors", "deployments", "statefulsets")
 FLOWCONTROL = "/apis/flowcontrol.apiserver.k8s.io/v1/flowschemas"
 DISPATCHED = "apiserver_flowcontrol_dispatched_requests_total"
 # Settled: the operator made no request for this long.
@@ -385,8 +390,25 @@ def create_workloads(
     return created
 
 
+def reconciles(process: OperatorProcess) -> dict[str, float]:
+    """The operator's prosody_operator_reconciles_total so far, by result."""
+    text = httpx.get(process.metrics_url, timeout=10).text
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "prosody_operator_reconciles"
+        for sample in family.samples
+        if sample.name == "prosody_operator_reconciles_total"
+    }
+
+
 def bench_storm(
-    api: Api, namespace: str, args: argparse.Namespace, cpu: CpuMeter, requests: OperatorRequests
+    api: Api,
+    namespace: str,
+    args: argparse.Namespace,
+    cpu: CpuMeter,
+    requests: OperatorRequests,
+    process: OperatorProcess,
 ) -> dict[str, Any]:
     names = [f"xmpp-{i:04d}" for i in range(args.workloads)]
     deadline = time.monotonic() + args.time_limit
@@ -395,6 +417,7 @@ def bench_storm(
     watch.start()
     watch.ready.wait(30)
     before = Histogram(api.metrics_text())
+    requests_before, reconciles_before = requests.counts(), reconciles(process)
     with cpu.phase("storm"):
         created = create_workloads(api, namespace, names, args.concurrency, deadline)
         watch.join(max(0.0, deadline - time.monotonic()) + 15)
@@ -403,6 +426,10 @@ def bench_storm(
         # Every workload's pod went through the webhook (the controllers create them at once).
         calls = wait_for_webhook_calls(api, before, len(created), deadline)
         settled_at = requests.wait_until_quiet(deadline)
+    found_requests = requests.during(
+        requests_before, requests.counts(), cpu.phases["storm"]["wall_s"]
+    )
+    reconciled = reconciles(process)
     webhook = calls.minus(before)
     webhook["expected_calls"] = len(created)
     starts = [started for _, started in created.values()]
@@ -426,6 +453,10 @@ def bench_storm(
         "webhook": webhook,
         "settle_s": settled_at - last_monitor,
         "cpu": cpu.phases["storm"],
+        "requests": found_requests,
+        "reconciles": {
+            result: n - reconciles_before.get(result, 0.0) for result, n in reconciled.items()
+        },
     }
 
 
@@ -443,7 +474,8 @@ def wait_for_webhook_calls(api: Api, before: Histogram, count: int, deadline: fl
 class OperatorRequests:
     """FlowSchemas that sort the operator ServiceAccount's requests, for the API server to count
     in apiserver_flowcontrol_dispatched_requests_total{flow_schema}: one per (write verb,
-    resource in WRITTEN), then its other writes, then the rest (reads and watches). They route
+    resource in WRITTEN), then its other writes, then its reads (get, list) per resource in READ,
+    then the rest (other reads and watches). They route
     to `workload-low`, the priority level every ServiceAccount's requests get anyway
     (FlowSchema service-accounts), so nothing is treated differently for being counted.
     apiserver_request_total, split by verb and resource, has no label for who made a request."""
@@ -489,7 +521,10 @@ class OperatorRequests:
             for resource in WRITTEN
         ]
         self.schemas.append(schema("other-writes", 51, [*WRITE_VERBS, "deletecollection"], ["*"]))
-        self.schemas.append(schema("reads", 52, ["*"], ["*"]))
+        self.schemas += [
+            schema(f"read-{resource}", 52, [*READ_VERBS], [resource]) for resource in READ
+        ]
+        self.schemas.append(schema("other-reads", 53, ["*"], ["*"]))
 
     def install(self) -> None:
         for body in self.schemas:
@@ -532,11 +567,14 @@ class OperatorRequests:
             for verb in WRITE_VERBS
             for resource in WRITTEN
         }
+        reads = {f"get/list {resource}": delta[f"read-{resource}"] for resource in READ}
         return {
             "window_s": window,
             "writes": writes,
             "other_writes": delta["other-writes"],
-            "reads": delta["reads"],
+            "reads_by_resource": reads,
+            "other_reads": delta["other-reads"],
+            "reads": sum(reads.values()) + delta["other-reads"],
         }
 
 
@@ -837,22 +875,31 @@ def storm_table(storm: dict[str, Any]) -> str:
     return format_table(headers, [row])
 
 
-def requests_table(requests: dict[str, Any]) -> str:
-    """Per (verb, resource) written in either phase, then other writes and reads."""
-    names = [
-        name
-        for name in requests["steady"]["writes"]
-        if any(requests[phase]["writes"][name] for phase in ("steady", "restart"))
-    ]
-    phases = ("steady", "restart")
-    rows = [[name, *(f"{requests[p]['writes'][name]:.0f}" for p in phases)] for name in names]
-    rows.append(["other writes", *(f"{requests[p]['other_writes']:.0f}" for p in phases)])
-    rows.append(["reads (and watches)", *(f"{requests[p]['reads']:.0f}" for p in phases)])
-    steady, restart = requests["steady"], requests["restart"]
+def requests_table(storm: dict[str, Any], requests: dict[str, Any]) -> str:
+    """Per (verb, resource) written or read in any phase, then other writes and reads; the
+    storm's also per workload."""
+    phases = {"storm": storm["requests"], **requests}
+    workloads = max(storm["workloads"], 1)
+
+    def row(name: str, counts: dict[str, float]) -> list[str]:
+        return [
+            name,
+            *(f"{counts[p]:.0f}" for p in phases),
+            f"{counts['storm'] / workloads:.2f}",
+        ]
+
+    rows = []
+    for group in ("writes", "reads_by_resource"):
+        for name in phases["storm"][group]:
+            counts = {p: found[group][name] for p, found in phases.items()}
+            if any(counts.values()):
+                rows.append(row(name, counts))
+    for key, name in (("other_writes", "other writes"), ("other_reads", "other reads, watches")):
+        rows.append(row(name, {p: found[key] for p, found in phases.items()}))
     headers = [
         "operator's requests",
-        f"steady ({steady['window_s']:.0f} s)",
-        f"restart ({restart['window_s']:.0f} s)",
+        *(f"{p} ({found['window_s']:.0f} s)" for p, found in phases.items()),
+        "storm, per workload",
     ]
     return format_table(headers, rows)
 
@@ -926,7 +973,7 @@ def run(args: argparse.Namespace, started_here: bool) -> dict[str, Any]:
                 print("part 1: pod creations through the webhook, one at a time ...", flush=True)
                 part1 = bench_webhook(api, namespace, args)
                 print(f"part 2: {args.workloads} workloads at once ...", flush=True)
-                storm = bench_storm(api, namespace, args, cpu, requests)
+                storm = bench_storm(api, namespace, args, cpu, requests, process)
                 print(f"part 3: the operator's requests over {args.window:g} s ...", flush=True)
                 steady = bench_steady(requests, args.window)
                 memory: dict[str, Any] = {"pid": pid, "first": memory_kib(pid)}
@@ -989,7 +1036,13 @@ def report(document: dict[str, Any], args: argparse.Namespace) -> None:
         "\nThe operator's requests, counted by the API server"
         f" ({DISPATCHED} of FlowSchemas matching its ServiceAccount):"
     )
-    print(requests_table(document["requests"]))
+    print(requests_table(storm, document["requests"]))
+    reconciled = storm["reconciles"]
+    print(
+        f"reconciles in the storm (the operator's prosody_operator_reconciles_total):"
+        f" {sum(reconciled.values()):.0f} for {storm['workloads']} workloads"
+        f" ({', '.join(f'{result} {n:.0f}' for result, n in sorted(reconciled.items()))})"
+    )
     print("\nThe operator's CPU (/proc/PID/stat utime + stime) and memory (/proc/PID/status):")
     print(resources_table(document))
     log = document["operator_log"]
