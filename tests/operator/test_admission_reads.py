@@ -6,6 +6,7 @@ import pytest
 from kubernetes import client
 
 from prosody_operator import annotations as ann
+from prosody_operator import builders
 from prosody_operator.controller import Controller, Indexes
 from prosody_operator.kube import Kube
 from prosody_operator.settings import OperatorSettings
@@ -38,3 +39,42 @@ def test_admissions_do_not_list_nodes_when_none_has_pod_cidrs(
     assert (
         requests_served(k8s_client, ("nodes",), ("LIST",)) - before <= 2
     )  # another client's, at most
+
+
+def test_admissions_read_a_configmap_once_and_see_its_changes(
+    k8s_client: client.ApiClient, namespace: str
+) -> None:
+    """The webhook keeps the ConfigMaps it read for opted-in pods (each read was most of an
+    admission's time): 20 admissions of pods mounting one read it once. Its change, as the
+    operator's ConfigMap watch hands it over (called directly here: no kopf runs in this test),
+    is what the next pod gets."""
+    core = client.CoreV1Api(k8s_client)
+    core.create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="prosody"),
+            data={"prosody.cfg.lua": "statistics_interval = 45\n"},
+        ),
+    )
+    controller = Controller(OperatorSettings(), Kube(k8s_client))
+    indexes = Indexes(node_pod_cidrs={None: [["198.18.0.0/24"]]}, namespaces={namespace: {}})
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "xmpp", "namespace": namespace, "labels": {ann.INJECT: "true"}},
+        "spec": prosody_pod_spec("prosody"),
+    }
+
+    def interval() -> str | None:
+        plan = controller.admit(pod, indexes)
+        assert plan.patch is not None
+        env = builders.sidecar_env(plan.patch)
+        return (env or {}).get(builders.INTERVAL_ENV)
+
+    before = requests_served(k8s_client, ("configmaps",), ("GET",))
+    assert {interval() for _ in range(20)} == {"45s"}
+    assert requests_served(k8s_client, ("configmaps",), ("GET",)) - before <= 3  # 2: others'
+    controller.configmaps.update(
+        namespace, "prosody", {"prosody.cfg.lua": "statistics_interval = 90\n"}
+    )
+    assert interval() == "90s"

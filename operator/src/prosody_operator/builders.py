@@ -346,6 +346,24 @@ def is_subset(wanted: Any, actual: Any) -> bool:
     return bool(wanted == actual)
 
 
+# What up_to_date and must_recreate compare, and a delete names (uid); the rest is left out.
+_COMPARED_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels", "annotations")
+
+
+def comparable(obj: Mapping[str, Any]) -> Obj:
+    """A copy of a live object of ours with only what a reconcile compares with what it builds:
+    what the operator keeps of each (its index, its last writes)."""
+    metadata = obj.get("metadata") or {}
+    kept = {k: copy.deepcopy(metadata[k]) for k in _COMPARED_METADATA if k in metadata}
+    kept["ownerReferences"] = copy.deepcopy(metadata.get("ownerReferences") or [])
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": kept,
+        "spec": copy.deepcopy(dict(obj.get("spec") or {})),
+    }
+
+
 def up_to_date(live: Mapping[str, Any] | None, built: Mapping[str, Any]) -> bool:
     """Whether the live object is what we built: same hash (nothing changed in what we build)
     and still all we set (nobody edited it by hand)."""

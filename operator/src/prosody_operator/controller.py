@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as NotYet
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, TypeVar
 
 from . import annotations as ann
@@ -110,7 +111,9 @@ class Controller:
         self.requeue: Callable[[ObjectRef], None] | None = None
         # The resourceVersion of each object this operator last wrote, until its watch event
         # arrives: that event is no news, and until then the index holds an older version.
-        self._written: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        # Our last write of each object whose watch event has not come back yet: its version,
+        # and what the API server answered (the live object until someone else changes it).
+        self._written: OrderedDict[tuple[str, str, str], Obj] = OrderedDict()
         self._written_lock = threading.Lock()
 
     def evaluator(self, wait: float, waiting: list[Future[StatisticsConfig]]) -> Evaluator:
@@ -156,43 +159,51 @@ class Controller:
 
     # --- our own writes ----------------------------------------------------------------
 
-    def _wrote(self, obj: Mapping[str, Any], resource_version: str) -> None:
-        meta = obj["metadata"]
+    def _wrote(self, written: Obj) -> None:
+        meta = written["metadata"]
         with self._written_lock:
-            self._written[(meta["namespace"], obj["kind"], meta["name"])] = resource_version
+            key = (meta["namespace"], written["kind"], meta["name"])
+            self._written[key] = builders.comparable(written)
             while len(self._written) > MEMORY_OBJECTS:
                 self._written.popitem(last=False)
 
-    def observed(self, obj: Mapping[str, Any]) -> bool:
+    def observed(self, type: str, obj: Mapping[str, Any]) -> bool:
         """Whether a watch event about one of our objects shows our own last write (no news);
-        from then on the index holds that version."""
+        from then on the index holds that version. A deletion is news, and ends what is
+        remembered of the object."""
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace") or "", obj.get("kind") or "", meta.get("name") or "")
         with self._written_lock:
-            if key in self._written and self._written[key] == meta.get("resourceVersion"):
+            written = self._written.get(key)
+            if written is None:
+                return False
+            if type == "DELETED" or _version(written) == meta.get("resourceVersion"):
                 del self._written[key]
-                return True
+                return type != "DELETED"
         return False
 
-    def _indexed_current(self, obj: Mapping[str, Any]) -> bool:
-        """Whether the index's copy can be trusted: no write of ours is on its way to it."""
-        meta = obj["metadata"]
-        with self._written_lock:
-            written = self._written.get((meta["namespace"], obj["kind"], meta["name"]))
-        return written is None or written == meta.get("resourceVersion")
-
     def _owned(self, ref: ObjectRef, kinds: set[str], indexes: Indexes) -> dict[str, Obj]:
-        """The live objects of these kinds named as ours for the workload: the index's copies
-        when current, else read (missing from the index: not ours, or not seen yet)."""
+        """The live objects of these kinds named as ours for the workload: the index's copy, or
+        our last write while the index has not seen it; else read (missing from the index: not
+        ours, or not made yet; the index's copy older than our write: changed since)."""
         name = names.metrics_object_name(ref.name)
-        owned = {
-            obj["kind"]: dict(obj)
+        indexed = {
+            obj["kind"]: obj
             for obj in indexes.owners.get(ref.key) or ()
-            if obj["metadata"]["name"] == name and self._indexed_current(obj)
+            if obj["metadata"]["name"] == name
         }
-        missing = kinds - owned.keys()
-        if missing:
-            owned.update(self.kube.metrics_objects(ref.namespace, name, missing))
+        owned, unknown = {}, set()
+        with self._written_lock:
+            for kind in kinds | indexed.keys():
+                written, live = self._written.get((ref.namespace, kind, name)), indexed.get(kind)
+                if live is not None and (written is None or _version(written) == _version(live)):
+                    owned[kind] = dict(live)
+                elif written is not None and live is None:
+                    owned[kind] = dict(written)
+                else:
+                    unknown.add(kind)
+        if unknown:
+            owned.update(self.kube.metrics_objects(ref.namespace, name, unknown))
         return owned
 
     # --- admission -----------------------------------------------------------------------
@@ -221,15 +232,12 @@ class Controller:
                 summary = summarize(body) if body else None
             if summary is not None:
                 owner, workload_annotations = summary.ref, summary.annotations
-        configmaps = {}
+        configmaps: Mapping[str, Mapping[str, str]] = {}
         prosody = candidate(metadata, spec, workload_annotations, namespace_labels)
         if prosody.wanted:
-            mounted = prosody.configmaps(spec)
-            for name in mounted:
-                data = self.configmaps.get(namespace, name)
-                if data is not None:
-                    configmaps[name] = data
-            configmaps.update(self.kube.configmap_data(namespace, mounted - configmaps.keys()))
+            configmaps = self.configmaps.read_through(
+                namespace, prosody.configmaps(spec), partial(self.kube.configmap_data, namespace)
+            )
         return observation.Admission(
             pod,
             namespace_labels,
@@ -376,11 +384,12 @@ class Controller:
         if not prosody.wanted:
             return observation.Workload(workload, namespace_labels, owned=owned)
         template = workload["spec"].get("template") or {}
-        configmaps = self.kube.configmap_data(
-            ref.namespace, prosody.configmaps(template.get("spec") or {})
+        # Kept as the webhook keeps them (its pods will need them), current through events.
+        configmaps = self.configmaps.read_through(
+            ref.namespace,
+            prosody.configmaps(template.get("spec") or {}),
+            partial(self.kube.configmap_data, ref.namespace),
         )
-        for name, data in configmaps.items():  # for the webhook: its pods will need them
-            self.configmaps.put(ref.namespace, name, data)
         selector = label_selector(workload["spec"].get("selector") or {})
         pods = self.kube.pods(ref.namespace, selector) if selector else []
         prometheuses: list[PrometheusSelectors] = list(indexes.prometheuses.get(None, ()))
@@ -398,9 +407,9 @@ class Controller:
         try:
             for live, obj in plan.replace:
                 if self.kube.delete(live):  # else replaced meanwhile: the next reconcile sees it
-                    self._wrote(obj, self.kube.apply(obj))
+                    self._wrote(self.kube.apply(obj))
             for obj in plan.apply:
-                self._wrote(obj, self.kube.apply(obj))
+                self._wrote(self.kube.apply(obj))
         except NamespaceTerminating:
             return  # the namespace goes, and everything in it
         for live in plan.delete:
@@ -438,6 +447,10 @@ def start_evaluations(settings: OperatorSettings) -> Evaluations:
             cache_size=settings.evaluation_cache_size,
         )
     )
+
+
+def _version(obj: Mapping[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("resourceVersion")
 
 
 def summarize(workload: Mapping[str, Any]) -> WorkloadSummary:

@@ -329,27 +329,11 @@ def _owner_key(body: Mapping[str, Any], namespace: str) -> Key | None:
     return None
 
 
-# What a reconcile compares with what it builds (builders.up_to_date); the rest is left out.
-_KEPT_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels", "annotations")
-
-
 def _owned(body: kopf.Body, namespace: str, **_: Any) -> dict[Key, dict[str, Any]]:
     """Objects of ours -> the workload they are for: so that it is cleaned up and re-checked,
     and its reconciles read them without an API call."""
     key = _owner_key(body, namespace)
-    if key is None:
-        return {}
-    metadata = body.get("metadata", {})
-    kept = {k: copy.deepcopy(metadata[k]) for k in _KEPT_METADATA if k in metadata}
-    kept["ownerReferences"] = copy.deepcopy(metadata.get("ownerReferences") or [])
-    return {
-        key: {
-            "apiVersion": body.get("apiVersion"),
-            "kind": body.get("kind"),
-            "metadata": kept,
-            "spec": copy.deepcopy(dict(body.get("spec") or {})),
-        }
-    }
+    return {} if key is None else {key: builders.comparable(body)}
 
 
 kopf.index("", "v1", "services", id="owned_services", labels=OWNED)(_owned)
@@ -393,7 +377,7 @@ async def owned_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -
     """A Service, ServiceMonitor or PodMonitor of ours changed or went: its workload puts it
     right (a hand edit is reverted, a deleted one made again). Our own writes are no news."""
     key = _owner_key(body, body.metadata.namespace or "")
-    if key is not None and (type == "DELETED" or not _controller(memo).observed(body)):
+    if key is not None and not _controller(memo).observed(type, body):
         _queue(memo).add(key)
 
 

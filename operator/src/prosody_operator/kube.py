@@ -178,9 +178,9 @@ class Kube:
 
     # --- writes --------------------------------------------------------------------------
 
-    def apply(self, obj: dict[str, Any]) -> str:
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply a Service, ServiceMonitor or PodMonitor (creating it if need be);
-        returns the resourceVersion written."""
+        returns the object written."""
         meta = obj["metadata"]
         apply: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True}
         written: Any
@@ -197,7 +197,7 @@ class Kube:
                     MONITOR_PLURALS[obj["kind"]], meta["name"], obj,
                     _content_type=APPLY, **apply,
                 )  # fmt: skip
-            return str(((written or {}).get("metadata") or {}).get("resourceVersion") or "")
+            return dict(written or {})
         except ApiException as error:
             if error.status == 403 and "being terminated" in str(error.body):
                 raise NamespaceTerminating(meta["namespace"]) from None
