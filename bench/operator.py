@@ -3,7 +3,8 @@
 `make bench-operator` runs it (`python -m bench.operator [--workloads N] [--concurrency N] ...`).
 Everything is real and on 127.0.0.1: the testinfra control plane (etcd, kube-apiserver v1.34,
 kube-controller-manager; started here when it is not up, and then stopped at the end) and the
-installed `prosody-operator` as a process with the Helm chart's ServiceAccount and RBAC
+installed `prosody-operator` as a process with the Helm chart's ServiceAccount, RBAC and
+replica settings (the Lease; the webhook certificate shared through a Secret), one replica
 (testinfra/operator.py). A Node with spec.podCIDRs exists for the run (the webhook's normal path),
 and every pod mounts a ConfigMap holding a prosody.cfg.lua (the webhook reads it to pick the
 sidecar's interval, as for a real Deployment). SIGTERM or Ctrl-C stops it and removes all of it.
@@ -635,6 +636,8 @@ def operator(
             "service_monitor_labels": "release=kube-prometheus-stack",
         },
     )
+    # As the chart runs every replica: the Lease, and the webhook certificate in a Secret.
+    process.settings.update(process.replica_settings())
     requests = OperatorRequests(api, process.fullname, process.namespace)
     try:
         process.install_identity()

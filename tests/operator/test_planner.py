@@ -19,7 +19,7 @@ from prosody_operator.prosody import ConfigInputs, ConfigMount
 from prosody_operator.quotas import Requirement
 from prosody_operator.selection import PrometheusSelectors
 from prosody_operator.settings import RESTRICTED_SIDECAR, OperatorSettings
-from prosody_operator.workloads import ObjectRef, label_selector, pod_owner
+from prosody_operator.workloads import ObjectRef, label_selector, may_have_pods, pod_owner
 
 NAMESPACE = "chat"
 UID = "uid-xmpp"
@@ -1307,6 +1307,24 @@ def test_label_selector():
         ],
     }
     assert label_selector(selector) == "app=xmpp,tier in (a,b),!canary"
+
+
+@pytest.mark.parametrize(
+    "kind, status, expected",
+    [
+        ("Deployment", None, False),  # just created: its controller has not seen it yet
+        ("Deployment", {"observedGeneration": 1}, False),
+        ("Deployment", {"replicas": 2, "readyReplicas": 0}, True),
+        ("StatefulSet", {"replicas": 0}, False),  # scaled to zero
+        ("StatefulSet", {"replicas": 1}, True),
+        ("DaemonSet", {"currentNumberScheduled": 0, "numberMisscheduled": 0}, False),
+        ("DaemonSet", {"currentNumberScheduled": 3}, True),
+        ("DaemonSet", {"numberMisscheduled": 1}, True),
+    ],
+)
+def test_pods_are_listed_only_for_workloads_whose_status_reports_some(kind, status, expected):
+    workload = {"kind": kind, **({"status": status} if status is not None else {})}
+    assert may_have_pods(workload) is expected
 
 
 def test_event_log_posts_what_is_new_and_forgets_what_a_reconcile_settles():

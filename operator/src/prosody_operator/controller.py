@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as NotYet
 from dataclasses import dataclass, field, replace
@@ -23,7 +23,7 @@ from . import builders, metrics, names, observation, optin
 from .configmaps import ConfigMapCache
 from .evaluation import Busy, Evaluations, Limits
 from .events import MEMORY_OBJECTS, Event, EventLog
-from .kube import Kube, NamespaceTerminating, retryable
+from .kube import Kube, NamespaceTerminating, NameTaken, retryable
 from .logs import about
 from .planner import (
     RECONCILE_REASONS,
@@ -40,7 +40,7 @@ from .prosody_config import DIALECTS, StatisticsConfig
 from .retries import Retries
 from .selection import PrometheusSelectors
 from .settings import OperatorSettings
-from .workloads import ObjectRef, label_selector, pod_owner
+from .workloads import ObjectRef, label_selector, may_have_pods, pod_owner
 
 log = logging.getLogger("prosody_operator")
 
@@ -182,17 +182,21 @@ class Controller:
                 return type != "DELETED"
         return False
 
-    def _owned(self, ref: ObjectRef, kinds: set[str], indexes: Indexes) -> dict[str, Obj]:
+    def _owned(
+        self, ref: ObjectRef, kinds: set[str], indexes: Indexes, look: bool
+    ) -> dict[str, Obj]:
         """The live objects of these kinds named as ours for the workload: the index's copy, or
-        our last write while the index has not seen it; else read (missing from the index: not
-        ours, or not made yet; the index's copy older than our write: changed since)."""
+        our last write while the index has not seen it; read when the index's copy is older
+        than our write (changed since). One neither has is taken as absent (the index has
+        every object of ours), and read only if `look`: someone else's of that name is found
+        when creating it (`execute`) fails."""
         name = names.metrics_object_name(ref.name)
         indexed = {
             obj["kind"]: obj
             for obj in indexes.owners.get(ref.key) or ()
             if obj["metadata"]["name"] == name
         }
-        owned, unknown = {}, set()
+        owned, read = {}, set()
         with self._written_lock:
             for kind in kinds | indexed.keys():
                 written, live = self._written.get((ref.namespace, kind, name)), indexed.get(kind)
@@ -200,10 +204,10 @@ class Controller:
                     owned[kind] = dict(live)
                 elif written is not None and live is None:
                     owned[kind] = dict(written)
-                else:
-                    unknown.add(kind)
-        if unknown:
-            owned.update(self.kube.metrics_objects(ref.namespace, name, unknown))
+                elif live is not None or look:
+                    read.add(kind)
+        if read:
+            owned.update(self.kube.metrics_objects(ref.namespace, name, read))
         return owned
 
     # --- admission -----------------------------------------------------------------------
@@ -279,16 +283,10 @@ class Controller:
         started = time.perf_counter()
         try:
             evaluate = self.evaluator(wait, waiting)
-            seen = self.observe_workload(workload, indexes)
-            plan = plan_reconcile(self.settings, seen, evaluate)
-            if plan.restart and self.settings.webhook_service:
-                # New pods get the sidecar only if the webhook can be called: look (the config's
-                # evaluation is cached by now).
-                namespace, _, name = self.settings.webhook_service.partition("/")
-                ready = self.kube.has_ready_endpoint(namespace, name)
-                seen = replace(seen, webhook_ready=ready)
-                plan = plan_reconcile(self.settings, seen, evaluate)
-            self.execute(plan)
+            try:
+                plan = self._plan_and_execute(workload, indexes, evaluate, look=False)
+            except NameTaken:  # an object taken for absent exists: look at it, plan again
+                plan = self._plan_and_execute(workload, indexes, evaluate, look=True)
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise
@@ -305,6 +303,24 @@ class Controller:
 
             for future in waiting:
                 future.add_done_callback(follow_up)
+        return plan
+
+    def _plan_and_execute(
+        self, workload: Obj, indexes: Indexes, evaluate: Evaluator, look: bool
+    ) -> ReconcilePlan:
+        seen = self.observe_workload(workload, indexes, look)
+        plan = plan_reconcile(self.settings, seen, evaluate)
+        if plan.restart and self.settings.webhook_service:
+            # New pods get the sidecar only if the webhook can be called: look (the config's
+            # evaluation is cached by now).
+            namespace, _, name = self.settings.webhook_service.partition("/")
+            ready = self.kube.has_ready_endpoint(namespace, name)
+            seen = replace(seen, webhook_ready=ready)
+            plan = plan_reconcile(self.settings, seen, evaluate)
+        # Kinds taken for absent without a look are made by applies that take nothing over.
+        self.execute(
+            plan, careful=() if look else {o["kind"] for o in plan.apply} - seen.owned.keys()
+        )
         return plan
 
     def _defer(self, plan: ReconcilePlan, indexes: Indexes) -> None:
@@ -368,9 +384,11 @@ class Controller:
         self.retries.succeeded((ref.namespace, ref.kind, ref.name))
         return done
 
-    def observe_workload(self, workload: Obj, indexes: Indexes) -> observation.Workload:
+    def observe_workload(
+        self, workload: Obj, indexes: Indexes, look: bool = False
+    ) -> observation.Workload:
         """Reads only what the plan can need: nothing more for a workload that is not a
-        candidate and owns nothing."""
+        candidate and owns nothing (`look`: see `_owned`)."""
         ref = ObjectRef.of(workload)
         namespace_labels = self._namespace_labels(ref.namespace, indexes)
         prosody = workload_candidate(workload, namespace_labels)
@@ -380,7 +398,7 @@ class Controller:
             kinds.update(monitor_kinds(self.settings))
         owned: dict[str, Obj] = {}
         if kinds:
-            owned = self._owned(ref, kinds, indexes)
+            owned = self._owned(ref, kinds, indexes, look)
         if not prosody.wanted:
             return observation.Workload(workload, namespace_labels, owned=owned)
         template = workload["spec"].get("template") or {}
@@ -391,7 +409,9 @@ class Controller:
             partial(self.kube.configmap_data, ref.namespace),
         )
         selector = label_selector(workload["spec"].get("selector") or {})
-        pods = self.kube.pods(ref.namespace, selector) if selector else []
+        pods = []
+        if selector and may_have_pods(workload):
+            pods = self.kube.pods(ref.namespace, selector)
         prometheuses: list[PrometheusSelectors] = list(indexes.prometheuses.get(None, ()))
         return observation.Workload(
             workload,
@@ -403,13 +423,15 @@ class Controller:
             time.time(),
         )
 
-    def execute(self, plan: ReconcilePlan) -> None:
+    def execute(self, plan: ReconcilePlan, careful: Collection[str] = ()) -> None:
+        """Carry the plan out. The applies of `careful` kinds fail (NameTaken) rather than take
+        over someone else's object of the same name."""
         try:
             for live, obj in plan.replace:
                 if self.kube.delete(live):  # else replaced meanwhile: the next reconcile sees it
                     self._wrote(self.kube.apply(obj))
             for obj in plan.apply:
-                self._wrote(self.kube.apply(obj))
+                self._wrote(self.kube.apply(obj, force=obj["kind"] not in careful))
         except NamespaceTerminating:
             return  # the namespace goes, and everything in it
         for live in plan.delete:

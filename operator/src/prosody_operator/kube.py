@@ -33,6 +33,10 @@ class NoCredentials(RuntimeError):
     """Neither a pod's service account nor a kubeconfig to reach the API server with."""
 
 
+class NameTaken(Exception):
+    """An apply meant to create an object met one of that name (or could not be made)."""
+
+
 class NamespaceTerminating(Exception):
     """The namespace is being deleted, and everything in it with it."""
 
@@ -178,11 +182,13 @@ class Kube:
 
     # --- writes --------------------------------------------------------------------------
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], force: bool = True) -> dict[str, Any]:
         """Server-side apply a Service, ServiceMonitor or PodMonitor (creating it if need be);
-        returns the object written."""
+        returns the object written. Without `force`, NameTaken when another manager holds a
+        field we set (someone else's object of that name: its selector, endpoints, ClusterIP
+        differ) instead of taking it over."""
         meta = obj["metadata"]
-        apply: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True}
+        apply: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": force}
         written: Any
         try:
             if obj["kind"] == "Service":
@@ -201,6 +207,8 @@ class Kube:
         except ApiException as error:
             if error.status == 403 and "being terminated" in str(error.body):
                 raise NamespaceTerminating(meta["namespace"]) from None
+            if not force and error.status in (409, 422):
+                raise NameTaken(f"{obj['kind']} {meta['namespace']}/{meta['name']}") from error
             raise
 
     def delete(self, obj: Mapping[str, Any]) -> bool:

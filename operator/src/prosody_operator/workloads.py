@@ -77,6 +77,16 @@ def pod_owner(pod: Mapping[str, Any]) -> ObjectRef | None:
     return None
 
 
+def may_have_pods(workload: Mapping[str, Any]) -> bool:
+    """Whether the workload's controller reports pods of it in its status. One that does not
+    (just created) has none to look at, and its first ones come with a status update: an event
+    that reconciles it again."""
+    status = workload.get("status") or {}
+    if workload.get("kind") == "DaemonSet":
+        return bool(status.get("currentNumberScheduled") or status.get("numberMisscheduled"))
+    return bool(status.get("replicas"))
+
+
 def controller_uid(obj: Mapping[str, Any]) -> str | None:
     """The uid of the object's controller (its owner that garbage-collects it), if any."""
     for owner in (obj.get("metadata") or {}).get("ownerReferences") or []:

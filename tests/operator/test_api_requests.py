@@ -1,4 +1,5 @@
-"""What one admission costs the API server, counted by the real kube-apiserver's own metrics."""
+"""What admissions and reconciles cost the API server, counted by the real kube-apiserver's own
+metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from prosody_operator.controller import Controller, Indexes
 from prosody_operator.kube import Kube
 from prosody_operator.settings import OperatorSettings
 from testinfra.kubeapi import requests_served
-from testinfra.workloads import prosody_pod_spec
+from testinfra.workloads import prosody_pod_spec, prosody_workload
 
 pytestmark = pytest.mark.cluster
 
@@ -78,3 +79,32 @@ def test_admissions_read_a_configmap_once_and_see_its_changes(
         namespace, "prosody", {"prosody.cfg.lua": "statistics_interval = 90\n"}
     )
     assert interval() == "90s"
+
+
+def test_a_new_workload_is_reconciled_without_reading_what_it_makes(
+    k8s_client: client.ApiClient, namespace: str
+) -> None:
+    """Its Service and ServiceMonitor are neither in the index nor written yet: taken as absent
+    and made by applies that take nothing over (someone else's of that name makes them fail:
+    test_objects_of_our_name_that_are_not_ours_are_never_changed_or_deleted), not looked for
+    first (two reads for each new workload, a fifth of its requests). The next reconcile,
+    before the index has seen them, reads them neither: our writes stand for them."""
+    body = client.AppsV1Api(k8s_client).create_namespaced_deployment(
+        namespace, prosody_workload("Deployment", "xmpp", None)
+    )
+    workload = k8s_client.sanitize_for_serialization(body)
+    controller = Controller(OperatorSettings(), Kube(k8s_client))
+    indexes = Indexes(node_pod_cidrs={None: [["198.18.0.0/24"]]}, namespaces={namespace: {}})
+    resources = ("services", "servicemonitors")
+    before = requests_served(k8s_client, resources, ("GET",))
+    first = controller.reconcile(workload, indexes)
+    second = controller.reconcile(workload, indexes)
+    assert requests_served(k8s_client, resources, ("GET",)) - before <= 2  # others', at most
+    assert first is not None and {o["kind"] for o in first.apply} == {"Service", "ServiceMonitor"}
+    assert second is not None and not second.apply
+    core, custom = client.CoreV1Api(k8s_client), client.CustomObjectsApi(k8s_client)
+    service = core.read_namespaced_service("xmpp-prosody-metrics", namespace)
+    assert service.metadata.owner_references[0].uid == workload["metadata"]["uid"]
+    custom.get_namespaced_custom_object(
+        "monitoring.coreos.com", "v1", namespace, "servicemonitors", "xmpp-prosody-metrics"
+    )
