@@ -4,12 +4,14 @@ once, held while paused, retried after a failure; its real worker threads, no AP
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import kopf
 import pytest
 
-from prosody_operator import workqueue
+from prosody_operator import handlers, workqueue
 from prosody_operator.workqueue import WorkQueue
 from testinfra.procs import wait_until
 
@@ -153,6 +155,46 @@ def test_stop_ends_the_workers_and_processes_nothing_more(queues):
     queue.resume()
     queue.add("chat/xmpp")
     assert len(queue) == 1 and recorder.calls == []  # queued, and nobody takes it
+
+
+def test_stopping_reconciles_releases_the_lease_after_the_reconcile_under_way(queues):
+    """SIGTERM (handlers.stop_reconciling): the workers finish what they process before the
+    Lease is released, so the replica taking over never reconciles a workload this one still
+    writes. The elector is a stand-in recording when it was stopped (the real one, against the
+    API server: test_high_availability.py)."""
+    recorder = Recorder(hold=frozenset({"chat/xmpp"}))
+    queue = new_queue(queues, recorder)
+    queue.start()
+    queue.resume()
+    queue.add("chat/xmpp")
+    assert recorder.holding.wait(WAIT)
+    released: list[bool] = []  # whether the reconcile was still running at the release
+
+    class Elector:
+        def stop(self) -> None:
+            released.append(recorder.running.get("chat/xmpp", 0) > 0)
+
+    stopping = threading.Thread(
+        target=handlers.stop_reconciling, args=(kopf.Memo(queue=queue, elector=Elector()),)
+    )
+    stopping.start()
+    threading.Timer(0.3, recorder.release.set).start()
+    stopping.join(WAIT)
+    assert released == [False]
+
+
+def test_stop_waits_for_the_workers_at_most_its_timeout_in_all(queues):
+    recorders = Recorder(hold=frozenset({"a", "b", "c"}))
+    queue = new_queue(queues, recorders, workers=3)
+    queue.start()
+    queue.resume()
+    for key in ("a", "b", "c"):
+        queue.add(key)
+    wait_until(lambda: sum(recorders.running.values()) == 3, WAIT, "three keys processed at once")
+    started = time.monotonic()
+    queue.stop(timeout=0.5)
+    assert time.monotonic() - started < 1.4  # not 0.5 s for each of the three workers
+    recorders.release.set()
 
 
 def test_a_failing_key_is_retried_until_it_succeeds(queues, monkeypatch):

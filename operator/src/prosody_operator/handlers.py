@@ -268,15 +268,16 @@ def _entries(index: Mapping[Any, Any]) -> int:
 
 
 def stop_reconciling(memo: kopf.Memo) -> None:
-    """Release the Lease (another replica takes over at once) and stop the workers; the
-    webhook serves on. Safe to call twice."""
-    elector: LeaderElector | None = getattr(memo, "elector", None)
-    if elector is not None:
-        elector.stop()
+    """Let the workers finish the reconciles under way, then release the Lease (another
+    replica takes over at once, and never reconciles a workload while this one still does);
+    the webhook serves on. Safe to call twice."""
     queue: WorkQueue | None = getattr(memo, "queue", None)
     if queue is not None:
         queue.pause()
         queue.stop()
+    elector: LeaderElector | None = getattr(memo, "elector", None)
+    if elector is not None:
+        elector.stop()
 
 
 @kopf.on.cleanup()

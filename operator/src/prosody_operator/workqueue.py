@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -86,11 +87,14 @@ class WorkQueue:
             self._pending = dict.fromkeys(self._pending)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Workers take nothing more; waits up to `timeout` seconds in all for what they
+        process."""
         with self._condition:
             self._stopped = True
             self._condition.notify_all()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _next(self) -> tuple[Hashable, Any] | None:
         """The oldest queued key no worker is processing; None when stopped."""
