@@ -7,6 +7,7 @@ that was observed, so an object replaced in the meantime is left alone.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -198,11 +199,13 @@ class Kube:
                     )
                 )
             else:
-                written = self.custom.patch_namespaced_custom_object(
+                # Read raw: the client answers None for a custom object applied.
+                response: Any = self.custom.patch_namespaced_custom_object(
                     MONITORING_GROUP, MONITORING_VERSION, meta["namespace"],
                     MONITOR_PLURALS[obj["kind"]], meta["name"], obj,
-                    _content_type=APPLY, **apply,
+                    _content_type=APPLY, _preload_content=False, **apply,
                 )  # fmt: skip
+                written = json.loads(response.data)
             return dict(written or {})
         except ApiException as error:
             if error.status == 403 and "being terminated" in str(error.body):
