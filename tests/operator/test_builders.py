@@ -6,10 +6,13 @@ intended change (review the diff).
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import os
 from pathlib import Path
 
+import jsonpatch
 import pytest
 import yaml
 
@@ -313,3 +316,53 @@ def test_webhook_selectors_agree_with_reaches_webhook(
     ]
     assert len(called) <= 1  # never twice for one pod
     assert bool(called) is optin.reaches_webhook(pod_labels, namespace, labels, namespaces)
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [None, {}, {"team": "chat", "a/b~c": "kept"}],
+    ids=["no annotations", "empty annotations", "annotations with / and ~ in keys"],
+)
+def test_the_admission_json_patch_does_what_the_merge_patch_says(annotations):
+    """Applied by a JSONPatch implementation (jsonpatch, kopf's), the ops the webhook answers
+    give the pod the merge patch's annotations and containers, and keep everything else."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "xmpp", "namespace": "chat"},
+        "spec": {"containers": [{"name": "prosody", "image": "prosody:13"}], "volumes": []},
+    }
+    if annotations is not None:
+        pod["metadata"]["annotations"] = dict(annotations)
+    sidecar = {"name": builders.SIDECAR_NAME, "image": "exporter"}
+    merge = builders.build_injection_patch(pod, sidecar, {"prometheus.io/scrape": "true"})
+    patched = jsonpatch.apply_patch(pod, builders.build_json_patch(pod, merge))
+    assert patched["metadata"]["annotations"] == {
+        **(annotations or {}),
+        **merge["metadata"]["annotations"],
+    }
+    assert patched["spec"] == {"containers": [*pod["spec"]["containers"], sidecar], "volumes": []}
+    assert {k: v for k, v in patched["metadata"].items() if k != "annotations"} == {
+        "name": "xmpp",
+        "namespace": "chat",
+    }
+    failure = builders.build_failure_patch("no sidecar")
+    failed = jsonpatch.apply_patch(pod, builders.build_json_patch(pod, failure))
+    assert failed["spec"] == pod["spec"]
+    assert (
+        failed["metadata"]["annotations"][ann.STATUS]
+        == failure["metadata"]["annotations"][ann.STATUS]
+    )
+
+
+def test_the_admission_response_admits_with_the_patch_and_warnings():
+    review = {"apiVersion": "admission.k8s.io/v1", "request": {"uid": "u-1", "object": {}}}
+    ops = [{"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}}]
+    answer = builders.build_admission_response(review, ops, ("careful",))
+    response = answer["response"]
+    assert answer["kind"] == "AdmissionReview" and answer["apiVersion"] == "admission.k8s.io/v1"
+    assert response["uid"] == "u-1" and response["allowed"] is True
+    assert response["warnings"] == ["careful"] and response["patchType"] == "JSONPatch"
+    assert json.loads(base64.b64decode(response["patch"])) == ops
+    bare = builders.build_admission_response(review, [])["response"]
+    assert bare == {"uid": "u-1", "allowed": True}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -148,6 +149,46 @@ def build_injection_patch(
     return {
         "metadata": {"annotations": {**(annotations or {}), ann.STATUS: injection_status(sidecar)}},
         "spec": {"containers": containers},
+    }
+
+
+def build_json_patch(pod: Mapping[str, Any], patch: Obj) -> list[Obj]:
+    """One of our merge patches (annotations set, the containers replaced) as the JSONPatch an
+    admission response carries. An "add" of a member that exists replaces it (RFC 6902)."""
+    annotations = patch["metadata"]["annotations"]
+    if (pod.get("metadata") or {}).get("annotations") is None:
+        ops = [{"op": "add", "path": "/metadata/annotations", "value": dict(annotations)}]
+    else:
+        ops = [
+            {"op": "add", "path": f"/metadata/annotations/{_pointer(key)}", "value": value}
+            for key, value in annotations.items()
+        ]
+    if "spec" in patch:
+        ops.append({"op": "add", "path": "/spec/containers", "value": patch["spec"]["containers"]})
+    return ops
+
+
+def _pointer(key: str) -> str:
+    """A key as a JSON Pointer reference token (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def build_admission_response(
+    review: Mapping[str, Any], patch: list[Obj], warnings: Iterable[str] = ()
+) -> Obj:
+    """The AdmissionReview that admits the pod of `review`, with `patch` (JSONPatch ops) and
+    `warnings` for the client."""
+    request = review.get("request") or {}
+    response: Obj = {"uid": request.get("uid", ""), "allowed": True}
+    if warnings:
+        response["warnings"] = list(warnings)
+    if patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
+    return {
+        "apiVersion": review.get("apiVersion") or "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": response,
     }
 
 
