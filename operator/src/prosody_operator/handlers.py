@@ -55,6 +55,10 @@ OWNED = builders.MANAGED_BY  # the label on every object the operator makes
 RECONCILE_WORKERS = 4
 # Threads that decide admissions (the API server waits for each; no API call when indexed).
 ADMISSION_WORKERS = 4
+# Objects per list request when kopf starts watching a kind (client-go's reflector pages by
+# 500): the whole list of every ConfigMap, Deployment... parsed at once was the operator's
+# peak memory at start-up.
+LIST_CHUNK = 50
 
 Key = tuple[str, str, str]  # (namespace, kind, name) of a workload
 
@@ -206,6 +210,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     )
     # kopf posts its own handler errors as Events too; keep those to real problems.
     settings.posting.level = logging.WARNING
+    settings.watching.chunk_size = LIST_CHUNK
     memo.admissions = ThreadPoolExecutor(ADMISSION_WORKERS, thread_name_prefix="admission")
 
     # Another replica, or this process before a restart, may have posted Events this one would
