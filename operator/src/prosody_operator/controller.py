@@ -109,10 +109,9 @@ class Controller:
         # Where a reconcile asked for later goes (handlers.py: the leader's work queue); None:
         # it runs in the thread that asks.
         self.requeue: Callable[[ObjectRef], None] | None = None
-        # The resourceVersion of each object this operator last wrote, until its watch event
-        # arrives: that event is no news, and until then the index holds an older version.
-        # Our last write of each object whose watch event has not come back yet: its version,
-        # and what the API server answered (the live object until someone else changes it).
+        # What the API server answered to this operator's last write of each object, until
+        # its watch event arrives: that event is no news, and until then the index holds an
+        # older version (or none) and this copy is the live object.
         self._written: OrderedDict[tuple[str, str, str], Obj] = OrderedDict()
         self._written_lock = threading.Lock()
 
