@@ -308,29 +308,33 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 # --- indexes: what the webhook and the reconciler look up without an API call ------------------
 
+# Index functions are `async` though they await nothing: kopf runs a plain function in a thread
+# pool, and at start-up, when it lists thousands of objects at once, each listed body stayed
+# alive in that pool's queue until a thread got to it (the operator's peak memory).
+
 
 @kopf.index("", "v1", "nodes", id="node_pod_cidrs")
-def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
+async def node_pod_cidrs(spec: kopf.Spec, **_: Any) -> list[str]:
     return list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
 
 
 @kopf.index("", "v1", "resourcequotas", id="quota_requirements")
-def quota_requirements(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Requirement]:
+async def quota_requirements(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Requirement]:
     found = requirement(body)
     return {namespace: found} if found else {}
 
 
 @kopf.index("", "v1", "namespaces", id="namespace_labels")
-def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
+async def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
     return {name: dict(labels)}
 
 
-def _workload_summary(body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], Any]:
+async def _workload_summary(body: kopf.Body, **_: Any) -> dict[tuple[str, str, str], Any]:
     summary = summarize(body)
     return {summary.ref.key: summary}
 
 
-def _configmaps_of(
+async def _configmaps_of(
     body: kopf.Body, name: str, namespace: str, **_: Any
 ) -> dict[tuple[str, str], tuple[str, str]]:
     """The ConfigMaps a workload's Prosody may read its config from -> the workload."""
@@ -348,7 +352,7 @@ def _owner_key(body: Mapping[str, Any], namespace: str) -> Key | None:
     return None
 
 
-def _owned(body: kopf.Body, namespace: str, **_: Any) -> dict[Key, dict[str, Any]]:
+async def _owned(body: kopf.Body, namespace: str, **_: Any) -> dict[Key, dict[str, Any]]:
     """Objects of ours -> the workload they are for: so that it is cleaned up and re-checked,
     and its reconciles read them without an API call."""
     key = _owner_key(body, namespace)
@@ -363,7 +367,7 @@ for _plural in MONITOR_PLURALS.values():
 
 
 @kopf.index("monitoring.coreos.com", "v1", "prometheuses", id="prometheus_selectors")
-def prometheus_selectors(body: kopf.Body, **_: Any) -> PrometheusSelectors:
+async def prometheus_selectors(body: kopf.Body, **_: Any) -> PrometheusSelectors:
     return PrometheusSelectors.of(_plain(body))
 
 
