@@ -55,6 +55,10 @@ OWNED = builders.MANAGED_BY  # the label on every object the operator makes
 RECONCILE_WORKERS = 4
 # Threads that decide admissions (the API server waits for each; no API call when indexed).
 ADMISSION_WORKERS = 4
+# Seconds a per-object worker of kopf waits for that object's next event before it exits
+# (kopf's default: 5): in a storm of creations, fewer of them alive at once (bench-operator's
+# 500 workloads: 105 MiB after the storm instead of 121-125).
+WORKER_IDLE = 0.5
 # Objects per list request when kopf starts watching a kind (client-go's reflector pages by
 # 500): the whole list of every ConfigMap, Deployment... parsed at once was the operator's
 # peak memory at start-up.
@@ -213,6 +217,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     # kopf posts its own handler errors as Events too; keep those to real problems.
     settings.posting.level = logging.WARNING
     settings.watching.chunk_size = LIST_CHUNK
+    settings.queueing.idle_timeout = WORKER_IDLE
     memo.admissions = ThreadPoolExecutor(ADMISSION_WORKERS, thread_name_prefix="admission")
 
     # Another replica, or this process before a restart, may have posted Events this one would
