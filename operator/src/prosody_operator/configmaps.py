@@ -3,8 +3,8 @@ without an API call (that read was most of its latency).
 
 It holds only what was read for an opted-in workload or pod, so no tenant fills the operator's
 memory with ConfigMaps nothing mounts; ConfigMap events keep what it holds current. A read races
-those events: `reading` before the read and `put` with its ticket after, and a change seen in
-between wins over what the read returned. Past `capacity` bytes the least recently used are
+those events: each read takes a ticket, which a change seen before it returns voids, so a change
+wins over what the read returned. Past `capacity` bytes the least recently used are
 dropped, and read from the API again when a pod needs them (logged once).
 """
 
