@@ -294,10 +294,18 @@ def test_with_every_replica_gone_rollouts_restart_once_the_webhook_is_ready(chai
 
         for name in names:
             wait_until(lambda name=name: drift_reported(name), 180, f"SidecarMissing on {name}")
-        leader = next(
-            p for p in operator_pods(chain) if lease_holder(chain).startswith(f"{p.metadata.name}-")
-        )
-        log = core.read_namespaced_pod_log(leader.metadata.name, release.namespace)
+
+        def leader() -> client.V1Pod | None:
+            """The replica holding the Lease: it reconciled, but may not be Ready yet (leading
+            does not wait for the webhook to serve)."""
+            holder = lease_holder(chain)
+            pods = core.list_namespaced_pod(release.namespace, label_selector=release.selector)
+            return next((p for p in pods.items if holder.startswith(f"{p.metadata.name}-")), None)
+
+        wait_until(lambda: leader() is not None, 30, "the replica holding the Lease")
+        leading = leader()
+        assert leading is not None
+        log = core.read_namespaced_pod_log(leading.metadata.name, release.namespace)
         for name in names:
             assert (
                 sum(f"/{name}] rollout restart deferred" in line for line in log.splitlines()) == 1
