@@ -10,7 +10,6 @@ import datetime
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
 from typing import Any, TypeVar
 
 import kubernetes
@@ -119,14 +118,16 @@ class Kube:
     def _get(self, path: str, query: Mapping[str, str | None] | None = None) -> Any:
         return self._request("GET", path, query)
 
+    def _read(self, path: str) -> dict[str, Any] | None:
+        """The object at `path`, or None when it does not exist."""
+        found: dict[str, Any] | None = _or_none(lambda: self._get(path))
+        return found
+
     # --- reads ---------------------------------------------------------------------------
 
     def workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """A Deployment, StatefulSet or DaemonSet, as plain JSON."""
-        found: dict[str, Any] | None = _or_none(
-            lambda: self._get(_path(KINDS[kind], namespace, name))
-        )
-        return found
+        return self._read(_path(KINDS[kind], namespace, name))
 
     def metrics_objects(
         self, namespace: str, name: str, kinds: Iterable[str]
@@ -134,8 +135,7 @@ class Kube:
         """The objects named `name` of these kinds (Service, ServiceMonitor, PodMonitor) that
         exist, by kind."""
         found = {
-            kind: _or_none(partial(self._get, _owned_path(kind, namespace, name)))
-            for kind in sorted(set(kinds))
+            kind: self._read(_owned_path(kind, namespace, name)) for kind in sorted(set(kinds))
         }
         return {kind: obj for kind, obj in found.items() if obj}
 
@@ -144,7 +144,7 @@ class Kube:
         found = {}
         for name in sorted(names):
             path = f"/api/v1/namespaces/{namespace}/configmaps/{name}"
-            configmap = _or_none(partial(self._get, path))
+            configmap = self._read(path)
             if configmap is not None:
                 found[name] = dict(configmap.get("data") or {})
         return found
@@ -239,10 +239,7 @@ class Kube:
         self._request("PATCH", path, body=patch, content_type=MERGE_PATCH)
 
     def webhook_configuration(self, name: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = _or_none(
-            lambda: self._get(f"{WEBHOOK_CONFIGURATIONS}/{name}")
-        )
-        return found
+        return self._read(f"{WEBHOOK_CONFIGURATIONS}/{name}")
 
     def apply_webhook_configuration(self, configuration: dict[str, Any]) -> None:
         path = f"{WEBHOOK_CONFIGURATIONS}/{configuration['metadata']['name']}"
@@ -309,8 +306,7 @@ class Kube:
     # --- leader election and the shared webhook certificate ---------------------------------
 
     def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = _or_none(lambda: self._get(f"{_leases(namespace)}/{name}"))
-        return found
+        return self._read(f"{_leases(namespace)}/{name}")
 
     def create_lease(self, namespace: str, body: dict[str, Any]) -> bool:
         """False when another replica created it first."""
@@ -322,9 +318,7 @@ class Kube:
         return _unless_conflict(lambda: self._request("PUT", path, body=body))
 
     def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        path = f"/api/v1/namespaces/{namespace}/secrets/{name}"
-        found: dict[str, Any] | None = _or_none(lambda: self._get(path))
-        return found
+        return self._read(f"/api/v1/namespaces/{namespace}/secrets/{name}")
 
     def replace_secret(self, namespace: str, body: dict[str, Any]) -> bool:
         """False when the Secret changed since it was read (its resourceVersion)."""
