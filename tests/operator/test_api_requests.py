@@ -99,7 +99,8 @@ def test_a_new_workload_is_reconciled_without_reading_what_it_makes(
     before = requests_served(k8s_client, resources, ("GET",))
     first = controller.reconcile(workload, indexes)
     second = controller.reconcile(workload, indexes)
-    assert requests_served(k8s_client, resources, ("GET",)) - before <= 2  # others', at most
+    # Another client's, at most: had the first reconcile looked for them, that alone is 2.
+    assert requests_served(k8s_client, resources, ("GET",)) - before <= 1
     assert first is not None and {o["kind"] for o in first.apply} == {"Service", "ServiceMonitor"}
     assert second is not None and not second.apply
     core, custom = client.CoreV1Api(k8s_client), client.CustomObjectsApi(k8s_client)
